@@ -1,0 +1,337 @@
+"""Wire protocol: every message that crosses NATS or etcd, as msgspec Structs.
+
+Frames on a response stream and messages on a control subject are tagged unions
+(``tag_field="t"``) so one decoder handles every kind. Everything is encoded with
+msgpack (``encode``/``decode_*`` below); etcd values are JSON so operators can read
+them with ``etcdctl``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# ---------------------------------------------------------------------------
+# Generate request (frontend -> worker)
+# ---------------------------------------------------------------------------
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Sampling parameters, mapped 1:1 onto the engine's."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """Generate from token ids. A migrated request carries prompt + generated ids so far
+    in ``token_ids`` and ``sampling.max_tokens`` reduced by what was already produced;
+    ``num_prior_output_tokens`` tells the engine how many of ``token_ids`` are output
+    (for min_tokens / stop handling and deterministic continuation)."""
+
+    request_id: str
+    model: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    frontend_id: str = ""
+    num_prior_output_tokens: int = 0
+    attempt: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Response frames (worker -> frontend, on the per-request reply subject)
+# ---------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+FinishReason = Literal["stop", "length", "cancelled", "abort"]
+
+
+class TokenFrame(msgspec.Struct, tag="tok", tag_field="t", kw_only=True, omit_defaults=True):
+    """New token ids; the last frame of a request carries ``finish_reason``."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+ErrorCode = Literal["bad_request", "busy", "engine_error", "not_found", "internal", "cancelled"]
+
+
+class ErrorFrame(msgspec.Struct, tag="err", tag_field="t", kw_only=True):
+    """The request failed on the worker. ``code == "busy"`` means retry elsewhere."""
+
+    code: ErrorCode
+    message: str
+
+
+class HeartbeatFrame(msgspec.Struct, tag="hb", tag_field="t"):
+    """Sent on an idle stream so the caller can tell a slow stream from a dead one."""
+
+
+class MigrateFrame(msgspec.Struct, tag="mig", tag_field="t", kw_only=True):
+    """The worker is going away (drain timeout passed): continue this request elsewhere."""
+
+    reason: str = "drain"
+
+
+class EndFrame(msgspec.Struct, tag="end", tag_field="t"):
+    """Transport-level end of stream: nothing follows."""
+
+
+Frame = TokenFrame | ErrorFrame | HeartbeatFrame | MigrateFrame | EndFrame
+
+# ---------------------------------------------------------------------------
+# Control messages (on ``{instance subject}.control``)
+# ---------------------------------------------------------------------------
+
+CancelMode = Literal["stop", "kill"]
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="t", kw_only=True):
+    """``stop``: finish after the current step (finish_reason "cancelled").
+    ``kill``: abort now. Either frees the request's KV blocks."""
+
+    request_id: str
+    mode: CancelMode = "kill"
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="t", kw_only=True):
+    nonce: int = 0
+
+
+class Pong(msgspec.Struct, tag="pong", tag_field="t", kw_only=True):
+    nonce: int = 0
+    instance_id: str = ""
+    in_flight: int = 0
+
+
+class DumpCachedBlocks(msgspec.Struct, tag="dump", tag_field="t"):
+    """Ask a worker for every block hash in its prefix cache (router resync)."""
+
+
+class CachedBlocks(msgspec.Struct, tag="blocks", tag_field="t", kw_only=True):
+    instance_id: str
+    block_hashes: list[int]
+    last_event_id: int
+
+
+Control = Cancel | Ping | DumpCachedBlocks
+ControlReply = Pong | CachedBlocks
+
+# ---------------------------------------------------------------------------
+# Discovery records (etcd values, JSON)
+# ---------------------------------------------------------------------------
+
+
+class TokenizerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How a frontend gets the model's tokenizer: ``mock`` (built in) or ``hf``
+    (a Hugging Face tokenizer from ``path``; ``gguf_file`` when it lives in a GGUF)."""
+
+    kind: Literal["mock", "hf"] = "mock"
+    path: str = ""
+    gguf_file: str = ""
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    namespace: str
+    component: str
+    endpoint: str
+    model: str
+    subject: str
+    engine: str
+    block_size: int
+    kv_blocks_total: int
+    context_length: int
+    max_num_seqs: int
+    tokenizer: TokenizerSpec
+    host: str = "127.0.0.1"
+    pid: int = 0
+    system_port: int = 0
+    started_at: float = 0.0
+
+    @property
+    def control_subject(self) -> str:
+        return control_subject(self.subject)
+
+
+class FrontendRecord(msgspec.Struct, frozen=True, kw_only=True):
+    frontend_id: str
+    host: str
+    http_port: int
+    pid: int = 0
+    started_at: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Router inputs (workers publish; routers consume)
+# ---------------------------------------------------------------------------
+
+
+class KvBlockStored(msgspec.Struct, tag="stored", tag_field="t", kw_only=True):
+    """Blocks now in the prefix cache. ``block_hashes`` are chained hashes
+    (``dynrt.runtime.block_hash``); ``parent_hash`` is the hash before the first one."""
+
+    block_hashes: list[int]
+    parent_hash: int | None = None
+
+
+class KvBlockRemoved(msgspec.Struct, tag="removed", tag_field="t", kw_only=True):
+    block_hashes: list[int]
+
+
+class KvAllCleared(msgspec.Struct, tag="cleared", tag_field="t"):
+    pass
+
+
+KvEventData = KvBlockStored | KvBlockRemoved | KvAllCleared
+
+
+class KvEvent(msgspec.Struct, kw_only=True):
+    """One cache change; ``event_id`` increases by exactly 1 per worker, so a gap
+    tells a router it missed something and must resync."""
+
+    event_id: int
+    data: KvEventData
+
+
+class KvEventBatch(msgspec.Struct, kw_only=True):
+    instance_id: str
+    model: str
+    events: list[KvEvent]
+
+
+class LoadReport(msgspec.Struct, kw_only=True):
+    instance_id: str = ""
+    model: str = ""
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    running: int = 0
+    waiting: int = 0
+    active_prefill_tokens: int = 0
+    timestamp: float = 0.0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Standalone router (frontend -> `dynrt router`)
+# ---------------------------------------------------------------------------
+
+
+class RouteRequest(msgspec.Struct, kw_only=True):
+    model: str
+    token_ids: list[int]
+    exclude: list[str] = []
+    request_id: str = ""
+
+
+class RouteDecision(msgspec.Struct, kw_only=True):
+    """``instance_id`` set: use it. Empty: ``busy`` (all over threshold; retry after
+    ``retry_after`` s) or no live instance."""
+
+    instance_id: str = ""
+    overlap_blocks: int = 0
+    busy: bool = False
+    retry_after: float = 0.0
+    reason: str = ""
+
+
+class RouteComplete(msgspec.Struct, kw_only=True):
+    """A frontend tells the standalone router a request it routed has ended."""
+
+    instance_id: str
+    request_id: str
+
+
+# ---------------------------------------------------------------------------
+# Encoding helpers. Encoders/decoders are built once: msgspec is fastest that way.
+# ---------------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+frame_decoder = msgspec.msgpack.Decoder(Frame)
+control_decoder = msgspec.msgpack.Decoder(Control)
+control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
+generate_request_decoder = msgspec.msgpack.Decoder(GenerateRequest)
+kv_event_batch_decoder = msgspec.msgpack.Decoder(KvEventBatch)
+load_report_decoder = msgspec.msgpack.Decoder(LoadReport)
+route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
+route_decision_decoder = msgspec.msgpack.Decoder(RouteDecision)
+route_complete_decoder = msgspec.msgpack.Decoder(RouteComplete)
+
+_json_encoder = msgspec.json.Encoder()
+encode_json = _json_encoder.encode
+instance_record_decoder = msgspec.json.Decoder(InstanceRecord)
+frontend_record_decoder = msgspec.json.Decoder(FrontendRecord)
+
+
+# ---------------------------------------------------------------------------
+# Names (DESIGN.md "Names")
+# ---------------------------------------------------------------------------
+
+
+def instance_key(namespace: str, component: str, endpoint: str, instance_id: str) -> str:
+    return f"dynrt/{namespace}/instances/{component}/{endpoint}/{instance_id}"
+
+
+def instances_prefix(namespace: str) -> str:
+    return f"dynrt/{namespace}/instances/"
+
+
+def frontend_key(namespace: str, frontend_id: str) -> str:
+    return f"dynrt/{namespace}/frontends/{frontend_id}"
+
+
+def frontends_prefix(namespace: str) -> str:
+    return f"dynrt/{namespace}/frontends/"
+
+
+def controller_prefix(namespace: str) -> str:
+    return f"dynrt/{namespace}/controller/"
+
+
+def request_subject(namespace: str, component: str, endpoint: str, instance_id: str) -> str:
+    return f"dynrt.{namespace}.{component}.{endpoint}.{instance_id}"
+
+
+def control_subject(request_subject_: str) -> str:
+    return f"{request_subject_}.control"
+
+
+def _subject_token(name: str) -> str:
+    """Model names hold '/', '.', ':' — none allowed inside one NATS subject token."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def kv_events_subject(namespace: str, model: str) -> str:
+    return f"dynrt.{namespace}.kv_events.{_subject_token(model)}"
+
+
+def load_subject(namespace: str, model: str) -> str:
+    return f"dynrt.{namespace}.load.{_subject_token(model)}"
+
+
+def router_subject(namespace: str) -> str:
+    return f"dynrt.{namespace}.router.route"
+
+
+def router_complete_subject(namespace: str) -> str:
+    return f"dynrt.{namespace}.router.complete"
