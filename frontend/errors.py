@@ -1,0 +1,159 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every failure the frontend reports to a client is an :class:`OpenAIError` built by one
+of the constructors below, so statuses, types and codes stay consistent. Messages are
+written for the client; they never carry a traceback or internal detail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import msgspec
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class OpenAIError(Exception):
+    """An error response: HTTP ``status``, the OpenAI error object, and extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+
+    def to_body(self) -> bytes:
+        return _encode(ErrorResponse(error=self.detail()))
+
+    def __repr__(self) -> str:
+        return f"OpenAIError({self.status}, {self.message!r}, type={self.type!r}, param={self.param!r}, code={self.code!r})"
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    """``Retry-After`` takes whole seconds; round up and never say 0."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param, code)
+
+
+def unsupported_param(param: str, why: str = "is not supported by this server") -> OpenAIError:
+    """A field that would change the result and that we cannot honour: never ignored."""
+    return bad_request(f"'{param}' {why}", param, "unsupported_parameter")
+
+
+def unauthorized() -> OpenAIError:
+    return OpenAIError(
+        401,
+        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        "invalid_request_error",
+        None,
+        "invalid_api_key",
+        {"WWW-Authenticate": "Bearer"},
+    )
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model '{model}' does not exist or has no live instance.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def body_too_large(limit_bytes: int) -> OpenAIError:
+    return OpenAIError(
+        413,
+        f"Request body is larger than the limit of {limit_bytes} bytes.",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
+
+
+def rate_limited(retry_after: float) -> OpenAIError:
+    return OpenAIError(
+        429,
+        "Too many requests; retry later.",
+        "rate_limit_error",
+        None,
+        "rate_limit_exceeded",
+        _retry_after(retry_after),
+    )
+
+
+def overloaded(retry_after: float) -> OpenAIError:
+    return OpenAIError(
+        503,
+        "Every instance of the model is at capacity; retry later.",
+        "server_error",
+        None,
+        "overloaded",
+        _retry_after(retry_after),
+    )
+
+
+def no_instances(model: str, retry_after: float) -> OpenAIError:
+    return OpenAIError(
+        503,
+        f"The model '{model}' has no live instance right now; retry later.",
+        "server_error",
+        None,
+        "no_instances",
+        _retry_after(retry_after),
+    )
+
+
+def context_length_exceeded(
+    context_length: int, prompt_tokens: int, max_tokens: int | None, param: str
+) -> OpenAIError:
+    if max_tokens is None:
+        detail = f"your prompt has {prompt_tokens} tokens, leaving no room for a completion"
+    else:
+        detail = (
+            f"you requested {prompt_tokens + max_tokens} tokens "
+            f"({prompt_tokens} in the prompt, {max_tokens} for the completion)"
+        )
+    return bad_request(
+        f"This model's maximum context length is {context_length} tokens, but {detail}. "
+        "Please shorten the prompt or lower the completion length.",
+        param,
+        "context_length_exceeded",
+    )
+
+
+def internal() -> OpenAIError:
+    return OpenAIError(
+        500, "The server had an internal error while processing the request.", "server_error", None, "internal_error"
+    )

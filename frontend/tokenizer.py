@@ -1,0 +1,216 @@
+"""The frontend's view of a model's tokenizer, and loading one from a TokenizerSpec.
+
+``kind="mock"`` wraps the mock model's built-in tokenizer. ``kind="hf"`` is a Hugging
+Face tokenizer (``transformers``; no torch) with the model's own chat template:
+
+* ``path`` alone: ``AutoTokenizer.from_pretrained(path)`` (a local folder, or a hub id
+  already in the local cache).
+* ``path`` + ``gguf_file``: the tokenizer stored in a GGUF file. ``transformers`` can
+  load one (``AutoTokenizer.from_pretrained(path, gguf_file=...)``), but its GGUF
+  reader imports torch, a dependency a frontend should not carry just to read a
+  vocabulary. So the GGUF metadata is read with the ``gguf`` package (numpy only) and
+  handed to the converter ``transformers`` itself uses for GGUF files; the result is the
+  same fast tokenizer, chat template included.
+
+Loading takes seconds: :func:`load_tokenizer_async` runs it in a thread. Tokenizers are
+cached per spec for the life of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from dynrt.frontend import errors
+from dynrt.frontend.detokenizer import ByteDetokenizer, IncrementalDetokenizer, WindowDetokenizer
+from dynrt.runtime.mock_tokenizer import END_OF_TURN_ID, MockTokenizer, mock_tokenizer
+from dynrt.runtime.protocol import TokenizerSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# How many prompt ids prime a detokenizer's window (as vLLM does).
+DETOKENIZER_CONTEXT = 5
+
+
+class Tokenizer(Protocol):
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end generation: EOS and the chat template's end-of-turn token."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The conversation rendered with the generation prompt, as token ids.
+        Raises a 400 :class:`~dynrt.frontend.errors.OpenAIError` if the template rejects it."""
+        ...
+
+    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
+        """A detokenizer for one output stream; ``context`` is the prompt's ids."""
+        ...
+
+
+class MockModelTokenizer:
+    """The mock model's tokenizer behind the :class:`Tokenizer` protocol."""
+
+    def __init__(self, tokenizer: MockTokenizer) -> None:
+        self._tok = tokenizer
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+        self.stop_token_ids: list[int] = [tokenizer.eos_token_id, END_OF_TURN_ID]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tok.decode(token_ids)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return self._tok.apply_chat_template([dict(m) for m in messages])
+
+    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
+        return ByteDetokenizer(self._tok.token_bytes)  # byte tokens need no context
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer behind the :class:`Tokenizer` protocol."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tok = tokenizer
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+        stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        end_of_turn = self._end_of_turn_id()
+        if end_of_turn is not None and end_of_turn not in stops:
+            stops.append(end_of_turn)
+        self.stop_token_ids: list[int] = stops
+
+    def encode(self, text: str) -> list[int]:
+        """Text → ids with the tokenizer's special tokens (BOS if it adds one), as vLLM's
+        completions endpoint does."""
+        return self._tok.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        from jinja2 import TemplateError
+
+        if self._tok.chat_template is None:
+            raise errors.bad_request("This model has no chat template; use /v1/completions", "messages")
+        try:
+            ids = self._tok.apply_chat_template(
+                [dict(m) for m in messages], tokenize=True, add_generation_prompt=True, return_dict=False
+            )
+        except TemplateError as e:
+            raise errors.bad_request(f"The model's chat template rejected the messages: {e}", "messages") from None
+        return list(ids)
+
+    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
+        return WindowDetokenizer(self.decode, context[-DETOKENIZER_CONTEXT:])
+
+    def _end_of_turn_id(self) -> int | None:
+        """The special token the template puts right after an assistant message
+        (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...), if any."""
+        from jinja2 import TemplateError
+
+        if self._tok.chat_template is None:
+            return None
+        marker = "dynrt-end-of-turn-probe"
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        try:
+            rendered = self._tok.apply_chat_template(probe, tokenize=False)
+        except TemplateError:
+            return None
+        if not isinstance(rendered, str) or marker not in rendered:
+            return None
+        after = rendered.split(marker, 1)[1]
+        ids = self._tok.encode(after, add_special_tokens=False)
+        if ids and ids[0] in self._tok.all_special_ids:
+            return ids[0]
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+_cache: dict[TokenizerSpec, Tokenizer] = {}
+_locks: dict[TokenizerSpec, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def load_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    """The tokenizer for ``spec``, loaded once per process (blocking; seconds for hf)."""
+    tokenizer = _cache.get(spec)
+    if tokenizer is not None:
+        return tokenizer
+    with _locks_guard:
+        lock = _locks.setdefault(spec, threading.Lock())
+    with lock:
+        tokenizer = _cache.get(spec)
+        if tokenizer is None:
+            tokenizer = MockModelTokenizer(mock_tokenizer()) if spec.kind == "mock" else HFTokenizer(_load_hf(spec))
+            _cache[spec] = tokenizer
+    return tokenizer
+
+
+async def load_tokenizer_async(spec: TokenizerSpec) -> Tokenizer:
+    """:func:`load_tokenizer` in a worker thread, so the event loop keeps serving."""
+    tokenizer = _cache.get(spec)
+    if tokenizer is not None:
+        return tokenizer
+    return await asyncio.to_thread(load_tokenizer, spec)
+
+
+def _load_hf(spec: TokenizerSpec) -> PreTrainedTokenizerBase:
+    if spec.gguf_file:
+        return _load_gguf(spec.path, spec.gguf_file)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.path)
+
+
+# GGUF ``tokenizer.ggml.<key>_id`` entries naming the special tokens.
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def _load_gguf(path: str, gguf_file: str) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``path``/``gguf_file`` (``path``: a folder or a cached hub id)."""
+    from gguf import GGUFReader
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.utils import cached_file
+
+    resolved = cached_file(path, gguf_file)
+    if resolved is None:
+        raise FileNotFoundError(f"{gguf_file} not found in {path}")
+    fields = GGUFReader(resolved).fields
+    metadata = {
+        key: field.contents()
+        for key, field in fields.items()
+        if key.startswith("tokenizer.") or key == "general.architecture"
+    }
+    # Group the keys as transformers' own GGUF loader does: backend vocabulary vs. config.
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocabulary, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            config[name] = vocabulary["tokens"][token_id]
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)

@@ -1,0 +1,243 @@
+"""The router's load model: what an instance is carrying, what a request would cost it,
+when it counts as busy, and how long a rejected client should wait.
+
+Everything here is measured in KV *blocks*, the unit both the load reports and the KV
+index speak:
+
+* ``blocks_used``: KV blocks in use according to the instance's latest load report, plus
+  the prompt blocks of requests this router sent it that the report does not reflect yet
+  (*pending assignments*);
+* ``prefill_blocks``: prefill work queued on the instance — the report's
+  ``active_prefill_tokens`` in blocks, plus the uncached blocks of pending assignments.
+
+KV cost of a request on an instance (lowest wins)::
+
+    prefill_weight × (prompt_blocks − overlap_blocks + prefill_blocks) + blocks_used
+
+The first term is the prefill the request would cause (and wait behind); the second the
+decode load it would share the instance with. Because every assignment raises
+``blocks_used`` by its whole prompt, a worker that holds a popular prefix stops winning
+once it carries ``prefill_weight × overlap`` blocks more than another (Dynamo #737).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+
+from dynrt.runtime.protocol import InstanceRecord, LoadReport
+
+BusyReason = Literal["kv_usage", "queue_depth"]
+
+RETRY_AFTER_MIN = 1
+RETRY_AFTER_MAX = 30
+
+
+class BusyThresholdSettings(msgspec.Struct, kw_only=True):
+    """JSON body of ``GET /busy_threshold`` (every field set) and ``POST /busy_threshold``
+    (only the fields to change; ``null`` disables that rule)."""
+
+    kv_usage: float | None | msgspec.UnsetType = msgspec.UNSET
+    queue_depth: int | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class BusyThresholds:
+    """Load-shedding thresholds, changeable at runtime.
+
+    An instance is busy when its projected KV usage is *above* ``kv_usage`` (a fraction,
+    0..1) or its projected waiting queue is *longer than* ``queue_depth``. ``None``
+    disables a rule. ``mean_request_seconds`` is the typical request lifetime used to
+    turn an excess of load into a ``Retry-After`` (see ``retry_after``).
+    """
+
+    def __init__(
+        self,
+        kv_usage: float | None = 0.95,
+        queue_depth: int | None = None,
+        mean_request_seconds: float = 4.0,
+    ) -> None:
+        self._kv_usage: float | None = None
+        self._queue_depth: int | None = None
+        self.kv_usage = kv_usage
+        self.queue_depth = queue_depth
+        if mean_request_seconds <= 0:
+            raise ValueError("mean_request_seconds must be > 0")
+        self.mean_request_seconds = mean_request_seconds
+
+    @property
+    def kv_usage(self) -> float | None:
+        return self._kv_usage
+
+    @kv_usage.setter
+    def kv_usage(self, value: float | None) -> None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"kv_usage threshold must be within 0..1 or null, got {value}")
+        self._kv_usage = value
+
+    @property
+    def queue_depth(self) -> int | None:
+        return self._queue_depth
+
+    @queue_depth.setter
+    def queue_depth(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"queue_depth threshold must be an integer >= 0 or null, got {value!r}")
+        self._queue_depth = value
+
+    def settings(self) -> BusyThresholdSettings:
+        """Current values, for ``GET /busy_threshold``."""
+        return BusyThresholdSettings(kv_usage=self._kv_usage, queue_depth=self._queue_depth)
+
+    def update(self, settings: BusyThresholdSettings) -> BusyThresholdSettings:
+        """Apply the fields set in ``settings`` (all or nothing: both are validated before
+        either changes); returns the resulting values. Raises ``ValueError`` if invalid."""
+        kv = self._kv_usage if settings.kv_usage is msgspec.UNSET else settings.kv_usage
+        queue = self._queue_depth if settings.queue_depth is msgspec.UNSET else settings.queue_depth
+        old = (self._kv_usage, self._queue_depth)
+        try:
+            self.kv_usage = kv
+            self.queue_depth = queue
+        except ValueError:
+            self._kv_usage, self._queue_depth = old
+            raise
+        return self.settings()
+
+
+class PendingAssignments:
+    """Requests this router sent to one instance that its load reports do not reflect
+    yet, with running totals so reading them is O(1)."""
+
+    __slots__ = ("_by_request", "count", "blocks", "new_blocks")
+
+    def __init__(self) -> None:
+        self._by_request: dict[str, tuple[float, int, int]] = {}
+        self.count = 0
+        self.blocks = 0
+        self.new_blocks = 0
+
+    def add(self, request_id: str, assigned_at: float, prompt_blocks: int, new_blocks: int) -> None:
+        """Record an assignment (re-adding a request id replaces it)."""
+        self.complete(request_id)
+        self._by_request[request_id] = (assigned_at, prompt_blocks, new_blocks)
+        self.count += 1
+        self.blocks += prompt_blocks
+        self.new_blocks += new_blocks
+
+    def complete(self, request_id: str) -> None:
+        """Forget a request (finished, failed, or cancelled). Unknown ids are ignored."""
+        entry = self._by_request.pop(request_id, None)
+        if entry is not None:
+            self._subtract(entry)
+
+    def absorb(self, cutoff: float) -> None:
+        """Forget assignments made at or before ``cutoff``: a load report reflects them.
+        Assignments are recorded in time order, so this pops from the front."""
+        by_request = self._by_request
+        while by_request:
+            request_id = next(iter(by_request))
+            entry = by_request[request_id]
+            if entry[0] > cutoff:
+                break
+            del by_request[request_id]
+            self._subtract(entry)
+
+    def _subtract(self, entry: tuple[float, int, int]) -> None:
+        self.count -= 1
+        self.blocks -= entry[1]
+        self.new_blocks -= entry[2]
+
+
+class InstanceLoad:
+    """An instance's projected load: latest report plus pending assignments."""
+
+    __slots__ = ("blocks_used", "blocks_total", "running", "waiting", "prefill_blocks")
+
+    def __init__(
+        self, blocks_used: int, blocks_total: int, running: int, waiting: int, prefill_blocks: float
+    ) -> None:
+        self.blocks_used = blocks_used
+        self.blocks_total = blocks_total
+        self.running = running
+        self.waiting = waiting
+        self.prefill_blocks = prefill_blocks
+
+    @classmethod
+    def project(
+        cls, record: InstanceRecord, report: LoadReport | None, pending: PendingAssignments | None
+    ) -> InstanceLoad:
+        """Combine the report with pending assignments. A pending request is assumed to
+        start running if the instance has a free sequence slot and nobody waiting
+        (the engine's queue is FIFO), and to wait otherwise."""
+        if report is None:
+            used, total, running, waiting = 0, record.kv_blocks_total, 0, 0
+            prefill = 0.0
+        else:
+            used = report.kv_blocks_used
+            total = report.kv_blocks_total or record.kv_blocks_total
+            running, waiting = report.running, report.waiting
+            prefill = report.active_prefill_tokens / record.block_size
+        if pending is not None and pending.count:
+            used += pending.blocks
+            prefill += pending.new_blocks
+            starts = 0 if waiting else min(pending.count, max(0, record.max_num_seqs - running))
+            running += starts
+            waiting += pending.count - starts
+        return cls(used, total, running, waiting, prefill)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.blocks_used / self.blocks_total if self.blocks_total else 0.0
+
+
+def busy_reason(load: InstanceLoad, thresholds: BusyThresholds) -> BusyReason | None:
+    """Why the instance is busy, or ``None`` if it can take a request. KV usage is checked
+    first, so an instance over both thresholds reports ``kv_usage``."""
+    kv = thresholds.kv_usage
+    if kv is not None and load.kv_usage > kv:
+        return "kv_usage"
+    queue = thresholds.queue_depth
+    if queue is not None and load.waiting > queue:
+        return "queue_depth"
+    return None
+
+
+def kv_cost(load: InstanceLoad, prompt_blocks: int, overlap_blocks: int, prefill_weight: float) -> float:
+    """Cost of sending a request to the instance (module docstring)."""
+    return prefill_weight * (prompt_blocks - overlap_blocks + load.prefill_blocks) + load.blocks_used
+
+
+def load_cost(load: InstanceLoad, prefill_weight: float) -> float:
+    """The instance's load alone: ``kv_cost`` without the request's own prefill."""
+    return prefill_weight * load.prefill_blocks + load.blocks_used
+
+
+def retry_after(loads: list[InstanceLoad], thresholds: BusyThresholds) -> int:
+    """Seconds until the first busy instance is expected to take requests again.
+
+    With ``D = mean_request_seconds`` (a request's typical lifetime), an instance running
+    ``r`` requests completes about ``r / D`` per second. For each instance:
+
+    * queue rule: ``waiting − queue_depth`` requests must leave the queue →
+      ``D × (waiting − queue_depth) / max(r, 1)``;
+    * KV rule: a share ``(used − kv_usage × total) / used`` of its KV must be freed,
+      and all of it is freed within ``D`` → ``D × (used − kv_usage × total) / used``.
+
+    The instance's wait is the larger of the two (both must clear); the answer is the
+    smallest over instances, rounded up to whole seconds and clamped to
+    ``RETRY_AFTER_MIN..RETRY_AFTER_MAX`` (the ``Retry-After`` header wants integers).
+    """
+    d = thresholds.mean_request_seconds
+    kv, queue = thresholds.kv_usage, thresholds.queue_depth
+    best = math.inf
+    for load in loads:
+        wait = 0.0
+        if queue is not None and load.waiting > queue:
+            wait = d * (load.waiting - queue) / max(load.running, 1)
+        if kv is not None and load.blocks_used > kv * load.blocks_total:
+            wait = max(wait, d * (load.blocks_used - kv * load.blocks_total) / load.blocks_used)
+        best = min(best, wait)
+    if math.isinf(best):
+        best = RETRY_AFTER_MIN
+    return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(best)))

@@ -1,0 +1,145 @@
+"""Every setting of every component, with its default, in one place.
+
+Each component's settings are a msgspec Struct. ``add_arguments`` turns a Struct into
+argparse flags (``--drain-timeout``) and ``from_args`` fills it: a flag given on the
+command line wins, then the environment variable (``DYNRT_DRAIN_TIMEOUT``), then the
+default written here. ``msgspec.convert`` validates and coerces the values, so a bad
+value fails at start-up with the setting's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+ENV_PREFIX = "DYNRT_"
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class CommonConfig(msgspec.Struct, kw_only=True):
+    namespace: Annotated[str, _doc("isolates deployments sharing etcd and NATS")] = "dynrt"
+    etcd_endpoints: Annotated[str, _doc("comma-separated host:port of etcd members")] = "127.0.0.1:2379"
+    etcd_user: Annotated[str, _doc("etcd user (with --etcd-password)")] = ""
+    etcd_password: Annotated[str, _doc("etcd password")] = ""
+    nats_url: Annotated[str, _doc("comma-separated NATS server URLs")] = "nats://127.0.0.1:4222"
+    nats_creds: Annotated[str, _doc("NATS credentials file")] = ""
+    lease_ttl: Annotated[int, _doc("etcd lease TTL, seconds; a dead process leaves discovery after this")] = 10
+    heartbeat_interval: Annotated[float, _doc("seconds between heartbeats on an idle response stream")] = 1.0
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("log level")] = "info"
+
+
+class WorkerConfig(CommonConfig, kw_only=True):
+    model: Annotated[str, _doc("model name served (mock) or model path / id (vllm)")] = "mock-model"
+    served_model_name: Annotated[str, _doc("name clients use; defaults to --model")] = ""
+    engine: Annotated[Literal["mock", "vllm"], _doc("engine")] = "mock"
+    component: Annotated[str, _doc("component name in discovery")] = "backend"
+    endpoint: Annotated[str, _doc("endpoint name in discovery")] = "generate"
+    host: Annotated[str, _doc("address the system (health) server binds")] = "127.0.0.1"
+    system_port: Annotated[int, _doc("health/metrics port (0 = pick a free one)")] = 0
+    drain_timeout: Annotated[float, _doc("SIGTERM: seconds to finish in-flight requests before migrating them")] = 30.0
+    canary_after: Annotated[float, _doc("idle seconds before a canary 1-token generate (0 disables)")] = 10.0
+    canary_timeout: Annotated[float, _doc("seconds a canary may take")] = 10.0
+    health_period: Annotated[float, _doc("seconds between engine check_health calls (0 disables)")] = 10.0
+    max_queued: Annotated[int, _doc("requests waiting in the engine beyond which new ones get a busy error")] = 1024
+    load_interval: Annotated[float, _doc("seconds between load reports")] = 0.1
+    # mock engine
+    num_blocks: Annotated[int, _doc("KV cache blocks")] = 16384
+    block_size: Annotated[int, _doc("tokens per KV block (vllm on CPU: multiple of 32)")] = 16
+    max_num_seqs: Annotated[int, _doc("max running sequences")] = 256
+    max_num_batched_tokens: Annotated[int, _doc("token budget per engine step")] = 8192
+    context_length: Annotated[int, _doc("max prompt + output tokens")] = 8192
+    speedup: Annotated[float, _doc("mock engine speed-up over its timing model (inf = no sleeping)")] = 1.0
+    fail_health_check: Annotated[bool, _doc("mock: check_health raises (for tests)")] = False
+    # vllm engine
+    tensor_parallel_size: Annotated[int, _doc("vllm tensor parallel size")] = 1
+    gpu_memory_utilization: Annotated[float, _doc("vllm GPU memory fraction")] = 0.9
+    max_model_len: Annotated[int, _doc("vllm max model length (0 = model default)")] = 0
+    dtype: Annotated[str, _doc("vllm dtype")] = "auto"
+    enforce_eager: Annotated[bool, _doc("vllm: no CUDA graphs / torch.compile")] = False
+    tokenizer: Annotated[str, _doc("tokenizer path for the instance record (default: model)")] = ""
+
+
+class FrontendConfig(CommonConfig, kw_only=True):
+    http_host: Annotated[str, _doc("HTTP bind address")] = "127.0.0.1"
+    http_port: Annotated[int, _doc("HTTP port")] = 8000
+    api_key: Annotated[str, _doc("require 'Authorization: Bearer KEY' (empty = no auth)")] = ""
+    api_key_file: Annotated[str, _doc("read the API key from this file (e.g. a secret)")] = ""
+    max_body_bytes: Annotated[int, _doc("largest request body accepted (413 beyond)")] = 4 * 1024 * 1024
+    drain_timeout: Annotated[float, _doc("SIGTERM: seconds to let open streams finish")] = 30.0
+    default_max_tokens: Annotated[int, _doc("max_tokens when the client gives none")] = 4096
+    router_mode: Annotated[Literal["kv", "round-robin", "random", "least-loaded", "remote"], _doc("routing policy, or 'remote' for the standalone router")] = "kv"
+    remote_router_timeout: Annotated[float, _doc("seconds to wait for the standalone router before bypassing it")] = 0.05
+    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 disables)")] = 0.95
+    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0 disables)")] = 0
+    prefill_weight: Annotated[float, _doc("kv router: weight of uncached prompt blocks vs decode blocks")] = 1.0
+    router_temperature: Annotated[float, _doc("kv router: softmax temperature (0 = best)")] = 0.0
+    migration_limit: Annotated[int, _doc("times one request may move to another worker (0 disables)")] = 3
+    migration_max_seq_len: Annotated[int, _doc("no migration past this many prompt+output tokens (0 = no limit)")] = 0
+    stream_stall_timeout: Annotated[float, _doc("seconds without frames or heartbeats before a stream counts as broken")] = 2.0
+    ping_timeout: Annotated[float, _doc("seconds a silent worker has to answer a ping")] = 0.05
+    silence_floor: Annotated[float, _doc("a stream silent this long (s, at least) gets its worker pinged")] = 0.05
+    down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
+
+
+class RouterConfig(CommonConfig, kw_only=True):
+    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 disables)")] = 0.95
+    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0 disables)")] = 0
+    prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks")] = 1.0
+    router_temperature: Annotated[float, _doc("softmax temperature (0 = best)")] = 0.0
+    system_port: Annotated[int, _doc("health/metrics port (0 = pick a free one)")] = 0
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Struct]) -> None:
+    """One flag per field. Defaults stay None so ``from_args`` can tell a flag the
+    user gave from one they did not (and fall back to the environment)."""
+    hints = typing.get_type_hints(config_type, include_extras=True)
+    for field in msgspec.structs.fields(config_type):
+        hint = hints[field.name]
+        description = ""
+        for meta in getattr(hint, "__metadata__", ()):
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                description = meta.description
+        help_text = f"{description} (default {field.default!r}; env {_env_name(field.name)})"
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+        if base is bool:
+            parser.add_argument(_flag(field.name), dest=field.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            choices = list(typing.get_args(base)) if typing.get_origin(base) is Literal else None
+            parser.add_argument(_flag(field.name), dest=field.name, default=None,
+                                choices=choices, help=help_text)
+
+
+def from_args(config_type: type[T], args: argparse.Namespace | None = None, **overrides: Any) -> T:
+    """Build a config: ``overrides`` > flags > ``DYNRT_*`` environment > defaults."""
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(config_type):
+        env_value = os.environ.get(_env_name(field.name))
+        if env_value is not None:
+            values[field.name] = env_value
+        flag_value = getattr(args, field.name, None) if args is not None else None
+        if flag_value is not None:
+            values[field.name] = flag_value
+        if field.name in overrides:
+            values[field.name] = overrides[field.name]
+    try:
+        return msgspec.convert(values, config_type, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"dynrt: invalid setting: {exc}") from None

@@ -1,0 +1,76 @@
+"""Process lifecycle: run a component on uvloop, turn SIGTERM/SIGINT into an ordered
+graceful stop with a deadline.
+
+    shutdown = GracefulShutdown()
+    shutdown.add("deregister", registration.close)       # run first
+    shutdown.add("drain", drain_requests, timeout=30)   # then this
+    await shutdown.wait()                               # returns after a signal
+    await shutdown.run()                                # runs the callbacks in order
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from dynrt.runtime.log import get_logger
+
+log = get_logger("lifecycle")
+
+StopCallback = Callable[[], Awaitable[Any]]
+
+
+class GracefulShutdown:
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, StopCallback, float]] = []
+        self.requested = asyncio.Event()
+        self.signal_name: str = ""
+        self._signals_seen = 0
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1 and sig == signal.SIGINT:
+            log.warning("second_interrupt_exiting_now")
+            sys.exit(130)
+        self.request(sig.name)
+
+    def request(self, reason: str) -> None:
+        if not self.requested.is_set():
+            self.signal_name = reason
+            log.info("shutdown_requested", reason=reason)
+            self.requested.set()
+
+    def add(self, name: str, callback: StopCallback, timeout: float = 10.0) -> None:
+        """Steps run in the order they were added, each bounded by ``timeout``."""
+        self._steps.append((name, callback, timeout))
+
+    async def wait(self) -> None:
+        await self.requested.wait()
+
+    async def run(self) -> None:
+        for name, callback, timeout in self._steps:
+            try:
+                await asyncio.wait_for(callback(), timeout)
+                log.debug("shutdown_step_done", step=name)
+            except asyncio.TimeoutError:
+                log.warning("shutdown_step_timed_out", step=name, timeout=timeout)
+            except Exception:
+                log.exception("shutdown_step_failed", step=name)
+
+
+def run_main(main: Coroutine[Any, Any, int]) -> int:
+    """Run a component's main coroutine on uvloop; its return value is the exit code."""
+    try:
+        import uvloop
+
+        return uvloop.run(main)
+    except ImportError:  # uvloop is a dependency, but never let its absence stop a component
+        return asyncio.run(main)

@@ -1,0 +1,62 @@
+"""Helpers for tests that run real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def spawn_python(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    finally:
+        log.close()
+
+
+def spawn_dynrt(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return spawn_python(["-m", "dynrt.cli", *args], log_path, env)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGCONT (in case it was stopped), SIGTERM, then SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02,
+                   what: str = "condition") -> float:
+    """Poll ``predicate`` until true; returns the seconds it took, fails after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start
+
+
+def wait_line(log_path: Path, text: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> str:
+    """Block until ``text`` appears in the log file; returns that line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.exists():
+            for line in log_path.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before '{text}'; log:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"'{text}' not in {log_path} after {timeout}s:\n{log_path.read_text()[-3000:] if log_path.exists() else ''}")

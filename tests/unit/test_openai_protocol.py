@@ -1,0 +1,450 @@
+"""Request decoding/validation, error bodies, sampling mapping and response shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from dynrt.frontend import errors
+from dynrt.frontend.errors import OpenAIError
+from dynrt.frontend.openai_protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatChoice,
+    AssistantMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    decode_chat_request,
+    decode_completion_request,
+    to_sampling_params,
+)
+from dynrt.runtime.protocol import SamplingParams
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({"model": "m", "messages": MESSAGES, **fields}).encode()
+
+
+def completion(**fields: Any) -> bytes:
+    return json.dumps({"model": "m", "prompt": "hi", **fields}).encode()
+
+
+def chat_error(body: bytes) -> OpenAIError:
+    with pytest.raises(OpenAIError) as info:
+        decode_chat_request(body)
+    return info.value
+
+
+def completion_error(body: bytes) -> OpenAIError:
+    with pytest.raises(OpenAIError) as info:
+        decode_completion_request(body)
+    return info.value
+
+
+def body_of(error: OpenAIError) -> dict[str, Any]:
+    body = json.loads(error.to_body())
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+# --- decoding: accepted requests --------------------------------------------------
+
+
+def test_chat_request_full() -> None:
+    req = decode_chat_request(
+        chat(
+            messages=[
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": None},
+            ],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=5,
+            max_completion_tokens=7,
+            temperature=0,
+            top_p=0.5,
+            top_k=40,
+            seed=3,
+            stop="END",
+            n=1,
+            ignore_eos=True,
+            min_tokens=2,
+            user="u",
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            logprobs=False,
+            tools=[],
+            tool_choice="none",
+            response_format={"type": "text"},
+            some_future_field={"x": 1},
+        )
+    )
+    assert isinstance(req, ChatCompletionRequest)
+    assert req.stream and req.include_usage()
+    assert req.stop_strings() == ["END"]
+    assert req.requested_max_tokens() == (7, "max_completion_tokens")
+    assert req.template_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+def test_chat_defaults() -> None:
+    req = decode_chat_request(chat())
+    assert not req.stream and not req.include_usage()
+    assert req.stop_strings() == []
+    assert req.requested_max_tokens() == (None, "max_tokens")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("hello", "hello"), (["hello"], "hello"), ([1, 2, 3], [1, 2, 3]), ([[4, 5]], [4, 5])],
+)
+def test_completion_prompt_forms(prompt: Any, expected: str | list[int]) -> None:
+    req = decode_completion_request(completion(prompt=prompt, stop=["a", "b"], echo=False))
+    assert isinstance(req, CompletionRequest)
+    assert req.prompt_input() == expected
+    assert req.stop_strings() == ["a", "b"]
+
+
+# --- decoding: errors -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"{bad json", b"", b'{"model": "m",', b"\xff\xfe"])
+def test_malformed_json(body: bytes) -> None:
+    error = chat_error(body)
+    assert error.status == 400
+    detail = body_of(error)
+    assert detail["type"] == "invalid_request_error"
+    assert detail["param"] is None
+    assert detail["message"].startswith("The request body is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"[]", None),
+        (chat(messages=[{"role": 5, "content": "x"}]), "messages[0].role"),
+        (chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+        (chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+        (chat(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]), "messages[0].content[0].text"),
+        (chat(messages="hi"), "messages"),
+        (chat(max_tokens="5"), "max_tokens"),
+        (chat(max_tokens=0), "max_tokens"),
+        (chat(max_completion_tokens=-1), "max_completion_tokens"),
+        (chat(temperature=2.5), "temperature"),
+        (chat(temperature=-0.1), "temperature"),
+        (chat(top_p=0), "top_p"),
+        (chat(top_p=1.5), "top_p"),
+        (chat(top_k=-2), "top_k"),
+        (chat(min_tokens=-1), "min_tokens"),
+        (chat(presence_penalty=3), "presence_penalty"),
+        (chat(frequency_penalty=-3), "frequency_penalty"),
+        (chat(stream="yes"), "stream"),
+        (chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+        (chat(stop=[1]), "stop[0]"),
+        (chat(seed=1.5), "seed"),
+        (chat(n=0), "n"),
+        (chat(model=3), "model"),
+    ],
+)
+def test_wrong_type_or_value_names_param(body: bytes, param: str | None) -> None:
+    error = chat_error(body)
+    assert error.status == 400
+    detail = body_of(error)
+    assert detail["type"] == "invalid_request_error"
+    assert detail["param"] == param
+    assert "Traceback" not in detail["message"]
+    if param:
+        assert f"'{param}'" in detail["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "m"}', "messages"),
+        (chat(messages=[{"content": "x"}]), "messages[0].role"),
+        (chat(messages=[{"role": "user"}]), "messages[0].content"),
+        (chat(messages=[{"role": "user", "content": [{"text": "x"}]}]), "messages[0].content[0].type"),
+    ],
+)
+def test_missing_field_names_it(body: bytes, param: str) -> None:
+    error = chat_error(body)
+    assert (error.status, error.param) == (400, param)
+    assert "missing required field" in body_of(error)["message"]
+
+
+def test_missing_prompt() -> None:
+    error = completion_error(b'{"model": "m"}')
+    assert (error.status, error.param) == (400, "prompt")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+            "messages[0].tool_calls",
+        ),
+    ],
+)
+def test_chat_unsupported_fields_rejected(fields: dict[str, Any], param: str) -> None:
+    error = chat_error(chat(**fields))
+    assert error.status == 400
+    detail = body_of(error)
+    assert detail == {
+        "message": detail["message"],
+        "type": "invalid_request_error",
+        "param": param,
+        "code": "unsupported_parameter",
+    }
+    assert param in detail["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"echo": True}, "echo"),
+        ({"suffix": "tail"}, "suffix"),
+        ({"best_of": 2}, "best_of"),
+        ({"n": 3}, "n"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [[1], [2]]}, "prompt"),
+    ],
+)
+def test_completion_unsupported_fields_rejected(fields: dict[str, Any], param: str) -> None:
+    error = completion_error(completion(**fields))
+    assert (error.status, error.param, error.code) == (400, param, "unsupported_parameter")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"stop": ""}, "stop"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+    ],
+)
+def test_chat_invalid_values(fields: dict[str, Any], param: str) -> None:
+    error = chat_error(chat(**fields))
+    assert (error.status, error.param, error.type) == (400, param, "invalid_request_error")
+
+
+@pytest.mark.parametrize("prompt", [[1, "a"], ["a", 1], [-1, 2], {"a": 1}, 5])
+def test_completion_bad_prompt(prompt: Any) -> None:
+    error = completion_error(completion(prompt=prompt))
+    assert error.status == 400
+    assert error.param is not None and error.param.startswith("prompt")
+
+
+# --- errors module ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "type_", "param", "code", "headers"),
+    [
+        (errors.bad_request("bad", "x"), 400, "invalid_request_error", "x", None, {}),
+        (errors.unauthorized(), 401, "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}),
+        (errors.model_not_found("gpt"), 404, "invalid_request_error", "model", "model_not_found", {}),
+        (errors.body_too_large(4 << 20), 413, "invalid_request_error", None, "request_too_large", {}),
+        (errors.rate_limited(0.2), 429, "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"}),
+        (errors.overloaded(2.5), 503, "server_error", None, "overloaded", {"Retry-After": "3"}),
+        (errors.no_instances("m", 1), 503, "server_error", None, "no_instances", {"Retry-After": "1"}),
+        (
+            errors.context_length_exceeded(100, 90, 20, "max_tokens"),
+            400,
+            "invalid_request_error",
+            "max_tokens",
+            "context_length_exceeded",
+            {},
+        ),
+        (errors.internal(), 500, "server_error", None, "internal_error", {}),
+    ],
+)
+def test_error_constructors(
+    error: OpenAIError, status: int, type_: str, param: str | None, code: str | None, headers: dict[str, str]
+) -> None:
+    assert error.status == status
+    assert error.headers == headers
+    detail = body_of(error)
+    assert detail == {"message": error.message, "type": type_, "param": param, "code": code}
+    assert detail["message"]
+
+
+def test_error_messages() -> None:
+    assert "gpt" in errors.model_not_found("gpt").message
+    assert "4194304" in errors.body_too_large(4 << 20).message
+    message = errors.context_length_exceeded(100, 90, 20, "max_tokens").message
+    assert "100" in message and "110" in message
+    assert "Traceback" not in errors.internal().message
+
+
+# --- sampling params ----------------------------------------------------------------
+
+
+def params(body: bytes, prompt_len: int = 10, context: int = 100, default: int = 50) -> SamplingParams:
+    req = decode_chat_request(body)
+    return to_sampling_params(
+        req, prompt_len=prompt_len, context_length=context, default_max_tokens=default, stop_token_ids=[2, 7]
+    )
+
+
+def test_sampling_mapping() -> None:
+    sp = params(chat(max_tokens=20, temperature=0.5, top_p=0.9, top_k=5, seed=7, min_tokens=3, ignore_eos=True))
+    assert sp == SamplingParams(
+        max_tokens=20,
+        min_tokens=3,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=5,
+        seed=7,
+        stop_token_ids=[2, 7],
+        ignore_eos=True,
+    )
+
+
+def test_sampling_defaults() -> None:
+    sp = params(chat())
+    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed) == (50, 1.0, 1.0, -1, None)
+    assert params(chat(top_k=0)).top_k == -1
+
+
+def test_max_completion_tokens_wins() -> None:
+    assert params(chat(max_tokens=5, max_completion_tokens=9)).max_tokens == 9
+    assert params(chat(max_tokens=5)).max_tokens == 5
+
+
+def test_default_max_tokens_capped_by_context() -> None:
+    assert params(chat(), prompt_len=90, context=100, default=50).max_tokens == 10
+    assert params(chat(), prompt_len=10, context=100, default=50).max_tokens == 50
+
+
+def test_context_length_exceeded() -> None:
+    with pytest.raises(OpenAIError) as info:
+        params(chat(max_tokens=91), prompt_len=10, context=100)
+    assert (info.value.status, info.value.param, info.value.code) == (400, "max_tokens", "context_length_exceeded")
+    with pytest.raises(OpenAIError) as info:
+        params(chat(max_completion_tokens=91), prompt_len=10, context=100)
+    assert info.value.param == "max_completion_tokens"
+    with pytest.raises(OpenAIError) as info:
+        params(chat(), prompt_len=100, context=100)
+    assert (info.value.param, info.value.code) == ("messages", "context_length_exceeded")
+    assert params(chat(max_tokens=90), prompt_len=10, context=100).max_tokens == 90
+
+
+def test_completion_context_param_and_empty_prompt() -> None:
+    req = decode_completion_request(completion())
+    with pytest.raises(OpenAIError) as info:
+        to_sampling_params(req, prompt_len=100, context_length=100, default_max_tokens=16, stop_token_ids=[])
+    assert info.value.param == "prompt"
+    with pytest.raises(OpenAIError) as info:
+        to_sampling_params(req, prompt_len=0, context_length=100, default_max_tokens=16, stop_token_ids=[])
+    assert (info.value.status, info.value.param) == (400, "prompt")
+
+
+def test_min_tokens_over_max_tokens() -> None:
+    with pytest.raises(OpenAIError) as info:
+        params(chat(max_tokens=3, min_tokens=4))
+    assert (info.value.status, info.value.param) == (400, "min_tokens")
+
+
+# --- responses ----------------------------------------------------------------------
+
+
+def test_chat_response_shape() -> None:
+    response = ChatCompletionResponse(
+        id="chatcmpl-1",
+        created=5,
+        model="m",
+        choices=[ChatChoice(message=AssistantMessage(content="hi"), finish_reason="stop")],
+        usage=UsageInfo.of(3, 2, cached_tokens=1),
+    )
+    assert json.loads(msgspec.json.encode(response)) == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 5,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": None, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 1},
+        },
+    }
+
+
+def test_completion_response_shape() -> None:
+    response = CompletionResponse(
+        id="cmpl-1",
+        created=5,
+        model="m",
+        choices=[CompletionChoice(text="hi", finish_reason="length")],
+        usage=UsageInfo.of(3, 2),
+    )
+    decoded = json.loads(msgspec.json.encode(response))
+    assert decoded["object"] == "text_completion"
+    assert decoded["choices"] == [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "length"}]
+    assert decoded["usage"]["total_tokens"] == 5
+
+
+def test_models_list_shape() -> None:
+    models = ModelList(data=[ModelCard(id="m", created=1)])
+    assert json.loads(msgspec.json.encode(models)) == {
+        "object": "list",
+        "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "dynrt"}],
+    }
+
+
+def test_openai_client_types_parse_responses() -> None:
+    """The official client's own models accept our bodies."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    chat_body = ChatCompletionResponse(
+        id="chatcmpl-1",
+        created=5,
+        model="m",
+        choices=[ChatChoice(message=AssistantMessage(content="hi"), finish_reason="stop")],
+        usage=UsageInfo.of(3, 2),
+    )
+    parsed = ChatCompletion.model_validate_json(msgspec.json.encode(chat_body))
+    assert parsed.choices[0].message.content == "hi"
+    completion_body = CompletionResponse(
+        id="cmpl-1", created=5, model="m", choices=[CompletionChoice(text="x", finish_reason="stop")], usage=UsageInfo.of(1, 1)
+    )
+    assert Completion.model_validate_json(msgspec.json.encode(completion_body)).choices[0].text == "x"

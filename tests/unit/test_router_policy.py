@@ -1,0 +1,394 @@
+"""Router policies, KV cost, pending assignments and load shedding on constructed states."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import msgspec
+import pytest
+
+from dynrt.router.cost import BusyThresholds, BusyThresholdSettings
+from dynrt.router.policies import Busy, Choice, NoInstance, Router, RouterState
+from dynrt.runtime.block_hash import block_hashes
+from dynrt.runtime.protocol import (
+    CachedBlocks,
+    InstanceRecord,
+    KvBlockRemoved,
+    KvBlockStored,
+    KvEvent,
+    KvEventBatch,
+    LoadReport,
+    TokenizerSpec,
+)
+
+BS = 4
+MODEL = "m"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(iid: str, *, model: str = MODEL, kv_blocks_total: int = 1000, max_num_seqs: int = 64) -> InstanceRecord:
+    return InstanceRecord(
+        instance_id=iid,
+        namespace="ns",
+        component="backend",
+        endpoint="generate",
+        model=model,
+        subject=f"dynrt.ns.backend.generate.{iid}",
+        engine="mock",
+        block_size=BS,
+        kv_blocks_total=kv_blocks_total,
+        context_length=8192,
+        max_num_seqs=max_num_seqs,
+        tokenizer=TokenizerSpec(),
+    )
+
+
+def make_state(ids: str = "abcd", thresholds: BusyThresholds | None = None, **kw: int) -> tuple[RouterState, Clock]:
+    """Instances in sync with empty caches and no load reports yet."""
+    clock = Clock()
+    state = RouterState(thresholds=thresholds, clock=clock)
+    for iid in ids:
+        assert state.add_instance(record(iid, **kw))
+        assert not state.on_resync(CachedBlocks(instance_id=iid, block_hashes=[], last_event_id=0))
+    return state, clock
+
+
+def store(state: RouterState, iid: str, tokens: list[int]) -> None:
+    """The worker caches the full blocks of ``tokens``."""
+    last = state.index._instances[iid].last_event_id
+    event = KvEvent(event_id=last + 1, data=KvBlockStored(block_hashes=block_hashes(tokens, BS)))
+    assert not state.on_kv_events(KvEventBatch(instance_id=iid, model=MODEL, events=[event]))
+
+
+def load(state: RouterState, iid: str, used: int = 0, running: int = 0, waiting: int = 0, total: int = 1000) -> None:
+    state.on_load(
+        LoadReport(instance_id=iid, model=MODEL, kv_blocks_used=used, kv_blocks_total=total, running=running, waiting=waiting)
+    )
+
+
+SYSTEM = list(range(1000, 1064))  # 16 blocks
+
+
+def prompt(k: int, suffix_tokens: int = 16) -> list[int]:
+    """The shared system prompt + a user turn of its own (``suffix_tokens`` long)."""
+    return SYSTEM + [50_000 + k] * suffix_tokens
+
+
+# -- KV policy: prefix vs load ----------------------------------------------
+
+
+def test_prefix_cached_on_b_goes_to_b() -> None:
+    state, _ = make_state()
+    store(state, "b", prompt(1))
+    for iid in "abcd":
+        load(state, iid, used=100)
+    choice = Router(state, rng=random.Random(0)).choose(MODEL, prompt(1))
+    assert choice == Choice(instance_id="b", overlap_blocks=20, prompt_blocks=20, cost=100.0)
+
+
+def test_eviction_on_b_is_reflected() -> None:
+    state, _ = make_state("ab")
+    store(state, "b", prompt(1))
+    load(state, "a", used=10)
+    load(state, "b", used=20)
+    router = Router(state, rng=random.Random(0))
+    assert router.choose(MODEL, prompt(1)).instance_id == "b"  # 0 + 20 < 20 + 10
+    evict = KvEvent(event_id=2, data=KvBlockRemoved(block_hashes=block_hashes(prompt(1), BS)[2:]))
+    state.on_kv_events(KvEventBatch(instance_id="b", model=MODEL, events=[evict]))
+    choice = router.choose(MODEL, prompt(1))
+    assert choice == Choice(instance_id="a", overlap_blocks=0, prompt_blocks=20, cost=30.0)  # b: 18 + 20
+
+
+def test_gap_needs_resync_and_resync_fixes_routing() -> None:
+    state, _ = make_state("ab")
+    load(state, "a", used=5)
+    router = Router(state, rng=random.Random(0))
+    hashes = block_hashes(prompt(1), BS)
+    gap = KvEventBatch(instance_id="b", model=MODEL, events=[KvEvent(event_id=3, data=KvBlockStored(block_hashes=hashes))])
+    assert state.on_kv_events(gap) is True  # ask b for a dump
+    assert router.choose(MODEL, prompt(1)).instance_id == "b"  # b idle, its blocks not trusted: 20 < 25
+    load(state, "b", used=10)
+    assert router.choose(MODEL, prompt(1)).instance_id == "a"  # 25 < 30
+    later = KvEventBatch(instance_id="b", model=MODEL, events=[KvEvent(event_id=4, data=KvBlockStored(block_hashes=[7]))])
+    assert state.on_kv_events(later) is False  # dump already asked for
+    assert state.on_resync(CachedBlocks(instance_id="b", block_hashes=hashes, last_event_id=3)) is False
+    assert router.choose(MODEL, prompt(1)) == Choice(instance_id="b", overlap_blocks=20, prompt_blocks=20, cost=10.0)
+
+
+def test_removed_instance_is_never_chosen_and_its_entries_are_dropped() -> None:
+    state, _ = make_state("ab")
+    store(state, "b", prompt(1))
+    state.remove_instance("b")
+    assert state.index.overlaps(block_hashes(prompt(1), BS)) == {}
+    router = Router(state, rng=random.Random(0))
+    assert {router.choose(MODEL, prompt(k)).instance_id for k in range(20)} == {"a"}
+    # Events and dumps of a removed instance are ignored.
+    assert not state.on_resync(CachedBlocks(instance_id="b", block_hashes=[1], last_event_id=9))
+    assert len(state.index) == 0
+
+
+def test_shared_system_prompt_does_not_pin_a_busier_worker() -> None:
+    """a holds the 16-block system prompt; b holds nothing. With prefill_weight 1, a's
+    advantage is worth 16 blocks of load: within it a wins, beyond it b wins."""
+    state, _ = make_state("ab")
+    store(state, "a", SYSTEM)
+    router = Router(state, rng=random.Random(0))
+    load(state, "a", used=115)
+    load(state, "b", used=100)
+    assert router.choose(MODEL, prompt(1)).instance_id == "a"  # 4 + 115 < 20 + 100
+    load(state, "a", used=117)
+    assert router.choose(MODEL, prompt(1)) == Choice(instance_id="b", overlap_blocks=0, prompt_blocks=20, cost=120.0)
+
+
+def test_shared_system_prompt_traffic_spreads_as_workers_cache_it() -> None:
+    """16 conversations sharing a system prompt, no load report in between: each worker
+    that serves one caches the prompt, pending assignments keep the load visible."""
+    state, _ = make_state()
+    router = Router(state, rng=random.Random(1))
+    counts: Counter[str] = Counter()
+    for k in range(16):
+        choice = router.route(MODEL, prompt(k), f"r{k}")
+        assert isinstance(choice, Choice)
+        counts[choice.instance_id] += 1
+        store(state, choice.instance_id, prompt(k))
+    # Once every worker has the prompt, they are symmetric: 4 each.
+    assert counts == {"a": 4, "b": 4, "c": 4, "d": 4}
+
+
+def test_burst_of_32_identical_prefix_requests_spreads_by_load() -> None:
+    """a caches the 8-block prefix of 16-block prompts. Each assignment adds its prompt
+    (16 blocks) + its uncached prefill (8 on a, 16 elsewhere) to the chosen instance's
+    cost: a's cost is 8 + 24·n_a, the others' 16 + 32·n. Greedy argmin keeps every
+    cost within one increment of the others, which gives exactly a = 10 and 7/7/8
+    (final costs 248 vs 240/240/272), whatever order ties are broken in."""
+    prefix = list(range(2000, 2032))
+    for seed in range(3):
+        state, _ = make_state()
+        store(state, "a", prefix)
+        router = Router(state, rng=random.Random(seed))
+        counts: Counter[str] = Counter()
+        for k in range(32):
+            choice = router.route(MODEL, prefix + [k] * 32, f"r{k}")
+            assert isinstance(choice, Choice)
+            counts[choice.instance_id] += 1
+        assert counts["a"] == 10
+        assert sorted(counts[i] for i in "bcd") == [7, 7, 8]
+
+
+def test_burst_without_cached_prefix_is_spread_evenly() -> None:
+    state, _ = make_state()
+    router = Router(state, rng=random.Random(3))
+    counts = Counter(router.route(MODEL, prompt(0), f"r{k}").instance_id for k in range(32))  # type: ignore[union-attr]
+    assert counts == {"a": 8, "b": 8, "c": 8, "d": 8}
+
+
+def test_temperature_samples_mostly_the_cheapest() -> None:
+    state, _ = make_state("ab")
+    store(state, "b", prompt(1))
+    router = Router(state, temperature=0.5, rng=random.Random(7))
+    counts = Counter(router.choose(MODEL, prompt(1)).instance_id for _ in range(2000))  # type: ignore[union-attr]
+    # Costs 20 vs 0, normalised spread 1: P(a) = e^-2 / (1 + e^-2) ≈ 0.12.
+    assert 150 < counts["a"] < 330 and counts["a"] + counts["b"] == 2000
+    with pytest.raises(ValueError):
+        Router(state, temperature=-1)
+
+
+# -- pending assignments ------------------------------------------------------
+
+
+def test_pending_assignment_is_absorbed_by_a_later_load_report() -> None:
+    state, clock = make_state("a")
+    state.on_assigned("a", "r1", prompt_blocks=20, overlap_blocks=5)
+    (c,) = state.candidates(MODEL)
+    assert (c.load.blocks_used, c.load.prefill_blocks, c.load.running) == (20, 15, 1)
+    clock.now += 0.05
+    load(state, "a", used=7, running=3)  # too soon to reflect r1 (absorb_delay 0.1 s)
+    (c,) = state.candidates(MODEL)
+    assert (c.load.blocks_used, c.load.running) == (27, 4)
+    clock.now += 0.1
+    state.on_assigned("a", "r2", prompt_blocks=10)
+    load(state, "a", used=30, running=4)  # reflects r1, not r2 (assigned just now)
+    (c,) = state.candidates(MODEL)
+    assert (c.load.blocks_used, c.load.running) == (40, 5)
+    state.on_completed("a", "r2")
+    state.on_completed("a", "r1")  # already absorbed: no-op
+    (c,) = state.candidates(MODEL)
+    assert (c.load.blocks_used, c.load.running) == (30, 4)
+
+
+def test_pending_assignments_queue_behind_full_slots_or_waiting_requests() -> None:
+    state, _ = make_state("ab", max_num_seqs=4)
+    load(state, "a", running=3)
+    load(state, "b", running=1, waiting=2)
+    for k in range(3):
+        state.on_assigned("a", f"ra{k}", 1)
+        state.on_assigned("b", f"rb{k}", 1)
+    a, b = state.candidates(MODEL)
+    assert (a.load.running, a.load.waiting) == (4, 2)
+    assert (b.load.running, b.load.waiting) == (1, 5)
+
+
+# -- load shedding ------------------------------------------------------------
+
+
+def test_all_busy_gives_busy_with_retry_after_and_counts_the_reason() -> None:
+    rejected: list[str] = []
+    thresholds = BusyThresholds(kv_usage=0.5, queue_depth=2, mean_request_seconds=4.0)
+    state, _ = make_state("ab", thresholds=thresholds)
+    router = Router(state, on_reject=rejected.append)
+    # a: KV 100/100 > 0.5 → must free 50 of 100 blocks → 4 s × 0.5 = 2 s.
+    # b: 5 waiting > 2 with 2 running → 3 must leave the queue → 4 s × 3 / 2 = 6 s.
+    load(state, "a", used=100, running=4, total=100)
+    load(state, "b", used=10, running=2, waiting=5, total=100)
+    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=2, reason="mixed")
+    load(state, "a", used=10, running=1, waiting=50, total=100)  # 4 × 48 / 1 = 192 s; b: 6 s
+    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=6, reason="queue_depth")
+    load(state, "b", used=10, running=1, waiting=9, total=100)  # 4 × 7 / 1 = 28 s
+    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=28, reason="queue_depth")
+    load(state, "b", used=10, running=1, waiting=20, total=100)  # 72 s → capped at 30
+    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=30, reason="queue_depth")
+    assert router.rejections == {"mixed": 1, "queue_depth": 3}
+    assert rejected == ["mixed"] + ["queue_depth"] * 3
+    decision = Busy(retry_after=30, reason="queue_depth").to_decision()
+    assert (decision.busy, decision.retry_after, decision.instance_id) == (True, 30.0, "")
+
+
+def test_busy_instances_are_skipped() -> None:
+    state, _ = make_state("ab", thresholds=BusyThresholds(kv_usage=0.9))
+    store(state, "a", prompt(1))
+    load(state, "a", used=950)
+    assert Router(state).choose(MODEL, prompt(1)).instance_id == "b"  # type: ignore[union-attr]
+
+
+def test_same_burst_against_same_state_admits_the_same_count() -> None:
+    """KV threshold 0.9 of 100 blocks, 10-block prompts, reported usage 50/60/70/85: an
+    instance takes requests while its projected usage is ≤ 90, i.e. 5 + 4 + 3 + 1 = 13
+    of a 48-request burst — for any policy and any tie-breaking."""
+
+    def burst(policy: str, seed: int) -> tuple[int, Counter[str]]:
+        state, _ = make_state(thresholds=BusyThresholds(kv_usage=0.9))
+        for iid, used in zip("abcd", (50, 60, 70, 85)):
+            load(state, iid, used=used, total=100)
+        router = Router(state, policy, rng=random.Random(seed))
+        outcomes = [router.route(MODEL, list(range(40)), f"r{k}") for k in range(48)]
+        admitted = Counter(o.instance_id for o in outcomes if isinstance(o, Choice))
+        assert all(isinstance(o, Busy) and o.reason == "kv_usage" for o in outcomes if not isinstance(o, Choice))
+        assert router.rejections == {"kv_usage": 48 - admitted.total()}
+        return admitted.total(), admitted
+
+    for policy in ("kv", "random", "least-loaded", "round-robin"):
+        for seed in (1, 2):
+            total, per_instance = burst(policy, seed)
+            assert total == 13
+            assert per_instance == {"a": 5, "b": 4, "c": 3, "d": 1}
+
+
+def test_queue_threshold_counts_pending_assignments() -> None:
+    state, _ = make_state("a", thresholds=BusyThresholds(kv_usage=None, queue_depth=2), max_num_seqs=2)
+    load(state, "a", running=2)
+    router = Router(state)
+    admitted = [router.route(MODEL, prompt(k), f"r{k}") for k in range(5)]
+    assert [isinstance(o, Choice) for o in admitted] == [True, True, True, False, False]
+
+
+def test_thresholds_change_at_runtime() -> None:
+    thresholds = BusyThresholds()
+    state, _ = make_state("a", thresholds=thresholds)
+    load(state, "a", used=960)
+    router = Router(state)
+    assert isinstance(router.choose(MODEL, prompt(1)), Busy)
+    body = msgspec.json.decode(b'{"kv_usage": 0.99}', type=BusyThresholdSettings)
+    assert thresholds.update(body) == BusyThresholdSettings(kv_usage=0.99, queue_depth=None)
+    assert isinstance(router.choose(MODEL, prompt(1)), Choice)
+    assert msgspec.json.encode(thresholds.settings()) == b'{"kv_usage":0.99,"queue_depth":null}'
+    thresholds.update(BusyThresholdSettings(kv_usage=None, queue_depth=0))
+    assert (thresholds.kv_usage, thresholds.queue_depth) == (None, 0)
+    with pytest.raises(ValueError):
+        thresholds.update(BusyThresholdSettings(kv_usage=0.5, queue_depth=-1))
+    assert (thresholds.kv_usage, thresholds.queue_depth) == (None, 0)  # all or nothing
+    with pytest.raises(ValueError):
+        thresholds.kv_usage = 1.5
+
+
+# -- candidates: exclude, mark_down, no instance ------------------------------
+
+
+def test_exclude_and_mark_down_are_respected() -> None:
+    state, clock = make_state("abc")
+    store(state, "a", prompt(1))
+    store(state, "b", prompt(1))
+    router = Router(state, rng=random.Random(0))
+    assert router.choose(MODEL, prompt(1), exclude={"a"}).instance_id == "b"  # type: ignore[union-attr]
+    state.mark_down("b", 5.0)
+    assert router.choose(MODEL, prompt(1), exclude={"a"}).instance_id == "c"  # type: ignore[union-attr]
+    assert router.choose(MODEL, prompt(1), exclude={"a", "c"}) == NoInstance(reason="all_excluded")
+    clock.now += 5.0
+    assert router.choose(MODEL, prompt(1), exclude={"a"}).instance_id == "b"  # type: ignore[union-attr]
+    state.mark_down("b", 60.0)
+    assert not state.add_instance(record("b"))  # same record: keeps its KV entries, clears the mark
+    assert router.choose(MODEL, prompt(1), exclude={"a"}).instance_id == "b"  # type: ignore[union-attr]
+
+
+def test_restarted_instance_with_new_record_needs_resync() -> None:
+    state, _ = make_state("a")
+    store(state, "a", prompt(1))
+    assert state.add_instance(msgspec.structs.replace(record("a"), pid=99))
+    assert state.index.overlaps(block_hashes(prompt(1), BS)) == {}
+    assert state.index.stale_instances() == ["a"]
+
+
+def test_no_instance_for_unknown_model() -> None:
+    state, _ = make_state("a")
+    router = Router(state)
+    assert router.choose("other", prompt(1)) == NoInstance(reason="no_instance")
+    assert router.rejections == {"no_instance": 1}
+    assert NoInstance().to_decision().instance_id == ""
+
+
+def test_instances_of_other_models_are_not_candidates() -> None:
+    state, _ = make_state("ab")
+    state.add_instance(record("x", model="other"))
+    router = Router(state, "random", rng=random.Random(0))
+    assert {router.choose(MODEL, prompt(1)).instance_id for _ in range(50)} == {"a", "b"}  # type: ignore[union-attr]
+
+
+# -- other policies -----------------------------------------------------------
+
+
+def test_round_robin_cycles_in_id_order_and_survives_membership_changes() -> None:
+    state, _ = make_state("abc")
+    router = Router(state, "round-robin")
+    assert [router.choose(MODEL, prompt(1)).instance_id for _ in range(4)] == ["a", "b", "c", "a"]  # type: ignore[union-attr]
+    state.remove_instance("b")
+    assert [router.choose(MODEL, prompt(1)).instance_id for _ in range(3)] == ["c", "a", "c"]  # type: ignore[union-attr]
+
+
+def test_random_policy_uses_every_instance() -> None:
+    state, _ = make_state()
+    router = Router(state, "random", rng=random.Random(5))
+    counts = Counter(router.choose(MODEL, prompt(1)).instance_id for _ in range(400))  # type: ignore[union-attr]
+    assert set(counts) == set("abcd") and min(counts.values()) > 60
+
+
+def test_least_loaded_ignores_prefixes() -> None:
+    state, _ = make_state("abc")
+    store(state, "a", prompt(1))
+    load(state, "a", used=30)
+    load(state, "b", used=20)
+    load(state, "c", used=25)
+    router = Router(state, "least-loaded")
+    assert router.choose(MODEL, prompt(1)) == Choice(instance_id="b", prompt_blocks=20, cost=20.0)
+
+
+def test_unknown_policy_is_rejected() -> None:
+    state, _ = make_state("a")
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        Router(state, "fastest")
