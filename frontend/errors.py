@@ -54,7 +54,10 @@ class OpenAIError(Exception):
         return _encode(ErrorResponse(error=self.detail()))
 
     def __repr__(self) -> str:
-        return f"OpenAIError({self.status}, {self.message!r}, type={self.type!r}, param={self.param!r}, code={self.code!r})"
+        return (
+            f"OpenAIError({self.status}, {self.message!r}, type={self.type!r}, "
+            f"param={self.param!r}, code={self.code!r})"
+        )
 
 
 def _retry_after(seconds: float) -> dict[str, str]:

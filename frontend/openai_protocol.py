@@ -196,7 +196,7 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
             for j, part in enumerate(message.content):
                 if part.type != "text":
                     raise errors.unsupported_param(
-                        f"messages[{i}].content[{j}].type", f"'{part.type}' is not supported; only 'text' parts are"
+                        f"messages[{i}].content[{j}].type", f"= '{part.type}' is not supported; only 'text' parts are"
                     )
                 if part.text is None:
                     raise errors.bad_request("A text part needs 'text'", f"messages[{i}].content[{j}].text")

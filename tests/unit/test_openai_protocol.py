@@ -445,6 +445,10 @@ def test_openai_client_types_parse_responses() -> None:
     parsed = ChatCompletion.model_validate_json(msgspec.json.encode(chat_body))
     assert parsed.choices[0].message.content == "hi"
     completion_body = CompletionResponse(
-        id="cmpl-1", created=5, model="m", choices=[CompletionChoice(text="x", finish_reason="stop")], usage=UsageInfo.of(1, 1)
+        id="cmpl-1",
+        created=5,
+        model="m",
+        choices=[CompletionChoice(text="x", finish_reason="stop")],
+        usage=UsageInfo.of(1, 1),
     )
     assert Completion.model_validate_json(msgspec.json.encode(completion_body)).choices[0].text == "x"

@@ -109,7 +109,12 @@ def test_completion_finish_usage(completion_encoder: CompletionChunkEncoder) -> 
     assert completion_encoder.finish("stop") == reference(finish)
     usage = completion_chunk(
         [],
-        usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "prompt_tokens_details": {"cached_tokens": 0}},
+        usage={
+            "prompt_tokens": 1,
+            "completion_tokens": 2,
+            "total_tokens": 3,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     )
     assert completion_encoder.usage(UsageInfo.of(1, 2)) == reference(usage)
 
@@ -129,12 +134,15 @@ def test_done_and_error_event() -> None:
     assert second == DONE
 
 
-def test_openai_client_parses_chunks(chat_encoder: ChatChunkEncoder, completion_encoder: CompletionChunkEncoder) -> None:
+def test_openai_client_parses_chunks(
+    chat_encoder: ChatChunkEncoder, completion_encoder: CompletionChunkEncoder
+) -> None:
     from openai.types import Completion
     from openai.types.chat import ChatCompletionChunk
 
     usage = UsageInfo.of(1, 1)
-    for event in (chat_encoder.role(), chat_encoder.content("x"), chat_encoder.finish("stop"), chat_encoder.usage(usage)):
+    chat_events = [chat_encoder.role(), chat_encoder.content("x"), chat_encoder.finish("stop"), chat_encoder.usage(usage)]
+    for event in chat_events:
         ChatCompletionChunk.model_validate_json(event[6:-2])
     # Streamed completions reuse the non-streaming model, whose finish_reason may not be
     # null (the client builds chunks without validation): check the final events only.

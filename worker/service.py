@@ -1,0 +1,329 @@
+"""A worker: one engine behind a NATS endpoint, registered in etcd under a lease.
+
+Lifecycle
+- start: engine → NATS endpoint (subscribed) → system server → instance record put
+  under the lease → ``ready``. Until then ``/health`` is 503.
+- serve: each generate request streams ``TokenFrame``s; a ``Cancel`` stops or kills it;
+  KV events and load reports go out for routers; ``DumpCachedBlocks`` answers router resyncs.
+- dead frontends: frontends hold leases too; when one's key disappears, every request
+  it sent is aborted and its KV freed (the caller can no longer read the answer).
+- SIGTERM/SIGINT: delete the registration and unsubscribe (no new requests), let
+  in-flight requests finish for up to ``drain_timeout``, send the rest a ``MigrateFrame``
+  so frontends continue them elsewhere, revoke the lease, exit 0.
+- unhealthy (canary or ``check_health`` failure): deregister and exit 1 so a supervisor
+  restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from dynrt.runtime import metrics
+from dynrt.runtime.config import WorkerConfig
+from dynrt.runtime.discovery import EtcdClient, LeasedRegistration, PrefixWatcher
+from dynrt.runtime.health import HealthServer
+from dynrt.runtime.lifecycle import GracefulShutdown
+from dynrt.runtime.log import get_logger
+from dynrt.runtime.protocol import (
+    CachedBlocks,
+    Control,
+    ControlReply,
+    DumpCachedBlocks,
+    ErrorFrame,
+    Frame,
+    GenerateRequest,
+    InstanceRecord,
+    KvEventBatch,
+    MigrateFrame,
+    SamplingParams,
+    TokenFrame,
+    Usage,
+    encode,
+    encode_json,
+    frontends_prefix,
+    generate_request_decoder,
+    instance_key,
+    kv_events_subject,
+    load_subject,
+    request_subject,
+)
+from dynrt.runtime.transport import Endpoint, NatsTransport, RequestContext
+from dynrt.worker.engine import Engine, RequestRejected
+
+log = get_logger("worker")
+
+REQUESTS = metrics.counter("dynrt_worker_requests_total", "generate requests by outcome", ("outcome",))
+IN_FLIGHT = metrics.gauge("dynrt_worker_in_flight_requests", "requests being served")
+KV_USAGE = metrics.gauge("dynrt_worker_kv_usage_ratio", "fraction of KV blocks in use")
+OUTPUT_TOKENS = metrics.counter("dynrt_worker_output_tokens_total", "tokens generated")
+
+State = Literal["starting", "ready", "draining", "unhealthy", "stopped"]
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.model_name = config.served_model_name or engine.info.model
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.subject = request_subject(config.namespace, config.component, config.endpoint, self.instance_id)
+        self.key = instance_key(config.namespace, config.component, config.endpoint, self.instance_id)
+        self.state: State = "starting"
+        self.exit_code = 0
+        self.shutdown = GracefulShutdown()
+        self.transport: NatsTransport | None = None
+        self.endpoint: Endpoint | None = None
+        self.etcd = EtcdClient(config.etcd_endpoints, user=config.etcd_user, password=config.etcd_password)
+        self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
+        self.frontend_watcher: PrefixWatcher | None = None
+        self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
+        self.requests_by_frontend: dict[str, set[str]] = {}
+        self.last_request_at = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.completed = 0
+
+    # -- start ------------------------------------------------------------------
+    async def start(self) -> None:
+        log.info("worker_starting", instance_id=self.instance_id, model=self.model_name, engine=self.engine.info.engine)
+        await self.engine.start()
+        self.transport = await NatsTransport.connect(
+            self.config.nats_url, name=f"worker-{self.instance_id}",
+            heartbeat_interval=self.config.heartbeat_interval, creds_file=self.config.nats_creds)
+        self.endpoint = await self.transport.serve(self.subject, self._handle_generate, self._handle_control)
+        system_port = await self.health_server.start()
+        info = self.engine.info
+        record = InstanceRecord(
+            instance_id=self.instance_id, namespace=self.config.namespace, component=self.config.component,
+            endpoint=self.config.endpoint, model=self.model_name, subject=self.subject, engine=info.engine,
+            block_size=info.block_size, kv_blocks_total=info.kv_blocks_total, context_length=info.context_length,
+            max_num_seqs=info.max_num_seqs, tokenizer=info.tokenizer, host=socket.gethostname(), pid=os.getpid(),
+            system_port=system_port, started_at=time.time())
+        await self.registration.start(wait=30)
+        await self.registration.put(self.key, encode_json(record))
+        self.frontend_watcher = PrefixWatcher(self.etcd, frontends_prefix(self.config.namespace),
+                                              lambda k, v: None, self._on_frontend_gone)
+        await self.frontend_watcher.start()
+        self._tasks = [
+            asyncio.create_task(self._publish_load(), name="load-reports"),
+            asyncio.create_task(self._publish_kv_events(), name="kv-events"),
+            asyncio.create_task(self._health_loop(), name="health-checks"),
+        ]
+        self.shutdown.add("deregister", self._deregister, timeout=5)
+        self.shutdown.add("drain", self._drain, timeout=self.config.drain_timeout + 5)
+        self.shutdown.add("release", self._release, timeout=10)
+        self.state = "ready"
+        log.info("worker_ready", instance_id=self.instance_id, subject=self.subject, system_port=system_port,
+                 model=self.model_name, kv_blocks=info.kv_blocks_total)
+
+    async def run(self) -> int:
+        """Serve until a signal or an unhealthy verdict; returns the exit code."""
+        self.shutdown.install_signal_handlers()
+        try:
+            await self.start()
+        except Exception:
+            log.exception("worker_start_failed", instance_id=self.instance_id)
+            await self._release()
+            return 1
+        await self.shutdown.wait()
+        await self.shutdown.run()
+        self.state = "stopped"
+        log.info("worker_stopped", instance_id=self.instance_id, exit_code=self.exit_code, completed=self.completed)
+        return self.exit_code
+
+    # -- requests ---------------------------------------------------------------
+    async def _handle_generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Frame]:
+        try:
+            request = generate_request_decoder.decode(payload)
+        except Exception as exc:
+            REQUESTS.labels("bad_request").inc()
+            yield ErrorFrame(code="bad_request", message=f"malformed generate request: {exc}")
+            return
+        if self.state != "ready":
+            REQUESTS.labels("busy").inc()
+            yield ErrorFrame(code="busy", message=f"worker is {self.state}")
+            return
+        load = self.engine.load()
+        if load.waiting >= self.config.max_queued:
+            REQUESTS.labels("busy").inc()
+            yield ErrorFrame(code="busy", message=f"worker queue full ({load.waiting} waiting)")
+            return
+        self.last_request_at = time.monotonic()
+        request_id = request.request_id
+        ctx.on_cancel = lambda mode: self._cancel(request_id, mode)
+        by_frontend = self.requests_by_frontend.setdefault(request.frontend_id, set())
+        by_frontend.add(request_id)
+        IN_FLIGHT.inc()
+        outcome = "ok"
+        generated = 0
+        try:
+            async for batch in self.engine.generate(request):
+                generated += len(batch.token_ids)
+                if batch.finish_reason is None:
+                    yield TokenFrame(token_ids=batch.token_ids)
+                    continue
+                usage = Usage(prompt_tokens=len(request.token_ids), completion_tokens=generated,
+                              cached_tokens=batch.cached_tokens)
+                outcome = batch.finish_reason
+                yield TokenFrame(token_ids=batch.token_ids, finish_reason=batch.finish_reason, usage=usage)
+        except RequestRejected as exc:
+            outcome = "bad_request"
+            yield ErrorFrame(code="bad_request", message=str(exc))
+        except asyncio.CancelledError:
+            outcome = "killed"
+            raise
+        except Exception as exc:
+            outcome = "engine_error"
+            log.exception("generate_failed", request_id=request_id)
+            yield ErrorFrame(code="engine_error", message=f"engine error: {type(exc).__name__}")
+        finally:
+            IN_FLIGHT.dec()
+            REQUESTS.labels(outcome).inc()
+            OUTPUT_TOKENS.inc(generated)
+            by_frontend.discard(request_id)
+            if not by_frontend:
+                self.requests_by_frontend.pop(request.frontend_id, None)
+            self.completed += 1
+            self.last_request_at = time.monotonic()
+            log.debug("request_done", request_id=request_id, outcome=outcome, generated=generated)
+
+    def _cancel(self, request_id: str, mode: Literal["stop", "kill"]) -> None:
+        log.info("request_cancelled", request_id=request_id, mode=mode)
+        asyncio.get_running_loop().create_task(self.engine.abort(request_id, mode))
+
+    async def _handle_control(self, message: Control) -> ControlReply | None:
+        if isinstance(message, DumpCachedBlocks):
+            hashes, last_event_id = self.engine.dump_cached_blocks()
+            return CachedBlocks(instance_id=self.instance_id, block_hashes=hashes, last_event_id=last_event_id)
+        return None
+
+    def _on_frontend_gone(self, key: str) -> None:
+        frontend_id = key.rsplit("/", 1)[-1]
+        orphans = self.requests_by_frontend.pop(frontend_id, set())
+        if not orphans or self.endpoint is None:
+            return
+        log.warning("frontend_gone_aborting", frontend_id=frontend_id, requests=len(orphans))
+        for request_id in orphans:
+            self.endpoint.cancel(request_id, "kill")
+
+    # -- router inputs ------------------------------------------------------------
+    async def _publish_load(self) -> None:
+        assert self.transport is not None
+        subject = load_subject(self.config.namespace, self.model_name)
+        last: tuple[int, int, int, int] | None = None
+        last_sent = 0.0
+        while True:
+            await asyncio.sleep(self.config.load_interval)
+            report = self.engine.load()
+            report.instance_id = self.instance_id
+            report.model = self.model_name
+            report.timestamp = time.time()
+            KV_USAGE.set(report.kv_usage)
+            shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens)
+            if shape != last or time.monotonic() - last_sent > 1.0:
+                try:
+                    await self.transport.publish(subject, encode(report))
+                    last, last_sent = shape, time.monotonic()
+                except Exception as exc:  # NATS reconnecting: the next report catches up
+                    log.debug("load_publish_failed", error=str(exc))
+
+    async def _publish_kv_events(self) -> None:
+        assert self.transport is not None
+        subject = kv_events_subject(self.config.namespace, self.model_name)
+        async for events in self.engine.kv_events():
+            if not events:
+                continue
+            batch = KvEventBatch(instance_id=self.instance_id, model=self.model_name, events=events)
+            try:
+                await self.transport.publish(subject, encode(batch))
+            except Exception as exc:  # routers see the event-id gap and resync
+                log.debug("kv_events_publish_failed", error=str(exc))
+
+    # -- health -------------------------------------------------------------------
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        load = self.engine.load()
+        details = {
+            "status": self.state,
+            "instance_id": self.instance_id,
+            "model": self.model_name,
+            "in_flight": len(self.endpoint.in_flight) if self.endpoint else 0,
+            "registered": self.registration.healthy.is_set(),
+            "kv_blocks_used": load.kv_blocks_used,
+            "kv_blocks_total": load.kv_blocks_total,
+            "running": load.running,
+            "waiting": load.waiting,
+        }
+        return self.state == "ready", details
+
+    async def _health_loop(self) -> None:
+        last_check = time.monotonic()
+        while self.state == "ready":
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            try:
+                if self.config.health_period > 0 and now - last_check >= self.config.health_period:
+                    last_check = now
+                    await asyncio.wait_for(self.engine.check_health(), self.config.canary_timeout)
+                idle = now - self.last_request_at
+                in_flight = len(self.endpoint.in_flight) if self.endpoint else 0
+                if self.config.canary_after > 0 and idle >= self.config.canary_after and in_flight == 0:
+                    await self._canary()
+                    self.last_request_at = time.monotonic()
+            except Exception as exc:
+                if self.state != "ready":
+                    return
+                log.error("worker_unhealthy", instance_id=self.instance_id, error=f"{type(exc).__name__}: {exc}")
+                self.state = "unhealthy"
+                self.exit_code = 1
+                self.shutdown.request("unhealthy")
+                return
+
+    async def _canary(self) -> None:
+        request = GenerateRequest(request_id=f"canary-{uuid.uuid4().hex[:8]}", model=self.model_name,
+                                  token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=1, ignore_eos=True))
+
+        async def one_token() -> None:
+            async for batch in self.engine.generate(request):
+                if batch.finish_reason is not None:
+                    return
+
+        await asyncio.wait_for(one_token(), self.config.canary_timeout)
+        log.debug("canary_ok", instance_id=self.instance_id)
+
+    # -- stop -------------------------------------------------------------------------
+    async def _deregister(self) -> None:
+        if self.state == "ready":
+            self.state = "draining"
+        log.info("worker_deregistering", instance_id=self.instance_id)
+        await self.registration.delete(self.key)
+        if self.endpoint is not None:
+            await self.endpoint.stop_accepting()
+
+    async def _drain(self) -> None:
+        if self.endpoint is None:
+            return
+        deadline = time.monotonic() + (self.config.drain_timeout if self.exit_code == 0 else 0)
+        while self.endpoint.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        remaining = list(self.endpoint.in_flight)
+        if remaining:
+            log.warning("drain_timeout_migrating", instance_id=self.instance_id, requests=len(remaining))
+            await self.endpoint.send_to_all(MigrateFrame(reason="drain"))
+        log.info("worker_drained", instance_id=self.instance_id, migrated=len(remaining))
+
+    async def _release(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.frontend_watcher is not None:
+            await self.frontend_watcher.close()
+        await self.registration.close(revoke=True)
+        if self.transport is not None:
+            await self.transport.close()
+        await self.health_server.close()
+        await self.engine.shutdown()
+        await self.etcd.close()
