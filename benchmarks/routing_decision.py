@@ -19,15 +19,14 @@ load-shedding path runs. One decision = ``Router.choose`` on the token ids, *inc
 hashing the prompt into blocks. Hashing and the index lookup are also timed alone.
 
 Prints a table and writes ``benchmarks/results/routing_decision.json``.
-Usage: ``.venv/bin/python benchmarks/routing_decision.py [--blocks 1000000] ...``
+
+    python -m benchmarks.routing_decision [--blocks 1000000] [--requests 5000]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import platform
 import random
 import statistics
@@ -35,10 +34,10 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 
 import msgspec
 
+from benchmarks.common import machine_facts, percentile, print_table, write_results
 from dynrt.router.policies import Choice, Router, RouterState
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import (
@@ -53,7 +52,6 @@ from dynrt.runtime.protocol import (
 
 MODEL = "bench-model"
 VOCAB = 32_000
-RESULTS = Path(__file__).resolve().parent / "results" / "routing_decision.json"
 
 
 class Layout:
@@ -197,17 +195,13 @@ def load_pool(state: RouterState, args: argparse.Namespace) -> None:
 
 def percentiles(samples_ns: list[int]) -> dict[str, float]:
     """p50/p99/p99.9/max/mean in microseconds."""
-    s = sorted(samples_ns)
-
-    def at(q: float) -> float:
-        return s[min(len(s) - 1, int(q * len(s)))] / 1000
-
+    us = [ns / 1000 for ns in samples_ns]
     return {
-        "p50_us": at(0.50),
-        "p99_us": at(0.99),
-        "p999_us": at(0.999),
-        "max_us": s[-1] / 1000,
-        "mean_us": statistics.fmean(s) / 1000,
+        "p50_us": percentile(us, 50),
+        "p99_us": percentile(us, 99),
+        "p999_us": percentile(us, 99.9),
+        "max_us": max(us),
+        "mean_us": statistics.fmean(us),
     }
 
 
@@ -234,19 +228,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the (slower) traced memory build")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     layout = Layout(args)
     t0 = time.perf_counter()
     batches, convs = build_events(args, layout)
     gen_s = time.perf_counter() - t0
-    entries = sum(len(b.events[0].data.block_hashes) for b in batches)  # type: ignore[union-attr]
+    stored_hashes = sum(len(b.events[0].data.block_hashes) for b in batches)  # type: ignore[union-attr]
 
     state = new_state(args)
     build_s = build_index(state, batches)
     del batches
     distinct = len(state.index)
+    entries = sum(state.index.blocks_of(f"worker-{i:02d}") for i in range(args.instances))
 
     load_pool(state, args)
     router = Router(state, rng=random.Random(args.seed))
@@ -276,21 +270,15 @@ def main() -> None:
     memory = None if args.no_memory else index_memory(args, layout)
 
     results = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": sys.version.split()[0],
-            "implementation": platform.python_implementation(),
-            "msgspec": msgspec.__version__,
-        },
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "runtime": {"implementation": platform.python_implementation(), "msgspec": msgspec.__version__},
+        "params": vars(args),
         "index": {
             "distinct_blocks": distinct,
             "instance_block_entries": entries,
             "event_batches": len(convs) + sum(len(c[2]) - 1 for c in convs),
             "build_s": build_s,
-            "build_entries_per_s": entries / build_s,
+            "stored_hashes_in_events": stored_hashes,
+            "build_hashes_per_s": stored_hashes / build_s,
             "event_generation_s": gen_s,
             "memory_bytes": memory,
             "memory_bytes_per_distinct_block": memory / distinct if memory else None,
@@ -304,21 +292,19 @@ def main() -> None:
         "target_p99_us": 1000.0,
         "meets_target": percentiles(all_ns)["p99_us"] < 1000.0,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    path = write_results("routing_decision", results)
 
     print(f"index: {distinct:,} distinct blocks, {entries:,} (instance, block) entries, {args.instances} instances")
-    print(f"  build from events: {build_s:.2f} s ({entries / build_s:,.0f} entries/s)")
+    print(f"  build from events: {build_s:.2f} s ({stored_hashes:,} stored hashes, {stored_hashes / build_s:,.0f}/s)")
     if memory:
         print(f"  memory held: {memory / 2**20:,.0f} MiB ({memory / distinct:.0f} B per distinct block)")
     print(f"requests: {args.requests} x {args.prompt_tokens} tokens ({args.prompt_tokens // args.block_size} blocks)")
-    print(f"{'':<22}{'p50 µs':>10}{'p99 µs':>10}{'p99.9 µs':>10}{'max µs':>10}{'mean µs':>10}")
     rows = [("decision (all)", results["decision"])]
     rows += [(f"  {k} (n={v['n']})", v) for k, v in results["decision_by_kind"].items()]
     rows += [("prompt hashing", results["prompt_hashing"]), ("index lookup", results["index_lookup"])]
-    for name, p in rows:
-        print(f"{name:<22}{p['p50_us']:>10.1f}{p['p99_us']:>10.1f}{p['p999_us']:>10.1f}{p['max_us']:>10.1f}{p['mean_us']:>10.1f}")
-    print(f"target p99 < 1000 µs: {'met' if results['meets_target'] else 'MISSED'}; results in {args.out}")
+    keys = ("p50_us", "p99_us", "p999_us", "max_us", "mean_us")
+    print_table(["µs", *keys], [[name, *(f"{p[k]:.1f}" for k in keys)] for name, p in rows])
+    print(f"target p99 < 1000 µs: {'met' if results['meets_target'] else 'MISSED'}; results in {path}")
 
 
 if __name__ == "__main__":

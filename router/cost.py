@@ -133,15 +133,14 @@ class PendingAssignments:
 
     def absorb(self, cutoff: float) -> None:
         """Forget assignments made at or before ``cutoff``: a load report reflects them.
-        Assignments are recorded in time order, so this pops from the front."""
-        by_request = self._by_request
-        while by_request:
-            request_id = next(iter(by_request))
-            entry = by_request[request_id]
+        Assignments are recorded in time order, so only the oldest are visited."""
+        expired: list[str] = []
+        for request_id, entry in self._by_request.items():
             if entry[0] > cutoff:
                 break
-            del by_request[request_id]
-            self._subtract(entry)
+            expired.append(request_id)
+        for request_id in expired:
+            self._subtract(self._by_request.pop(request_id))
 
     def _subtract(self, entry: tuple[float, int, int]) -> None:
         self.count -= 1

@@ -171,7 +171,8 @@ class KvIndex:
         for h in dump.block_hashes:
             if h not in blocks:
                 blocks.add(h)
-                holders[h] = holders.get(h, 0) | bit
+                held_by = holders.get(h)
+                holders[h] = bit if held_by is None else held_by | bit
         inst.last_event_id = dump.last_event_id
         inst.stale = False
         buffered = sorted(inst.buffer, key=lambda e: e.event_id)
@@ -217,7 +218,9 @@ class KvIndex:
             for h in data.block_hashes:
                 if h not in blocks:
                     blocks.add(h)
-                    holders[h] = holders.get(h, 0) | bit
+                    # A block held by one instance shares that instance's bit object.
+                    held_by = holders.get(h)
+                    holders[h] = bit if held_by is None else held_by | bit
         elif isinstance(data, KvBlockRemoved):
             for h in data.block_hashes:
                 if h in blocks:

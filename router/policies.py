@@ -231,11 +231,11 @@ class RouterState:
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Candidate]:
         """Instances of the model that are not excluded or down, with projected loads."""
         now = self.clock()
-        loads, pending = self._loads, self._pending
+        loads, pending, down = self._loads, self._pending, self._down_until
         return [
             Candidate(rec, InstanceLoad.project(rec, loads.get(iid), pending.get(iid)))
             for iid, rec in self._by_model.get(model, {}).items()
-            if iid not in exclude and not self.is_down(iid, now)
+            if iid not in exclude and not (down and self.is_down(iid, now))
         ]
 
 
