@@ -335,6 +335,13 @@ class ResponseStream:
                 raise EOFError
             return frame
 
+    def interrupt(self, cause: str) -> None:
+        """Break the stream from outside (e.g. its instance left discovery): the
+        reader gets ``StreamBrokenError(cause)`` after the frames already received."""
+        if not self.done:
+            self.broken_cause = cause
+            self._deliver(_BROKEN)
+
     def pending(self) -> int:
         """Frames already received and not yet read."""
         return self._queue.qsize()

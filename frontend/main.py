@@ -1,0 +1,26 @@
+"""``dynrt frontend``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+
+from dynrt.runtime import config as config_flags
+from dynrt.runtime.config import FrontendConfig, from_args
+from dynrt.runtime.lifecycle import run_main
+from dynrt.runtime.log import setup_logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config_flags.add_arguments(parser, FrontendConfig)
+
+
+async def _main(config: FrontendConfig) -> int:
+    from dynrt.frontend.server import FrontendService
+
+    return await FrontendService(config).run()
+
+
+def main(args: argparse.Namespace) -> int:
+    config = from_args(FrontendConfig, args)
+    setup_logging("frontend", config.log_level)
+    return run_main(_main(config))

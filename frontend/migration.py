@@ -1,0 +1,328 @@
+"""The migration layer: one request's generation, kept alive across worker failures.
+
+For every request the frontend keeps the prompt ids and every id generated so far. When
+the worker's stream breaks, the request is sent again to another live instance with
+prompt + generated ids, ``max_tokens`` (and ``min_tokens``) reduced by what was already
+produced, and the same seed and sampling parameters. Engines are deterministic in
+(token prefix, seed) — the mock engine always, vLLM for greedy requests — so the client
+receives exactly the tokens an uninterrupted run would have produced.
+
+What counts as broken (the ``cause`` label of ``dynrt_frontend_migrations_total``):
+- ``no_responders``: nobody subscribes to the instance's subject (the process is gone);
+  NATS says so at once when the request is sent.
+- ``killed``: the stream went silent longer than expected (a small multiple of its recent
+  inter-token time, ``silence_floor`` at least); a ping to the instance got no-responders:
+  NATS dropped the dead process's subscriptions.
+- ``stalled``: no frame and no heartbeat for ``stream_stall_timeout`` (hung process, or
+  a partition); pings are not answered either.
+- ``lease_expired``: the instance's etcd key was deleted (lease expiry or deregistration).
+- ``drained``: the worker sent a ``MigrateFrame`` (SIGTERM past its drain timeout).
+- ``nats_restart``: the NATS connection dropped under the stream.
+- ``engine_error`` / ``busy``: the worker answered with that error frame.
+
+Not migrated: client cancellation (the caller closes the stream), and the request's own
+errors (``bad_request``), which surface to the client. A failed instance is excluded from
+this request's later attempts and marked down for routing for ``down_seconds`` (or until
+it re-registers), so no other request is sent to it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from dynrt.frontend import errors
+from dynrt.router.policies import Busy, Choice, NoInstance
+from dynrt.router.service import RoutingService
+from dynrt.runtime import metrics
+from dynrt.runtime.config import FrontendConfig
+from dynrt.runtime.log import get_logger
+from dynrt.runtime.protocol import (
+    ErrorFrame,
+    FinishReason,
+    Frame,
+    GenerateRequest,
+    InstanceRecord,
+    MigrateFrame,
+    SamplingParams,
+    TokenFrame,
+    encode,
+)
+from dynrt.runtime.transport import (
+    NatsTransport,
+    NoRespondersError,
+    PingTimeoutError,
+    ResponseStream,
+    StreamBrokenError,
+    StreamSilent,
+    TransportError,
+)
+
+log = get_logger("migration")
+
+MIGRATIONS = metrics.counter("dynrt_frontend_migrations_total", "requests moved to another worker, by cause", ("cause",))
+MIGRATIONS_EXHAUSTED = metrics.counter("dynrt_frontend_migrations_exhausted_total",
+                                       "requests that failed because they ran out of migration attempts")
+STREAM_GAP = metrics.histogram("dynrt_frontend_migration_gap_seconds",
+                               "time from the last token before a failure to the first token after it")
+
+# Silence longer than this multiple of the stream's recent inter-token time gets the
+# worker pinged.
+_SILENCE_ITL_MULTIPLE = 4.0
+# Longest wait between pings while a live worker is busy (long prefill, big batch).
+_MAX_SILENCE_WINDOW = 0.5
+# How long to keep looking for a live instance when all known ones have failed.
+_NO_INSTANCE_PATIENCE = 1.0
+
+
+@dataclass
+class TokenDelta:
+    """New token ids for the client; the last one has ``finish_reason``."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+class StreamInterrupted(Exception):
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class Generation:
+    """Generate ``sampling.max_tokens`` tokens for ``prompt_ids`` on whatever live
+    workers it takes. Iterate ``tokens()``; call ``close()`` when done (or to cancel:
+    the worker is told to abort and frees the request's KV cache)."""
+
+    def __init__(self, *, request_id: str, model: str, prompt_ids: list[int], sampling: SamplingParams,
+                 frontend_id: str, config: FrontendConfig, transport: NatsTransport, routing: RoutingService,
+                 on_instance_stream: Callable[["Generation", str | None], None] | None = None) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.frontend_id = frontend_id
+        self.config = config
+        self.transport = transport
+        self.routing = routing
+        self.generated: list[int] = []
+        self.attempts = 0
+        self.migrations = 0
+        self.cached_tokens = 0
+        self.instance: InstanceRecord | None = None
+        self._stream: ResponseStream | None = None
+        self._exclude: set[str] = set()
+        self._stashed: Frame | None = None
+        self._on_instance_stream = on_instance_stream
+        self.finished = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    def interrupt(self, cause: str) -> None:
+        """Break the current attempt (e.g. its instance left discovery); the request
+        continues elsewhere."""
+        if self._stream is not None:
+            self._stream.interrupt(cause)
+
+    async def close(self) -> None:
+        """Stop the current attempt (the worker aborts it and frees its KV)."""
+        stream, self._stream = self._stream, None
+        self._release_instance()
+        if stream is not None and not stream.done:
+            try:
+                await stream.aclose()
+            except TransportError:
+                pass
+
+    def _release_instance(self) -> None:
+        if self.instance is not None:
+            self.routing.complete(self.instance.instance_id, self.request_id)
+            if self._on_instance_stream is not None:
+                self._on_instance_stream(self, None)
+            self.instance = None
+
+    # -- the loop ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Route and send the first attempt. Raises the client's error (503 busy or no
+        instance) before any response has started."""
+        await self._send()
+
+    async def tokens(self) -> AsyncIterator[TokenDelta]:
+        failure_at: float | None = None
+        while True:
+            if self._stream is None:
+                await self._send()
+            assert self._stream is not None
+            try:
+                async for delta in self._read(self._stream):
+                    if failure_at is not None and delta.token_ids:
+                        STREAM_GAP.observe(time.monotonic() - failure_at)
+                        log.info("migration_resumed", request_id=self.request_id,
+                                 gap_ms=round((time.monotonic() - failure_at) * 1000, 1),
+                                 instance_id=self.instance.instance_id if self.instance else None)
+                        failure_at = None
+                    yield delta
+                    if delta.finish_reason is not None:
+                        self.finished = True
+                        await self.close()
+                        return
+            except StreamInterrupted as broken:
+                failure_at = failure_at or self._last_token_at
+                await self._on_broken(broken.cause)
+
+    async def _send(self) -> None:
+        """Route and send one attempt (retrying at once on no-responders)."""
+        while True:
+            record = await self._choose_instance()
+            self.attempts += 1
+            produced = len(self.generated)
+            sampling = msgspec.structs.replace(
+                self.sampling, max_tokens=self.sampling.max_tokens - produced,
+                min_tokens=max(0, self.sampling.min_tokens - produced))
+            request = GenerateRequest(request_id=self.request_id, model=self.model,
+                                      token_ids=self.prompt_ids + self.generated, sampling=sampling,
+                                      frontend_id=self.frontend_id, num_prior_output_tokens=produced,
+                                      attempt=self.attempts - 1)
+            self.instance = record
+            if self._on_instance_stream is not None:
+                self._on_instance_stream(self, record.instance_id)
+            try:
+                self._stream = await self.transport.call(record.subject, encode(request), request_id=self.request_id,
+                                                         stall_timeout=self.config.stream_stall_timeout)
+                self._last_token_at = time.monotonic()
+                return
+            except StreamBrokenError:
+                await self._on_broken("nats_restart")
+
+    async def _choose_instance(self) -> InstanceRecord:
+        deadline = time.monotonic() + _NO_INSTANCE_PATIENCE
+        while True:
+            outcome = self.routing.route(self.model, self.prompt_ids + self.generated, self.request_id, self._exclude)
+            if isinstance(outcome, Choice):
+                record = self.routing.records.get(outcome.instance_id)
+                if record is not None:
+                    return record
+                self.routing.complete(outcome.instance_id, self.request_id)
+            if isinstance(outcome, Busy) and self.attempts == 0:
+                raise errors.overloaded(outcome.retry_after)
+            if self.attempts == 0 and isinstance(outcome, NoInstance) and outcome.reason == "no_instance":
+                raise errors.no_instances(self.model, 2)
+            # Mid-request (or every instance excluded/down): a replacement may be
+            # registering right now; keep looking briefly before giving up.
+            if time.monotonic() > deadline:
+                self._exhausted("no live instance to continue on")
+            await asyncio.sleep(0.05)
+
+    async def _read(self, stream: ResponseStream) -> AsyncIterator[TokenDelta]:
+        itl = 0.0
+        window = self.config.silence_floor
+        self._stashed = None
+        while True:
+            frame = await self._next_frame(stream, window)
+            if frame is None:  # silent for ``window``: is the worker still there?
+                await self._check_alive(stream)
+                window = min(window * 2, _MAX_SILENCE_WINDOW)
+                continue
+            if isinstance(frame, MigrateFrame):
+                raise StreamInterrupted("drained")
+            if isinstance(frame, ErrorFrame):
+                if frame.code == "bad_request":
+                    raise errors.bad_request(frame.message)
+                raise StreamInterrupted(frame.code)
+            if not isinstance(frame, TokenFrame):
+                continue
+            now = time.monotonic()
+            if frame.token_ids:
+                gap = now - self._last_token_at
+                itl = gap if itl == 0.0 else 0.8 * itl + 0.2 * gap
+                window = max(self.config.silence_floor, min(_MAX_SILENCE_WINDOW, _SILENCE_ITL_MULTIPLE * itl))
+                self._last_token_at = now
+            token_ids = list(frame.token_ids)
+            finish = frame.finish_reason
+            usage = frame.usage
+            # Coalesce frames that are already here: fewer, larger SSE writes.
+            while finish is None and stream.pending():
+                more = await self._next_frame(stream, 0)
+                if not isinstance(more, TokenFrame):
+                    self._stashed = more  # handled on the next turn, after these tokens
+                    break
+                token_ids.extend(more.token_ids)
+                finish, usage = more.finish_reason, more.usage
+            self.generated.extend(token_ids)
+            if usage is not None:
+                self.cached_tokens = max(self.cached_tokens, usage.cached_tokens)
+            if finish == "abort":  # aborted on the worker without our asking
+                if token_ids:
+                    yield TokenDelta(token_ids=token_ids)
+                raise StreamInterrupted("aborted")
+            if finish == "cancelled":
+                finish = "stop"
+            yield TokenDelta(token_ids=token_ids, finish_reason=finish)
+            if finish is not None:
+                return
+
+    async def _next_frame(self, stream: ResponseStream, timeout: float) -> Frame | None:
+        """The next frame; None if silent for ``timeout``; end of stream or a broken
+        one becomes ``StreamInterrupted``."""
+        if self._stashed is not None:
+            frame, self._stashed = self._stashed, None
+            return frame
+        try:
+            return await stream.next(timeout)
+        except StreamSilent:
+            return None
+        except EOFError:
+            raise StreamInterrupted("ended_early") from None
+        except NoRespondersError:
+            raise StreamInterrupted("no_responders") from None
+        except StreamBrokenError as exc:
+            raise StreamInterrupted("nats_restart" if exc.cause == "nats_disconnected" else exc.cause) from None
+
+    async def _check_alive(self, stream: ResponseStream) -> None:
+        """The stream is silent: is the worker still there?"""
+        silent_for = time.monotonic() - stream.last_activity
+        if silent_for >= self.config.stream_stall_timeout:
+            raise StreamInterrupted("stalled")
+        try:
+            await self.transport.ping(stream.subject, timeout=self.config.ping_timeout)
+        except NoRespondersError:
+            raise StreamInterrupted("killed") from None
+        except PingTimeoutError:
+            pass  # busy or hung: the stall timeout decides
+        except StreamBrokenError:
+            raise StreamInterrupted("nats_restart") from None
+
+    async def _on_broken(self, cause: str) -> None:
+        failed = self.instance
+        stream, self._stream = self._stream, None
+        if stream is not None and not stream.done:
+            try:
+                await stream.aclose()  # if it is alive after all (SIGCONT), stop it
+            except TransportError:
+                pass
+        self._release_instance()
+        if failed is not None:
+            self._exclude.add(failed.instance_id)
+            if cause in ("no_responders", "killed", "stalled", "lease_expired", "engine_error", "aborted"):
+                self.routing.mark_down(failed.instance_id, self.config.down_seconds)
+        total = len(self.prompt_ids) + len(self.generated)
+        if self.config.migration_limit <= self.migrations:
+            self._exhausted(f"worker failed ({cause}) and the migration limit ({self.config.migration_limit}) is reached")
+        if self.config.migration_max_seq_len and total > self.config.migration_max_seq_len:
+            self._exhausted(f"worker failed ({cause}); the sequence ({total} tokens) is too long to migrate")
+        self.migrations += 1
+        MIGRATIONS.labels(cause).inc()
+        log.warning("migrating", request_id=self.request_id, cause=cause, generated=len(self.generated),
+                    from_instance=failed.instance_id if failed else None, migration=self.migrations)
+
+    def _exhausted(self, message: str) -> None:
+        MIGRATIONS_EXHAUSTED.inc()
+        log.error("migration_exhausted", request_id=self.request_id, reason=message, generated=len(self.generated))
+        raise errors.OpenAIError(503, f"The request could not be completed: {message}", "service_unavailable",
+                                 code="worker_failed", headers={"Retry-After": "1"})
+
+    _last_token_at: float = 0.0
+

@@ -1,0 +1,394 @@
+"""``dynrt frontend``: a stateless OpenAI-compatible HTTP server (aiohttp on uvloop).
+
+A request is validated, templated and tokenized here (routing and migration work on token
+ids), routed (``dynrt.router``), and generated through the migration layer
+(``dynrt.frontend.migration``), which survives worker failures. The frontend registers
+under an etcd lease so workers abort its requests if it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from dynrt.frontend import errors
+from dynrt.frontend.migration import Generation
+from dynrt.frontend.openai_protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    decode_chat_request,
+    decode_completion_request,
+    to_sampling_params,
+)
+from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
+from dynrt.frontend.detokenizer import StopStringMatcher
+from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
+from dynrt.router.cost import BusyThresholds, BusyThresholdSettings
+from dynrt.router.service import RoutingService
+from dynrt.runtime import metrics
+from dynrt.runtime.config import FrontendConfig
+from dynrt.runtime.discovery import EtcdClient, LeasedRegistration
+from dynrt.runtime.health import live_handler, metrics_handler
+from dynrt.runtime.lifecycle import GracefulShutdown
+from dynrt.runtime.log import get_logger
+from dynrt.runtime.protocol import FrontendRecord, InstanceRecord, encode_json, frontend_key
+from dynrt.runtime.transport import NatsTransport
+
+log = get_logger("frontend")
+
+REQUESTS = metrics.counter("dynrt_frontend_requests_total", "HTTP requests by model, endpoint and status",
+                           ("model", "endpoint", "status"))
+IN_FLIGHT = metrics.gauge("dynrt_frontend_in_flight_requests", "requests being answered")
+TTFT = metrics.histogram("dynrt_frontend_time_to_first_token_seconds", "time to first token", ("model",))
+ITL = metrics.histogram("dynrt_frontend_inter_token_latency_seconds", "time between tokens", ("model",))
+INPUT_TOKENS = metrics.counter("dynrt_frontend_input_tokens_total", "prompt tokens", ("model",))
+OUTPUT_TOKENS = metrics.counter("dynrt_frontend_output_tokens_total", "generated tokens", ("model",))
+CANCELLATIONS = metrics.counter("dynrt_frontend_cancellations_total", "requests the client abandoned", ("model",))
+
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
+                "X-Accel-Buffering": "no"}
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json_encoder.encode(obj), status=status, content_type=_JSON)
+
+
+def _error_response(error: errors.OpenAIError) -> web.Response:
+    return web.Response(body=error.to_body(), status=error.status, content_type=_JSON, headers=error.headers)
+
+
+class FrontendService:
+    def __init__(self, config: FrontendConfig) -> None:
+        self.config = config
+        self.frontend_id = uuid.uuid4().hex[:12]
+        self.api_key = config.api_key or (Path(config.api_key_file).read_text().strip() if config.api_key_file else "")
+        self.etcd = EtcdClient(config.etcd_endpoints, user=config.etcd_user, password=config.etcd_password)
+        self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
+        self.transport: NatsTransport | None = None
+        self.routing: RoutingService | None = None
+        self.thresholds = BusyThresholds(kv_usage=config.busy_kv_threshold or None,
+                                         queue_depth=config.busy_queue_threshold or None)
+        self.draining = False
+        self.shutdown = GracefulShutdown()
+        self.known_models: set[str] = set()
+        self.generations_by_instance: dict[str, set[Generation]] = {}
+        self.in_flight = 0
+        self.runner: web.AppRunner | None = None
+        self.port = config.http_port
+        self.app = self._build_app()
+
+    # -- app ----------------------------------------------------------------------
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._error_middleware])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/live", live_handler)
+        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/busy_threshold", self.get_busy_threshold)
+        app.router.add_post("/busy_threshold", self.set_busy_threshold)
+        return app
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request,
+                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Every error is an OpenAI-shaped JSON body with the right status: never a
+        stack trace, never an HTML page."""
+        try:
+            if request.path.startswith("/v1/") and self.api_key:
+                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                    raise errors.unauthorized()
+            return await handler(request)
+        except errors.OpenAIError as exc:
+            return _error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response(errors.body_too_large(self.config.max_body_bytes))
+        except web.HTTPNotFound:
+            return _error_response(errors.OpenAIError(404, f"Unknown path {request.path}", "invalid_request_error",
+                                                      code="not_found"))
+        except web.HTTPMethodNotAllowed:
+            return _error_response(errors.OpenAIError(405, f"Method {request.method} not allowed on {request.path}",
+                                                      "invalid_request_error", code="method_not_allowed"))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            return _error_response(errors.internal())
+
+    # -- OpenAI endpoints ---------------------------------------------------------
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        req = decode_chat_request(body)
+        records, tokenizer = await self._model(req.model)
+        prompt_ids = tokenizer.apply_chat_template(req.template_messages())
+        return await self._generate(request, req, "chat", records, tokenizer, prompt_ids)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        req = decode_completion_request(body)
+        records, tokenizer = await self._model(req.model)
+        prompt = req.prompt_input()
+        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return await self._generate(request, req, "completions", records, tokenizer, prompt_ids)
+
+    async def list_models(self, _: web.Request) -> web.Response:
+        assert self.routing is not None
+        cards = [ModelCard(id=model, created=int(min(r.started_at for r in records)))
+                 for model, records in sorted(self.routing.models().items())]
+        return _json_response(ModelList(data=cards))
+
+    async def _model(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
+        if self.draining:
+            raise errors.OpenAIError(503, "This frontend is shutting down; retry on another.",
+                                     "service_unavailable", code="draining", headers={"Retry-After": "1"})
+        assert self.routing is not None
+        records = self.routing.models().get(model)
+        if not records:
+            if model in self.known_models:
+                raise errors.no_instances(model, 2)
+            raise errors.model_not_found(model)
+        tokenizer = await load_tokenizer_async(records[0].tokenizer)
+        return records, tokenizer
+
+    async def _generate(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest, endpoint: str,
+                        records: list[InstanceRecord], tokenizer: Tokenizer, prompt_ids: list[int]) -> web.StreamResponse:
+        assert self.transport is not None and self.routing is not None
+        context_length = min(r.context_length for r in records)
+        sampling = to_sampling_params(req, prompt_len=len(prompt_ids), context_length=context_length,
+                                      default_max_tokens=self.config.default_max_tokens,
+                                      stop_token_ids=tokenizer.stop_token_ids)
+        prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
+        request_id = prefix + uuid.uuid4().hex[:24]
+        generation = Generation(request_id=request_id, model=req.model, prompt_ids=prompt_ids, sampling=sampling,
+                                frontend_id=self.frontend_id, config=self.config, transport=self.transport,
+                                routing=self.routing, on_instance_stream=self._track_instance)
+        started = time.monotonic()
+        status = "200"
+        self.in_flight += 1
+        IN_FLIGHT.inc()
+        INPUT_TOKENS.labels(req.model).inc(len(prompt_ids))
+        try:
+            await generation.start()
+            if req.stream:
+                return await self._stream(request, req, endpoint, generation, tokenizer, started)
+            return await self._complete(req, endpoint, generation, tokenizer, started)
+        except errors.OpenAIError as exc:
+            status = str(exc.status)
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = "499"  # client closed the request
+            CANCELLATIONS.labels(req.model).inc()
+            log.info("client_disconnected", request_id=request_id, generated=len(generation.generated))
+            raise
+        finally:
+            await generation.close()
+            self.in_flight -= 1
+            IN_FLIGHT.dec()
+            OUTPUT_TOKENS.labels(req.model).inc(len(generation.generated))
+            REQUESTS.labels(req.model, endpoint, status).inc()
+            log.info("request_done", request_id=request_id, model=req.model, status=status,
+                     prompt_tokens=len(prompt_ids), completion_tokens=len(generation.generated),
+                     migrations=generation.migrations, seconds=round(time.monotonic() - started, 3))
+
+    async def _complete(self, req: ChatCompletionRequest | CompletionRequest, endpoint: str, generation: Generation,
+                        tokenizer: Tokenizer, started: float) -> web.Response:
+        detokenizer = tokenizer.new_detokenizer(generation.prompt_ids)
+        stopper = StopStringMatcher(req.stop_strings())
+        parts: list[str] = []
+        finish: str = "length"
+        first = True
+        async for delta in generation.tokens():
+            if first:
+                TTFT.labels(req.model).observe(time.monotonic() - started)
+                first = False
+            text, matched = stopper.feed(detokenizer.add(delta.token_ids))
+            parts.append(text)
+            if matched:
+                finish = "stop"
+                break
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+                parts.append(stopper.feed(detokenizer.flush())[0])
+                parts.append(stopper.flush())
+        text = "".join(parts)
+        usage = UsageInfo.of(len(generation.prompt_ids), len(generation.generated), generation.cached_tokens)
+        created = int(time.time())
+        if endpoint == "chat":
+            body: msgspec.Struct = ChatCompletionResponse(
+                id=generation.request_id, created=created, model=req.model, usage=usage,
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)])  # type: ignore[arg-type]
+        else:
+            body = CompletionResponse(id=generation.request_id, created=created, model=req.model, usage=usage,
+                                      choices=[CompletionChoice(text=text, finish_reason=finish)])  # type: ignore[arg-type]
+        return _json_response(body)
+
+    async def _stream(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest, endpoint: str,
+                      generation: Generation, tokenizer: Tokenizer, started: float) -> web.StreamResponse:
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        created = int(time.time())
+        encoder: ChatChunkEncoder | CompletionChunkEncoder
+        if endpoint == "chat":
+            encoder = ChatChunkEncoder(generation.request_id, req.model, created)
+            await response.write(encoder.role())
+        else:
+            encoder = CompletionChunkEncoder(generation.request_id, req.model, created)
+        detokenizer = tokenizer.new_detokenizer(generation.prompt_ids)
+        stopper = StopStringMatcher(req.stop_strings())
+        itl = ITL.labels(req.model)
+        last = started
+        first = True
+        finish: str = "length"
+        try:
+            async for delta in generation.tokens():
+                now = time.monotonic()
+                if first:
+                    TTFT.labels(req.model).observe(now - started)
+                    first = False
+                elif delta.token_ids:
+                    itl.observe((now - last) / len(delta.token_ids))
+                last = now
+                text, matched = stopper.feed(detokenizer.add(delta.token_ids))
+                if matched:
+                    finish = "stop"
+                elif delta.finish_reason is not None:
+                    finish = delta.finish_reason
+                    text += stopper.feed(detokenizer.flush())[0] + stopper.flush()
+                if text:
+                    await response.write(encoder.content(text))
+                if matched:
+                    break
+            await response.write(encoder.finish(finish))  # type: ignore[arg-type]
+            if req.include_usage():
+                usage = UsageInfo.of(len(generation.prompt_ids), len(generation.generated), generation.cached_tokens)
+                await response.write(encoder.usage(usage))
+            await response.write(DONE)
+        except errors.OpenAIError as exc:
+            # The response has started: the error goes in the stream, then [DONE].
+            log.warning("stream_error", request_id=generation.request_id, status=exc.status, error=exc.message)
+            await response.write(error_event(exc))
+        await response.write_eof()
+        return response
+
+    def _track_instance(self, generation: Generation, instance_id: str | None) -> None:
+        """Know which generations stream from which instance, so an instance leaving
+        discovery interrupts exactly those."""
+        for streams in self.generations_by_instance.values():
+            streams.discard(generation)
+        if instance_id is not None:
+            self.generations_by_instance.setdefault(instance_id, set()).add(generation)
+
+    def _on_instance_removed(self, record: InstanceRecord) -> None:
+        for generation in list(self.generations_by_instance.pop(record.instance_id, ())):
+            generation.interrupt("lease_expired")
+
+    def _on_instance_added(self, record: InstanceRecord) -> None:
+        self.known_models.add(record.model)
+
+    # -- operations -----------------------------------------------------------------
+    async def health(self, _: web.Request) -> web.Response:
+        assert self.routing is not None
+        instances = [{"instance_id": r.instance_id, "model": r.model, "subject": r.subject, "host": r.host,
+                      "pid": r.pid} for r in self.routing.records.values()]
+        healthy = not self.draining and bool(instances)
+        body = {"status": "draining" if self.draining else ("ready" if instances else "no_instances"),
+                "frontend_id": self.frontend_id, "in_flight": self.in_flight, "instances": instances}
+        return _json_response(body, status=200 if healthy else 503)
+
+    async def get_busy_threshold(self, _: web.Request) -> web.Response:
+        return _json_response(self.thresholds.settings())
+
+    async def set_busy_threshold(self, request: web.Request) -> web.Response:
+        try:
+            settings = msgspec.json.decode(await request.read(), type=BusyThresholdSettings)
+            return _json_response(self.thresholds.update(settings))
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            raise errors.bad_request(str(exc)) from None
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        self.transport = await NatsTransport.connect(config.nats_url, name=f"frontend-{self.frontend_id}",
+                                                     heartbeat_interval=config.heartbeat_interval,
+                                                     creds_file=config.nats_creds)
+        self.routing = RoutingService(self.etcd, self.transport, config.namespace,
+                                      policy="kv" if config.router_mode == "remote" else config.router_mode,
+                                      thresholds=self.thresholds, prefill_weight=config.prefill_weight,
+                                      temperature=config.router_temperature)
+        self.routing.on_removed.append(self._on_instance_removed)
+        self.routing.on_added.append(self._on_instance_added)
+        await self.registration.start(wait=30)
+        await self.routing.start(wait=30)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, config.http_host, config.http_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        if server is not None and getattr(server, "sockets", None):
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        record = FrontendRecord(frontend_id=self.frontend_id, host=socket.gethostname(), http_port=self.port,
+                                pid=os.getpid(), started_at=time.time())
+        await self.registration.put(frontend_key(config.namespace, self.frontend_id), encode_json(record))
+        self.shutdown.add("stop_accepting", self._stop_accepting, timeout=5)
+        self.shutdown.add("drain", self._drain, timeout=config.drain_timeout + 5)
+        self.shutdown.add("release", self._release, timeout=10)
+        log.info("frontend_ready", frontend_id=self.frontend_id, url=f"http://{config.http_host}:{self.port}",
+                 router_mode=config.router_mode, instances=len(self.routing.records))
+
+    async def run(self) -> int:
+        self.shutdown.install_signal_handlers()
+        try:
+            await self.start()
+        except Exception:
+            log.exception("frontend_start_failed")
+            await self._release()
+            return 1
+        await self.shutdown.wait()
+        await self.shutdown.run()
+        log.info("frontend_stopped", frontend_id=self.frontend_id)
+        return 0
+
+    async def _stop_accepting(self) -> None:
+        self.draining = True
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                await site.stop()  # close the listening socket; open connections go on
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            log.warning("drain_timeout", in_flight=self.in_flight)
+
+    async def _release(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.registration.close(revoke=True)
+        if self.routing is not None:
+            await self.routing.close()
+        if self.transport is not None:
+            await self.transport.close()
+        await self.etcd.close()

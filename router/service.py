@@ -1,0 +1,166 @@
+"""The router's live view of the pool: ``RouterState`` fed from etcd (instance records)
+and NATS (load reports, KV events, cache dumps), plus ``Router`` decisions on it.
+
+Runs inside every frontend (local routing) and inside the standalone ``dynrt router``.
+A new instance, or a gap in an instance's KV event ids, triggers a resync from that
+instance's ``DumpCachedBlocks``; dumps that fail are retried until they succeed or the
+instance leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Sequence
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from dynrt.router.cost import BusyThresholds
+from dynrt.router.policies import Outcome, Router, RouterState
+from dynrt.runtime import metrics
+from dynrt.runtime.discovery import EtcdClient, PrefixWatcher
+from dynrt.runtime.log import get_logger
+from dynrt.runtime.protocol import (
+    CachedBlocks,
+    DumpCachedBlocks,
+    InstanceRecord,
+    instance_record_decoder,
+    instances_prefix,
+    kv_event_batch_decoder,
+    load_report_decoder,
+)
+from dynrt.runtime.transport import NatsTransport, TransportError
+
+log = get_logger("router")
+
+REJECTIONS = metrics.counter("dynrt_router_rejections_total", "requests refused by the router, by reason", ("reason",))
+RESYNCS = metrics.counter("dynrt_router_resyncs_total", "KV index resyncs from a worker's cache dump")
+
+InstanceListener = Callable[[InstanceRecord], None]
+
+
+class RoutingService:
+    def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *, policy: str = "kv",
+                 thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
+                 temperature: float = 0.0) -> None:
+        self.etcd = etcd
+        self.transport = transport
+        self.namespace = namespace
+        self.state = RouterState(thresholds=thresholds)
+        self.router = Router(self.state, policy, prefill_weight=prefill_weight, temperature=temperature,
+                             on_reject=lambda reason: REJECTIONS.labels(reason).inc())
+        self.records: dict[str, InstanceRecord] = {}
+        self._instance_by_key: dict[str, str] = {}
+        self.on_removed: list[InstanceListener] = []
+        self.on_added: list[InstanceListener] = []
+        self._watcher = PrefixWatcher(etcd, instances_prefix(namespace), self._on_put, self._on_delete)
+        self._subs: list[Subscription] = []
+        self._resync_wanted: set[str] = set()
+        self._resync_wake = asyncio.Event()
+        self._resync_task: asyncio.Task[None] | None = None
+
+    async def start(self, wait: float | None = 30.0) -> None:
+        ns = self.namespace
+        self._subs.append(await self.transport.subscribe(f"dynrt.{ns}.load.*", self._on_load))
+        self._subs.append(await self.transport.subscribe(f"dynrt.{ns}.kv_events.*", self._on_kv_events))
+        self._resync_task = asyncio.create_task(self._resync_loop(), name="router-resync")
+        await self._watcher.start(wait=wait)
+
+    async def close(self) -> None:
+        await self._watcher.close()
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closed
+                pass
+
+    # -- discovery --------------------------------------------------------------
+    def _on_put(self, key: str, value: bytes) -> None:
+        try:
+            record = instance_record_decoder.decode(value)
+        except Exception:
+            log.warning("bad_instance_record", key=key)
+            return
+        self._instance_by_key[key] = record.instance_id
+        is_new = record.instance_id not in self.records
+        self.records[record.instance_id] = record
+        if self.state.add_instance(record):
+            self._want_resync(record.instance_id)
+        if is_new:
+            log.info("instance_added", instance_id=record.instance_id, model=record.model, subject=record.subject)
+            for listener in self.on_added:
+                listener(record)
+
+    def _on_delete(self, key: str) -> None:
+        instance_id = self._instance_by_key.pop(key, None)
+        if instance_id is None:
+            return
+        record = self.records.pop(instance_id, None)
+        self.state.remove_instance(instance_id)
+        self._resync_wanted.discard(instance_id)
+        log.info("instance_removed", instance_id=instance_id)
+        if record is not None:
+            for listener in self.on_removed:
+                listener(record)
+
+    # -- router inputs ----------------------------------------------------------
+    async def _on_load(self, msg: Msg) -> None:
+        try:
+            self.state.on_load(load_report_decoder.decode(msg.data))
+        except Exception:
+            log.warning("bad_load_report", subject=msg.subject)
+
+    async def _on_kv_events(self, msg: Msg) -> None:
+        try:
+            batch = kv_event_batch_decoder.decode(msg.data)
+        except Exception:
+            log.warning("bad_kv_events", subject=msg.subject)
+            return
+        if self.state.on_kv_events(batch):
+            self._want_resync(batch.instance_id)
+
+    def _want_resync(self, instance_id: str) -> None:
+        self._resync_wanted.add(instance_id)
+        self._resync_wake.set()
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await self._resync_wake.wait()
+            self._resync_wake.clear()
+            for instance_id in list(self._resync_wanted):
+                record = self.records.get(instance_id)
+                if record is None:
+                    self._resync_wanted.discard(instance_id)
+                    continue
+                try:
+                    dump = await self.transport.request_control(record.control_subject, DumpCachedBlocks(), timeout=2.0)
+                except TransportError as exc:
+                    log.debug("resync_failed", instance_id=instance_id, error=type(exc).__name__)
+                    continue
+                if not isinstance(dump, CachedBlocks):
+                    continue
+                RESYNCS.inc()
+                if not self.state.on_resync(dump):
+                    self._resync_wanted.discard(instance_id)
+                log.debug("resynced", instance_id=instance_id, blocks=len(dump.block_hashes))
+            if self._resync_wanted:
+                await asyncio.sleep(0.5)  # retry the ones that failed
+                self._resync_wake.set()
+
+    # -- decisions --------------------------------------------------------------
+    def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = ()) -> Outcome:
+        return self.router.route(model, token_ids, request_id, exclude)
+
+    def complete(self, instance_id: str, request_id: str) -> None:
+        self.state.on_completed(instance_id, request_id)
+
+    def mark_down(self, instance_id: str, seconds: float) -> None:
+        self.state.mark_down(instance_id, seconds)
+
+    def models(self) -> dict[str, list[InstanceRecord]]:
+        by_model: dict[str, list[InstanceRecord]] = {}
+        for record in self.records.values():
+            by_model.setdefault(record.model, []).append(record)
+        return by_model

@@ -1,0 +1,204 @@
+"""Start ``dynrt worker`` as a real subprocess and wait until it is registered.
+
+    async with WorkerProcess(tmp_path, namespace=ns, etcd_endpoints=etcd.endpoint,
+                             nats_url=nats.url, speedup=2, args=["--num-blocks", "256"]) as worker:
+        stream = await transport.call(worker.record.subject, ...)
+
+or, when the test controls the end itself (signals, exit codes):
+
+    worker = await WorkerProcess(...).start()
+    try:
+        ...
+        assert await worker.wait(10) == 0
+    finally:
+        await worker.stop()
+
+``start()`` returns once the worker's instance record is in etcd (found by the
+worker's pid under ``dynrt/{ns}/instances/``), so several workers may share a
+namespace. ``stop()`` is always safe: SIGCONT + SIGTERM, SIGKILL after a timeout, and a
+no-op on a process that already exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from dynrt.runtime.discovery import EtcdClient
+from dynrt.runtime.protocol import InstanceRecord, instance_key, instance_record_decoder, instances_prefix
+from tests.helpers.procs import spawn_dynrt, stop_process
+
+_counter = itertools.count()
+
+
+class WorkerProcess:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        namespace: str,
+        etcd_endpoints: str,
+        nats_url: str,
+        speedup: float | str = 1.0,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        canary_after: float | None = 0,
+        health_period: float | None = 0,
+        name: str = "",
+        start_timeout: float = 30.0,
+    ) -> None:
+        """``canary_after`` / ``health_period``: 0 (the default here) disables the
+        canary / periodic health check so they cannot interfere with a test; None
+        leaves the worker's own default. ``args`` are appended last, so they win."""
+        self.namespace = namespace
+        self.etcd_endpoints = etcd_endpoints
+        self.nats_url = nats_url
+        self.name = name or f"worker{next(_counter)}"
+        self.log_path = Path(log_dir) / f"{self.name}.log"
+        self.env = env
+        self.start_timeout = start_timeout
+        argv = ["worker", "--namespace", namespace, "--etcd-endpoints", etcd_endpoints,
+                "--nats-url", nats_url, "--speedup", str(speedup)]
+        if canary_after is not None:
+            argv += ["--canary-after", str(canary_after)]
+        if health_period is not None:
+            argv += ["--health-period", str(health_period)]
+        self.argv = [*argv, *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._record: InstanceRecord | None = None
+        self.started_at = 0.0  # monotonic, when the process was spawned
+        self.ready_after = 0.0  # seconds from spawn to record seen in etcd
+
+    # -- start ----------------------------------------------------------------
+    async def start(self) -> "WorkerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        self.proc = spawn_dynrt(self.argv, self.log_path, self.env)
+        try:
+            self._record = await self._wait_registered()
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready_after = time.monotonic() - self.started_at
+        return self
+
+    async def _wait_registered(self) -> InstanceRecord:
+        assert self.proc is not None
+        etcd = EtcdClient(self.etcd_endpoints)
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"worker {self.name} exited ({self.proc.returncode}) before registering; "
+                                         f"log:\n{self.log_tail()}")
+                record = await self._find_record(etcd)
+                if record is not None:
+                    return record
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"worker {self.name} not registered after {self.start_timeout}s; "
+                                         f"log:\n{self.log_tail()}")
+                await asyncio.sleep(0.05)
+        finally:
+            await etcd.close()
+
+    async def _find_record(self, etcd: EtcdClient) -> InstanceRecord | None:
+        assert self.proc is not None
+        try:
+            _, values = await etcd.get_prefix(instances_prefix(self.namespace))
+        except Exception:  # etcd not answering yet: keep polling until the deadline
+            return None
+        for value in values.values():
+            try:
+                record = instance_record_decoder.decode(value)
+            except Exception:
+                continue
+            if record.pid == self.proc.pid:
+                return record
+        return None
+
+    # -- what tests use --------------------------------------------------------
+    @property
+    def record(self) -> InstanceRecord:
+        if self._record is None:
+            raise RuntimeError(f"worker {self.name} not started")
+        return self._record
+
+    @property
+    def key(self) -> str:
+        """The worker's etcd key."""
+        r = self.record
+        return instance_key(r.namespace, r.component, r.endpoint, r.instance_id)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.record.system_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.base_url}/health"
+
+    @property
+    def live_url(self) -> str:
+        return f"{self.base_url}/live"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.base_url}/metrics"
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self, timeout: float) -> int:
+        """The exit code; AssertionError (with the log) if still running after ``timeout``."""
+        assert self.proc is not None
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {self.name} still running after {timeout}s; log:\n{self.log_tail()}") from None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+    # -- stop -------------------------------------------------------------------
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGCONT + SIGTERM, SIGKILL after ``timeout``; the exit code."""
+        if self.proc is None:
+            return None
+        return await asyncio.to_thread(stop_process, self.proc, timeout)
+
+    async def __aenter__(self) -> "WorkerProcess":
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
