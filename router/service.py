@@ -50,6 +50,7 @@ class RoutingService:
         self.router = Router(self.state, policy, prefill_weight=prefill_weight, temperature=temperature,
                              on_reject=lambda reason: REJECTIONS.labels(reason).inc())
         self.records: dict[str, InstanceRecord] = {}
+        self.draining: dict[str, InstanceRecord] = {}
         self._instance_by_key: dict[str, str] = {}
         self.on_removed: list[InstanceListener] = []
         self.on_added: list[InstanceListener] = []
@@ -84,6 +85,14 @@ class RoutingService:
             log.warning("bad_instance_record", key=key)
             return
         self._instance_by_key[key] = record.instance_id
+        if record.draining:
+            # No new requests for it; its open streams finish there (see InstanceRecord).
+            if self.records.pop(record.instance_id, None) is not None:
+                self.state.remove_instance(record.instance_id)
+                self._resync_wanted.discard(record.instance_id)
+                log.info("instance_draining", instance_id=record.instance_id)
+            self.draining[record.instance_id] = record
+            return
         is_new = record.instance_id not in self.records
         self.records[record.instance_id] = record
         if self.state.add_instance(record):
@@ -97,7 +106,7 @@ class RoutingService:
         instance_id = self._instance_by_key.pop(key, None)
         if instance_id is None:
             return
-        record = self.records.pop(instance_id, None)
+        record = self.records.pop(instance_id, None) or self.draining.pop(instance_id, None)
         self.state.remove_instance(instance_id)
         self._resync_wanted.discard(instance_id)
         log.info("instance_removed", instance_id=instance_id)
@@ -153,8 +162,32 @@ class RoutingService:
     def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = ()) -> Outcome:
         return self.router.route(model, token_ids, request_id, exclude)
 
+    async def route_async(self, model: str, token_ids: Sequence[int], request_id: str,
+                          exclude: Collection[str] = ()) -> Outcome:
+        """``route`` behind the awaitable interface the frontend calls, so a service that
+        asks over the network (``dynrt.router.remote.RemoteRoutingService``) fits in."""
+        return self.router.route(model, token_ids, request_id, exclude)
+
     def complete(self, instance_id: str, request_id: str) -> None:
         self.state.on_completed(instance_id, request_id)
+
+    def expire_assignments(self, max_age: float) -> None:
+        """Stop counting assignments older than ``max_age`` seconds (a frontend that died
+        before reporting completion; an instance whose load reports stopped)."""
+        cutoff = self.state.clock() - max_age
+        for pending in self.state._pending.values():
+            pending.absorb(cutoff)
+
+    async def wait_synced(self, timeout: float) -> bool:
+        """Wait until every known instance's KV entries came from a dump (or its events
+        since); False if some are still awaiting one after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._resync_wanted or self.state.index.stale_instances():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     def mark_down(self, instance_id: str, seconds: float) -> None:
         self.state.mark_down(instance_id, seconds)

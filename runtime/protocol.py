@@ -163,6 +163,10 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     system_port: int = 0
     started_at: float = 0.0
+    # Set by a worker that is shutting down gracefully: routers stop sending it new
+    # requests, but its open streams are left to finish (they migrate only if the key
+    # is deleted while they are still open, or on a MigrateFrame).
+    draining: bool = False
 
     @property
     def control_subject(self) -> str:

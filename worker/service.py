@@ -24,6 +24,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import msgspec
+
 from dynrt.runtime import metrics
 from dynrt.runtime.config import WorkerConfig
 from dynrt.runtime.discovery import EtcdClient, LeasedRegistration, PrefixWatcher
@@ -87,6 +89,7 @@ class WorkerService:
         self.last_request_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self.completed = 0
+        self.record: InstanceRecord | None = None
 
     # -- start ------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,6 +107,7 @@ class WorkerService:
             block_size=info.block_size, kv_blocks_total=info.kv_blocks_total, context_length=info.context_length,
             max_num_seqs=info.max_num_seqs, tokenizer=info.tokenizer, host=socket.gethostname(), pid=os.getpid(),
             system_port=system_port, started_at=time.time())
+        self.record = record
         await self.registration.start(wait=30)
         await self.registration.put(self.key, encode_json(record))
         self.frontend_watcher = PrefixWatcher(self.etcd, frontends_prefix(self.config.namespace),
@@ -300,7 +304,11 @@ class WorkerService:
         if self.state == "ready":
             self.state = "draining"
         log.info("worker_deregistering", instance_id=self.instance_id)
-        await self.registration.delete(self.key)
+        # Marked draining, not deleted: routers stop sending new requests while the
+        # open streams finish here. The key goes when the lease is revoked at exit.
+        if self.record is not None:
+            draining = msgspec.structs.replace(self.record, draining=True)
+            await self.registration.put(self.key, encode_json(draining))
         if self.endpoint is not None:
             await self.endpoint.stop_accepting()
 
