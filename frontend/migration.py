@@ -189,6 +189,14 @@ class Generation:
             self.instance = record
             if self._on_instance_stream is not None:
                 self._on_instance_stream(self, record.instance_id)
+            if not self.transport.connected.is_set():
+                # NATS is reconnecting (server restart): wait for it rather than burn
+                # attempts on instances that are fine.
+                try:
+                    await asyncio.wait_for(self.transport.connected.wait(), self.config.stream_stall_timeout)
+                except asyncio.TimeoutError:
+                    self._release_instance()
+                    self._exhausted("NATS is unreachable")
             try:
                 self._stream = await self.transport.call(record.subject, encode(request), request_id=self.request_id,
                                                          stall_timeout=self.config.stream_stall_timeout)
@@ -200,7 +208,8 @@ class Generation:
     async def _choose_instance(self) -> InstanceRecord:
         deadline = time.monotonic() + _NO_INSTANCE_PATIENCE
         while True:
-            outcome = self.routing.route(self.model, self.prompt_ids + self.generated, self.request_id, self._exclude)
+            outcome = await self.routing.route_async(self.model, self.prompt_ids + self.generated, self.request_id,
+                                                     self._exclude)
             if isinstance(outcome, Choice):
                 record = self.routing.records.get(outcome.instance_id)
                 if record is not None:
@@ -304,7 +313,7 @@ class Generation:
             except TransportError:
                 pass
         self._release_instance()
-        if failed is not None:
+        if failed is not None and cause != "nats_restart":  # a NATS restart is no fault of the instance
             self._exclude.add(failed.instance_id)
             if cause in ("no_responders", "killed", "stalled", "lease_expired", "engine_error", "aborted"):
                 self.routing.mark_down(failed.instance_id, self.config.down_seconds)
