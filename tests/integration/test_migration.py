@@ -306,3 +306,20 @@ async def test_every_worker_killed_errors_within_stall_timeout(tmp_path: Path, n
         assert result.error is not None and result.error["code"] == "worker_failed"
         assert result.done
         assert took < 2.0 + 1.0  # the stall timeout (default 2 s) plus 1 s
+
+
+async def test_dead_instance_still_registered_is_skipped_after_one_no_responders(
+        tmp_path: Path, namespace: str, etcd_server: EtcdServer, nats_server: NatsServer) -> None:
+    """A SIGKILLed worker stays in discovery until its lease expires (10 s). The first
+    request sent to it meets NATS no-responders and goes elsewhere at once; the instance
+    is then marked down, so no other request is sent to it."""
+    async with cluster(tmp_path, namespace, etcd_server.endpoint, nats_server.url, workers=2,
+                       frontend_args=["--router-mode", "round-robin"]) as c:
+        victim = c.workers[0]
+        victim.send_signal(signal.SIGKILL)
+        await victim.wait(5)
+        expected = await reference_text(20)
+        for _ in range(6):
+            result = await stream_chat(c.frontend.url, max_tokens=20)
+            assert result.error is None and result.text == expected
+        assert await c.migrations() == {"no_responders": 1}
