@@ -81,7 +81,7 @@ class FrontendService:
         self.config = config
         self.frontend_id = uuid.uuid4().hex[:12]
         self.api_key = config.api_key or (Path(config.api_key_file).read_text().strip() if config.api_key_file else "")
-        self.etcd = EtcdClient(config.etcd_endpoints, user=config.etcd_user, password=config.etcd_password)
+        self.etcd = EtcdClient.from_config(config)
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
@@ -333,10 +333,17 @@ class FrontendService:
         self.transport = await NatsTransport.connect(config.nats_url, name=f"frontend-{self.frontend_id}",
                                                      heartbeat_interval=config.heartbeat_interval,
                                                      creds_file=config.nats_creds)
-        self.routing = RoutingService(self.etcd, self.transport, config.namespace,
-                                      policy="kv" if config.router_mode == "remote" else config.router_mode,
-                                      thresholds=self.thresholds, prefill_weight=config.prefill_weight,
-                                      temperature=config.router_temperature)
+        if config.router_mode == "remote":
+            from dynrt.router.remote import RemoteRoutingService
+
+            self.routing = RemoteRoutingService(self.etcd, self.transport, config.namespace,
+                                                timeout=config.remote_router_timeout, thresholds=self.thresholds,
+                                                prefill_weight=config.prefill_weight,
+                                                temperature=config.router_temperature)
+        else:
+            self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy=config.router_mode,
+                                          thresholds=self.thresholds, prefill_weight=config.prefill_weight,
+                                          temperature=config.router_temperature)
         self.routing.on_removed.append(self._on_instance_removed)
         self.routing.on_added.append(self._on_instance_added)
         await self.registration.start(wait=30)

@@ -81,7 +81,7 @@ class WorkerService:
         self.shutdown = GracefulShutdown()
         self.transport: NatsTransport | None = None
         self.endpoint: Endpoint | None = None
-        self.etcd = EtcdClient(config.etcd_endpoints, user=config.etcd_user, password=config.etcd_password)
+        self.etcd = EtcdClient.from_config(config)
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.frontend_watcher: PrefixWatcher | None = None
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
@@ -106,7 +106,7 @@ class WorkerService:
             endpoint=self.config.endpoint, model=self.model_name, subject=self.subject, engine=info.engine,
             block_size=info.block_size, kv_blocks_total=info.kv_blocks_total, context_length=info.context_length,
             max_num_seqs=info.max_num_seqs, tokenizer=info.tokenizer, host=socket.gethostname(), pid=os.getpid(),
-            system_port=system_port, started_at=time.time())
+            system_port=system_port, started_at=time.time(), replica_id=self.config.replica_id)
         self.record = record
         await self.registration.start(wait=30)
         await self.registration.put(self.key, encode_json(record))
@@ -165,14 +165,16 @@ class WorkerService:
         IN_FLIGHT.inc()
         outcome = "ok"
         generated = 0
+        cached_tokens = 0  # engines report prefix hits on the first batch only
         try:
             async for batch in self.engine.generate(request):
                 generated += len(batch.token_ids)
+                cached_tokens = max(cached_tokens, batch.cached_tokens)
                 if batch.finish_reason is None:
                     yield TokenFrame(token_ids=batch.token_ids)
                     continue
                 usage = Usage(prompt_tokens=len(request.token_ids), completion_tokens=generated,
-                              cached_tokens=batch.cached_tokens)
+                              cached_tokens=cached_tokens)
                 outcome = batch.finish_reason
                 yield TokenFrame(token_ids=batch.token_ids, finish_reason=batch.finish_reason, usage=usage)
         except RequestRejected as exc:
