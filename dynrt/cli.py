@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "frontend": ("dynrt.frontend.main", "OpenAI-compatible HTTP frontend"),
     "worker": ("dynrt.worker.main", "serve a model's engine (vllm or mock) over NATS"),
     "router": ("dynrt.router.main", "standalone KV-aware router shared by frontends"),
+    "controller": ("dynrt.worker.controller_main", "keep a deployment's workers running: health checks, autoscaling, rolling updates"),
     "status": ("dynrt.frontend.status", "show instances, load and frontends of a deployment"),
 }
 

@@ -1,8 +1,8 @@
 """``dynrt up``: a whole local deployment in one command — embedded etcd and NATS, one
-frontend, N workers as child processes. Prints the URL, a ready line and a status table
-(refreshed when it changes); restarts a crashed child; Ctrl-C / SIGTERM stops everything
-in order (frontend drains, workers drain, then NATS and etcd) and leaves no process
-behind.
+frontend, and a controller (``dynrt controller``) that keeps N workers running. Prints
+the URL, a ready line and a status table (refreshed when it changes); restarts a crashed
+child; Ctrl-C / SIGTERM stops everything in order (frontend drains, the controller drains
+its workers, then NATS and etcd) and leaves no process behind.
 
     dynrt up --workers 2 --port 8000 -- --num-blocks 4096
 """
@@ -110,10 +110,15 @@ class LocalDeployment:
         python = sys.executable
         self.frontend = Child("frontend", [python, "-m", "dynrt.cli", "frontend", *self._common(),
                                            "--http-port", str(self.args.port)], self.state_dir / "frontend.log")
-        for i in range(self.args.workers):
-            argv = [python, "-m", "dynrt.cli", "worker", *self._common(), "--engine", self.args.engine,
-                    "--model", self.args.model, "--speedup", str(self.args.speedup), *self.args.worker_args]
-            self.workers.append(Child(f"worker-{i}", argv, self.state_dir / f"worker-{i}.log"))
+        # The workers are the controller's: it launches, health-checks and replaces them
+        # (logs in state_dir/replicas/), and drains them when it is stopped.
+        spec = {"models": [{"name": self.args.model, "engine": self.args.engine, "replicas": self.args.workers,
+                            "args": ["--speedup", str(self.args.speedup), *self.args.worker_args]}]}
+        spec_path = self.state_dir / "deployment.yaml"
+        spec_path.write_text(json.dumps(spec, indent=2))  # JSON is YAML
+        argv = [python, "-m", "dynrt.cli", "controller", "-f", str(spec_path), *self._common(),
+                "--state-dir", str(self.state_dir), "--stop-replicas-on-exit"]
+        self.workers.append(Child("controller", argv, self.state_dir / "controller.log"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -199,9 +204,9 @@ class LocalDeployment:
     def _worker_health(self) -> dict[str, dict]:
         """Each worker's /health, found through its log's ready line (system port)."""
         result: dict[str, dict] = {}
-        for child in self.workers:
+        for log_path in sorted((self.state_dir / "replicas").glob("*.log")):
             try:
-                ready = [l for l in child.log_path.read_text(errors="replace").splitlines() if "event=worker_ready" in l]
+                ready = [l for l in log_path.read_text(errors="replace").splitlines() if "event=worker_ready" in l]
             except OSError:
                 continue
             if not ready:
@@ -213,7 +218,7 @@ class LocalDeployment:
         return result
 
     def _stop_all(self) -> None:
-        print("dynrt up: stopping (frontend, workers, NATS, etcd)", flush=True)
+        print("dynrt up: stopping (frontend, controller and its workers, NATS, etcd)", flush=True)
         if self.frontend is not None:
             self.frontend.terminate()
             self.frontend.wait(35)

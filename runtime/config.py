@@ -30,6 +30,9 @@ class CommonConfig(msgspec.Struct, kw_only=True):
     etcd_endpoints: Annotated[str, _doc("comma-separated host:port of etcd members")] = "127.0.0.1:2379"
     etcd_user: Annotated[str, _doc("etcd user (with --etcd-password)")] = ""
     etcd_password: Annotated[str, _doc("etcd password")] = ""
+    etcd_ca: Annotated[str, _doc("CA bundle (PEM) to verify etcd servers; setting it (or --etcd-cert) turns on TLS")] = ""
+    etcd_cert: Annotated[str, _doc("client certificate (PEM) for etcd mutual TLS (with --etcd-key)")] = ""
+    etcd_key: Annotated[str, _doc("client private key (PEM) for --etcd-cert")] = ""
     nats_url: Annotated[str, _doc("comma-separated NATS server URLs")] = "nats://127.0.0.1:4222"
     nats_creds: Annotated[str, _doc("NATS credentials file")] = ""
     lease_ttl: Annotated[int, _doc("etcd lease TTL, seconds; a dead process leaves discovery after this")] = 10
@@ -59,6 +62,7 @@ class WorkerConfig(CommonConfig, kw_only=True):
     context_length: Annotated[int, _doc("max prompt + output tokens")] = 8192
     speedup: Annotated[float, _doc("mock engine speed-up over its timing model (inf = no sleeping)")] = 1.0
     fail_health_check: Annotated[bool, _doc("mock: check_health raises (for tests)")] = False
+    replica_id: Annotated[str, _doc("set by the controller: the replica this process is (put in the instance record)")] = ""
     # vllm engine
     tensor_parallel_size: Annotated[int, _doc("vllm tensor parallel size")] = 1
     gpu_memory_utilization: Annotated[float, _doc("vllm GPU memory fraction")] = 0.9
@@ -78,8 +82,8 @@ class FrontendConfig(CommonConfig, kw_only=True):
     default_max_tokens: Annotated[int, _doc("max_tokens when the client gives none")] = 4096
     router_mode: Annotated[Literal["kv", "round-robin", "random", "least-loaded", "remote"], _doc("routing policy, or 'remote' for the standalone router")] = "kv"
     remote_router_timeout: Annotated[float, _doc("seconds to wait for the standalone router before bypassing it")] = 0.05
-    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 disables)")] = 0.95
-    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0 disables)")] = 0
+    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
+    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0: as soon as one waits; -1 disables)")] = -1
     prefill_weight: Annotated[float, _doc("kv router: weight of uncached prompt blocks vs decode blocks")] = 1.0
     router_temperature: Annotated[float, _doc("kv router: softmax temperature (0 = best)")] = 0.0
     migration_limit: Annotated[int, _doc("times one request may move to another worker (0 disables)")] = 3
@@ -90,9 +94,16 @@ class FrontendConfig(CommonConfig, kw_only=True):
     down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
 
 
+class ControllerConfig(CommonConfig, kw_only=True):
+    state_dir: Annotated[str, _doc("replica log files go here (default ~/.local/state/dynrt/NAMESPACE)")] = ""
+    election_ttl: Annotated[int, _doc("leader lease TTL, seconds: a standby takes over this long after the active controller dies")] = 5
+    tick: Annotated[float, _doc("seconds between reconcile passes (process deaths are seen within one)")] = 0.25
+    stop_replicas_on_exit: Annotated[bool, _doc("on SIGTERM, drain and stop every replica (dynrt up); default: leave them serving")] = False
+
+
 class RouterConfig(CommonConfig, kw_only=True):
-    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 disables)")] = 0.95
-    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0 disables)")] = 0
+    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
+    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0: as soon as one waits; -1 disables)")] = -1
     prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks")] = 1.0
     router_temperature: Annotated[float, _doc("softmax temperature (0 = best)")] = 0.0
     system_port: Annotated[int, _doc("health/metrics port (0 = pick a free one)")] = 0

@@ -167,6 +167,8 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # requests, but its open streams are left to finish (they migrate only if the key
     # is deleted while they are still open, or on a MigrateFrame).
     draining: bool = False
+    # The controller's replica this process is ("" = not launched by a controller).
+    replica_id: str = ""
 
     @property
     def control_subject(self) -> str:
