@@ -52,7 +52,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None  # extension; -1 or 0: off
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as in the OpenAI API
     stop: str | list[str] | None = None
     n: PositiveInt | None = None
     user: str | None = None

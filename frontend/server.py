@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -66,6 +66,15 @@ _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
                 "X-Accel-Buffering": "no"}
 _json_encoder = msgspec.json.Encoder()
+class _ModelOnly(msgspec.Struct):
+    model: str
+
+
+_model_only_decoder = msgspec.json.Decoder(_ModelOnly)
+_Req = TypeVar("_Req", ChatCompletionRequest, CompletionRequest)
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_MODEL_LABEL = "dynrt_model_label"  # request keys used for metrics
+_COUNTED = "dynrt_counted"
 
 
 def _json_response(obj: Any, status: int = 200) -> web.Response:
@@ -85,8 +94,7 @@ class FrontendService:
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds(kv_usage=config.busy_kv_threshold or None,
-                                         queue_depth=config.busy_queue_threshold or None)
+        self.thresholds = BusyThresholds.from_flags(config.busy_kv_threshold, config.busy_queue_threshold)
         self.draining = False
         self.shutdown = GracefulShutdown()
         self.known_models: set[str] = set()
@@ -120,8 +128,10 @@ class FrontendService:
                     raise errors.unauthorized()
             return await handler(request)
         except errors.OpenAIError as exc:
+            self._count_rejected(request, exc.status)
             return _error_response(exc)
         except web.HTTPRequestEntityTooLarge:
+            self._count_rejected(request, 413)
             return _error_response(errors.body_too_large(self.config.max_body_bytes))
         except web.HTTPNotFound:
             return _error_response(errors.OpenAIError(404, f"Unknown path {request.path}", "invalid_request_error",
@@ -137,17 +147,45 @@ class FrontendService:
             log.exception("unhandled_error", path=request.path)
             return _error_response(errors.internal())
 
+    def _count_rejected(self, request: web.Request, status: int) -> None:
+        """Requests refused before generation started (bad input, unknown model, no
+        instance, auth, size) count in ``dynrt_frontend_requests_total`` too. A model the
+        frontend does not serve is labelled ``_unknown``: client input must not create
+        label values without bound."""
+        endpoint = _ENDPOINTS.get(request.path)
+        if endpoint is not None and not request.get(_COUNTED):
+            REQUESTS.labels(request.get(_MODEL_LABEL, "_unknown"), endpoint, str(status)).inc()
+
+    def _label_model(self, request: web.Request, model: str) -> None:
+        assert self.routing is not None
+        if model in self.known_models or model in self.routing.models():
+            request[_MODEL_LABEL] = model
+
+    def _decode(self, request: web.Request, body: bytes, decode: Callable[[bytes], _Req]) -> _Req:
+        """Decode and validate a body; label the request's model for metrics even when
+        the body is invalid (as long as it names one)."""
+        try:
+            req = decode(body)
+        except errors.OpenAIError:
+            try:
+                self._label_model(request, _model_only_decoder.decode(body).model)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            raise
+        self._label_model(request, req.model)
+        return req
+
     # -- OpenAI endpoints ---------------------------------------------------------
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        req = decode_chat_request(body)
+        req = self._decode(request, body, decode_chat_request)
         records, tokenizer = await self._model(req.model)
         prompt_ids = tokenizer.apply_chat_template(req.template_messages())
         return await self._generate(request, req, "chat", records, tokenizer, prompt_ids)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        req = decode_completion_request(body)
+        req = self._decode(request, body, decode_completion_request)
         records, tokenizer = await self._model(req.model)
         prompt = req.prompt_input()
         prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -208,6 +246,7 @@ class FrontendService:
             IN_FLIGHT.dec()
             OUTPUT_TOKENS.labels(req.model).inc(len(generation.generated))
             REQUESTS.labels(req.model, endpoint, status).inc()
+            request[_COUNTED] = True
             log.info("request_done", request_id=request_id, model=req.model, status=status,
                      prompt_tokens=len(prompt_ids), completion_tokens=len(generation.generated),
                      migrations=generation.migrations, seconds=round(time.monotonic() - started, 3))
@@ -261,6 +300,9 @@ class FrontendService:
         last = started
         first = True
         finish: str = "length"
+        # The closing events (last content, finish, usage, [DONE]) go out together with
+        # the end of the chunked body: one write instead of up to five.
+        tail = b""
         try:
             async for delta in generation.tokens():
                 now = time.monotonic()
@@ -277,19 +319,22 @@ class FrontendService:
                     finish = delta.finish_reason
                     text += stopper.feed(detokenizer.flush())[0] + stopper.flush()
                 if text:
-                    await response.write(encoder.content(text))
+                    if matched or delta.finish_reason is not None:
+                        tail = encoder.content(text)
+                    else:
+                        await response.write(encoder.content(text))
                 if matched:
                     break
-            await response.write(encoder.finish(finish))  # type: ignore[arg-type]
+            tail += encoder.finish(finish)  # type: ignore[arg-type]
             if req.include_usage():
                 usage = UsageInfo.of(len(generation.prompt_ids), len(generation.generated), generation.cached_tokens)
-                await response.write(encoder.usage(usage))
-            await response.write(DONE)
+                tail += encoder.usage(usage)
+            tail += DONE
         except errors.OpenAIError as exc:
             # The response has started: the error goes in the stream, then [DONE].
             log.warning("stream_error", request_id=generation.request_id, status=exc.status, error=exc.message)
-            await response.write(error_event(exc))
-        await response.write_eof()
+            tail += error_event(exc)
+        await response.write_eof(tail)
         return response
 
     def _track_instance(self, generation: Generation, instance_id: str | None) -> None:

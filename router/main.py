@@ -78,12 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class StandaloneRouter:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.etcd = EtcdClient(config.etcd_endpoints, user=config.etcd_user, password=config.etcd_password)
+        self.etcd = EtcdClient.from_config(config)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds(kv_usage=config.busy_kv_threshold or None,
-                                         queue_depth=config.busy_queue_threshold or None)
-        self.health_server = HealthServer(self._health, port=config.system_port)
+        self.thresholds = BusyThresholds.from_flags(config.busy_kv_threshold, config.busy_queue_threshold)
+        self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
         self.shutdown = GracefulShutdown()
         self.serving = False
         self.synced = False

@@ -102,6 +102,7 @@ class ControllerConfig(CommonConfig, kw_only=True):
 
 
 class RouterConfig(CommonConfig, kw_only=True):
+    host: Annotated[str, _doc("address the system (health/metrics) server binds")] = "127.0.0.1"
     busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
     busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0: as soon as one waits; -1 disables)")] = -1
     prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks")] = 1.0

@@ -21,13 +21,18 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.watcher
+import grpc
 
 from dynrt.runtime.log import get_logger
+
+if TYPE_CHECKING:
+    from dynrt.runtime.config import CommonConfig
 
 log = get_logger("discovery")
 
@@ -56,13 +61,61 @@ class EtcdUnavailable(Exception):
     """No etcd endpoint answered."""
 
 
+class _TlsClient(aetcd.Client):
+    """``aetcd.Client`` over a TLS channel: aetcd's own ``connect`` only ever opens an
+    insecure one. The same steps as ``aetcd.Client.connect`` otherwise (authenticate if
+    a user is set, then the stubs and the watcher)."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = aetcd.rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                    options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"etcd TLS: cannot read {what} {path!r}: {exc.strerror}") from None
+
+
 class EtcdClient:
     def __init__(self, endpoints: str | list[str], *, user: str = "", password: str = "",
-                 timeout: float = 2.0) -> None:
+                 timeout: float = 2.0, ca: str = "", cert: str = "", key: str = "") -> None:
+        """``ca``/``cert``/``key``: PEM files. ``ca`` (or an ``https://`` endpoint) turns
+        on TLS; ``cert`` + ``key`` add a client certificate (etcd ``--client-cert-auth``).
+        Unreadable files or a cert without its key fail here, at start-up."""
         if isinstance(endpoints, str):
             endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
         if not endpoints:
             raise ValueError("no etcd endpoints")
+        tls = bool(ca or cert) or any(e.startswith("https://") for e in endpoints)
         self.endpoints = [e.removeprefix("http://").removeprefix("https://") for e in endpoints]
         self._user = user or None
         self._password = password or None
@@ -70,13 +123,34 @@ class EtcdClient:
         self._index = 0
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
+        self._credentials: grpc.ChannelCredentials | None = None
+        if bool(cert) != bool(key):
+            raise ValueError("etcd TLS: --etcd-cert and --etcd-key go together")
+        if tls:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem(ca, "CA file") if ca else None,  # None: system roots
+                private_key=_read_pem(key, "key file") if key else None,
+                certificate_chain=_read_pem(cert, "certificate file") if cert else None)
+
+    @classmethod
+    def from_config(cls, config: "CommonConfig") -> "EtcdClient":
+        """The client every component builds from its ``--etcd-*`` settings."""
+        return cls(config.etcd_endpoints, user=config.etcd_user, password=config.etcd_password,
+                   ca=config.etcd_ca, cert=config.etcd_cert, key=config.etcd_key)
+
+    @property
+    def tls(self) -> bool:
+        return self._credentials is not None
 
     def _new_client(self) -> aetcd.Client:
         host, _, port = self.endpoints[self._index].rpartition(":")
         # aetcd's per-call timeout is an int in its annotations but is passed to gRPC,
         # which takes seconds as a float.
-        return aetcd.Client(host=host, port=int(port), username=self._user, password=self._password,
-                            timeout=self.timeout, options=_GRPC_OPTIONS)  # type: ignore[arg-type]
+        kwargs = dict(host=host, port=int(port), username=self._user, password=self._password,
+                      timeout=self.timeout, options=_GRPC_OPTIONS)
+        if self._credentials is not None:
+            return _TlsClient(credentials=self._credentials, **kwargs)
+        return aetcd.Client(**kwargs)  # type: ignore[arg-type]
 
     async def client(self) -> aetcd.Client:
         if self._client is None:
@@ -106,8 +180,9 @@ class EtcdClient:
                 raise
             except ETCD_ERRORS as exc:
                 last_error = exc
-                if len(self.endpoints) > 1:
-                    await self._rotate(client)
+                # A fresh client re-authenticates (an expired etcd auth token fails every
+                # call on the old one) and, with several members, moves to the next.
+                await self._rotate(client)
         raise EtcdUnavailable(str(last_error))
 
     async def get_prefix(self, prefix: str) -> tuple[int, dict[str, bytes]]:

@@ -26,6 +26,7 @@ Closing a stream before its end (``aclose()``, or leaving ``async for`` early) s
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -88,6 +89,10 @@ class StreamStalledError(StreamBrokenError):
 
 class PingTimeoutError(TransportError):
     """The instance did not answer a ping in time."""
+
+
+class NatsUnavailable(TransportError):
+    """No NATS server accepted the connection in time."""
 
 
 class StreamSilent(Exception):
@@ -174,6 +179,13 @@ class Endpoint:
         if not msg.reply:
             return
         request_id = (msg.headers or {}).get(REQUEST_ID_HEADER) or msg.reply
+        if request_id in self.in_flight:
+            # The id must name one stream: a second one would take over the first's
+            # context, which could then no longer be cancelled, drained or migrated.
+            await self.transport.nc.publish(msg.reply, encode(ErrorFrame(
+                code="bad_request", message=f"request id {request_id!r} is already in flight here")))
+            await self.transport.nc.publish(msg.reply, _END_FRAME)
+            return
         ctx = RequestContext(request_id, msg.reply)
         self.in_flight[request_id] = ctx
         ctx.task = asyncio.create_task(self._run(msg.data, ctx), name=f"request:{request_id}")
@@ -273,6 +285,11 @@ _BROKEN = object()
 _NO_RESPONDERS_MARK = object()
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class ResponseStream:
     """Frames of one call, in order. Heartbeats are consumed here (they only reset
     the stall clock); ``EndFrame`` ends iteration."""
@@ -283,7 +300,11 @@ class ResponseStream:
         self.subject = subject
         self.request_id = request_id
         self._token = token
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # Received items, and the reader's wake-up future while it waits for one: a
+        # plain future + call_later timer per wait is much cheaper than asyncio.Queue +
+        # wait_for (which wraps every get in a new task).
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.stall_timeout = stall_timeout
         self.last_activity = time.monotonic()
         self.done = False
@@ -291,7 +312,10 @@ class ResponseStream:
 
     # called by the transport's reply mux
     def _deliver(self, item: Any) -> None:
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> "ResponseStream":
         return self
@@ -311,15 +335,11 @@ class ResponseStream:
         ``EOFError`` at the end, ``NoRespondersError`` / ``StreamBrokenError``."""
         if self.done:
             raise EOFError
-        queue = self._queue
+        items = self._items
         while True:
-            if queue.empty():
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    raise StreamSilent from None
-            else:
-                item = queue.get_nowait()
+            if not items:
+                await self._wait(timeout)
+            item = items.popleft()
             self.last_activity = time.monotonic()
             if item is _BROKEN:
                 self._finish()
@@ -342,9 +362,25 @@ class ResponseStream:
             self.broken_cause = cause
             self._deliver(_BROKEN)
 
+    async def _wait(self, timeout: float | None) -> None:
+        """Until an item is received; ``StreamSilent`` if none within ``timeout``."""
+        if timeout is not None and timeout <= 0:
+            raise StreamSilent
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        if not self._items:
+            raise StreamSilent
+
     def pending(self) -> int:
         """Frames already received and not yet read."""
-        return self._queue.qsize()
+        return len(self._items)
 
     def _finish(self) -> None:
         if not self.done:
@@ -378,6 +414,7 @@ class NatsTransport:
         self.endpoints: list[Endpoint] = []
         self.connected = asyncio.Event()
         self.disconnect_count = 0
+        self.reconnected_at: float | None = None  # time.monotonic() of the last reconnect
         self.closing = False
 
     @classmethod
@@ -402,6 +439,7 @@ class NatsTransport:
 
         async def reconnected() -> None:
             if transport is not None:
+                transport.reconnected_at = time.monotonic()
                 transport.connected.set()
                 log.info("nats_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else ""))
 
@@ -409,28 +447,30 @@ class NatsTransport:
             log.debug("nats_error", error=str(exc))
 
         nc = NatsClient()
-        deadline = time.monotonic() + connect_timeout
-        while True:
+        # With max_reconnect_attempts=-1 nats-py itself keeps retrying the first connect
+        # (server not up yet, or refusing our credentials) forever: bound it here.
+        try:
+            await asyncio.wait_for(nc.connect(
+                servers=servers,
+                name=name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.1,  # type: ignore[arg-type]
+                connect_timeout=2,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+                user_credentials=creds_file or None,
+            ), connect_timeout)
+        except (asyncio.TimeoutError, nats.errors.NoServersError, OSError) as exc:
             try:
-                await nc.connect(
-                    servers=servers,
-                    name=name,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.1,  # type: ignore[arg-type]
-                    connect_timeout=2,
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    disconnected_cb=disconnected,
-                    reconnected_cb=reconnected,
-                    error_cb=error,
-                    user_credentials=creds_file or None,
-                )
-                break
-            except (nats.errors.NoServersError, OSError, asyncio.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+                await nc.close()
+            except Exception:  # half-open client: nothing more to release
+                pass
+            raise NatsUnavailable(f"could not connect to NATS at {','.join(servers)} within "
+                                  f"{connect_timeout:.0f}s ({type(exc).__name__})") from None
         transport = cls(nc, heartbeat_interval)
         await transport._start_reply_mux()
         transport.connected.set()
@@ -449,6 +489,11 @@ class NatsTransport:
             stream._deliver(_NO_RESPONDERS_MARK)
             return
         stream._deliver(msg.data)
+
+    def reconnected_within(self, seconds: float) -> bool:
+        """True if the connection came back less than ``seconds`` ago: peers may not have
+        re-subscribed yet, so no-responders then does not mean a dead instance."""
+        return self.reconnected_at is not None and time.monotonic() - self.reconnected_at < seconds
 
     def _on_disconnected(self) -> None:
         self.connected.clear()

@@ -14,8 +14,8 @@ or, when the test controls the end itself (signals, exit codes):
         await worker.stop()
 
 ``start()`` returns once the worker's instance record is in etcd (found by the
-worker's pid under ``dynrt/{ns}/instances/``), so several workers may share a
-namespace. ``stop()`` is always safe: SIGCONT + SIGTERM, SIGKILL after a timeout, and a
+worker's pid under ``dynrt/{ns}/instances/``, so several workers may share a
+namespace) and its ``/health`` answers 200. ``stop()`` is always safe: SIGCONT + SIGTERM, SIGKILL after a timeout, and a
 no-op on a process that already exited.
 """
 
@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+import aiohttp
 
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.protocol import InstanceRecord, instance_key, instance_record_decoder, instances_prefix
@@ -52,10 +54,12 @@ class WorkerProcess:
         health_period: float | None = 0,
         name: str = "",
         start_timeout: float = 30.0,
+        wait_healthy: bool = True,
     ) -> None:
         """``canary_after`` / ``health_period``: 0 (the default here) disables the
         canary / periodic health check so they cannot interfere with a test; None
-        leaves the worker's own default. ``args`` are appended last, so they win."""
+        leaves the worker's own default. ``args`` are appended last, so they win.
+        ``wait_healthy``: ``start()`` also waits for ``/health`` to answer 200."""
         self.namespace = namespace
         self.etcd_endpoints = etcd_endpoints
         self.nats_url = nats_url
@@ -63,6 +67,7 @@ class WorkerProcess:
         self.log_path = Path(log_dir) / f"{self.name}.log"
         self.env = env
         self.start_timeout = start_timeout
+        self.wait_healthy = wait_healthy
         argv = ["worker", "--namespace", namespace, "--etcd-endpoints", etcd_endpoints,
                 "--nats-url", nats_url, "--speedup", str(speedup)]
         if canary_after is not None:
@@ -98,7 +103,9 @@ class WorkerProcess:
                     raise AssertionError(f"worker {self.name} exited ({self.proc.returncode}) before registering; "
                                          f"log:\n{self.log_tail()}")
                 record = await self._find_record(etcd)
-                if record is not None:
+                # The record goes into etcd a moment before the worker is ready (it
+                # answers "busy: worker is starting" until then): wait for /health 200.
+                if record is not None and (not self.wait_healthy or await _healthy(record)):
                     return record
                 if time.monotonic() > deadline:
                     raise AssertionError(f"worker {self.name} not registered after {self.start_timeout}s; "
@@ -202,3 +209,11 @@ class WorkerProcess:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
+
+async def _healthy(record: InstanceRecord) -> bool:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            async with session.get(f"http://127.0.0.1:{record.system_port}/health") as response:
+                return response.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
