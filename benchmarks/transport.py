@@ -71,7 +71,9 @@ async def raw_nats(url: str, frames: int, pace: float = 0.0) -> tuple[float, lis
     await client.subscribe(inbox, cb=on_reply)
     start = time.perf_counter()
     await client.publish("bench.raw", b"", reply=inbox)
-    await done.wait()
+    # A subscriber that falls behind on a loaded machine is cut off by nats-server as a
+    # slow consumer and frames are lost: bounded wait, not a hang.
+    await asyncio.wait_for(done.wait(), 120)
     elapsed = time.perf_counter() - start
     await client.close()
     await server.close()

@@ -132,6 +132,9 @@ class Generation:
         stream, self._stream = self._stream, None
         self._release_instance()
         if stream is not None and not stream.done:
+            if self.finished:
+                stream.release()  # complete: no cancel message to send
+                return
             try:
                 await stream.aclose()
             except TransportError:
@@ -164,9 +167,10 @@ class Generation:
                                  gap_ms=round((time.monotonic() - failure_at) * 1000, 1),
                                  instance_id=self.instance.instance_id if self.instance else None)
                         failure_at = None
-                    yield delta
                     if delta.finish_reason is not None:
-                        self.finished = True
+                        self.finished = True  # before the yield: the consumer may stop here
+                    yield delta
+                    if self.finished:
                         await self.close()
                         return
             except StreamInterrupted as broken:
@@ -313,6 +317,15 @@ class Generation:
             except TransportError:
                 pass
         self._release_instance()
+        if cause in ("no_responders", "killed") and self.transport.reconnected_within(self.config.stream_stall_timeout):
+            # NATS has just come back and the instance may not have re-subscribed yet: no
+            # proof of death. Send again shortly (to it or another instance) without
+            # excluding it, marking it down or spending a migration attempt; the window
+            # bounds these retries.
+            log.info("resend_after_nats_reconnect", request_id=self.request_id, cause=cause,
+                     instance_id=failed.instance_id if failed else None)
+            await asyncio.sleep(0.05)
+            return
         if failed is not None and cause != "nats_restart":  # a NATS restart is no fault of the instance
             self._exclude.add(failed.instance_id)
             if cause in ("no_responders", "killed", "stalled", "lease_expired", "engine_error", "aborted"):

@@ -387,6 +387,11 @@ class ResponseStream:
             self.done = True
             self._transport._streams.pop(self._token, None)
 
+    def release(self) -> None:
+        """Stop listening without telling the server (its answer is complete: the
+        final frame arrived and only the end marker is still on its way)."""
+        self._finish()
+
     async def cancel(self, mode: CancelMode = "kill") -> None:
         """Tell the server to stop (``stop``: finish after the current step; ``kill``:
         abort now). With ``kill`` the stream ends here."""
