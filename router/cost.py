@@ -5,19 +5,31 @@ Everything here is measured in KV *blocks*, the unit both the load reports and t
 index speak:
 
 * ``blocks_used``: KV blocks in use according to the instance's latest load report, plus
-  the prompt blocks of requests this router sent it that the report does not reflect yet
+  the *new* blocks of requests this router sent it that the report does not reflect yet
   (*pending assignments*);
 * ``prefill_blocks``: prefill work queued on the instance — the report's
   ``active_prefill_tokens`` in blocks, plus the uncached blocks of pending assignments.
+
+A pending assignment's new blocks are what it adds on that instance: its uncached full
+prompt blocks (``prompt_blocks − overlap_blocks``) plus ``DECODE_BLOCKS`` for the
+prompt's partial last block and the first output tokens — a block no prefix cache can
+supply. The cached part of the prompt is not counted: those blocks are already resident
+(shared with the sequences using them), and counting them made a worker that holds a hot
+prefix look as loaded as one that must compute it, so ``kv`` degenerated into
+least-loaded. Decode growth beyond the first block is not modelled (the router is not
+told ``max_tokens``); the next load report carries it, ``absorb_delay`` later.
 
 KV cost of a request on an instance (lowest wins)::
 
     prefill_weight × (prompt_blocks − overlap_blocks + prefill_blocks) + blocks_used
 
 The first term is the prefill the request would cause (and wait behind); the second the
-decode load it would share the instance with. Because every assignment raises
-``blocks_used`` by its whole prompt, a worker that holds a popular prefix stops winning
-once it carries ``prefill_weight × overlap`` blocks more than another (Dynamo #737).
+decode load it would share the instance with. Every assignment raises the instance's
+cost by ``(prefill_weight + 1) × uncached + DECODE_BLOCKS``, so a worker that holds a
+popular prefix stops winning once it carries ``prefill_weight × overlap`` blocks of cost
+more than another (Dynamo #737): by its pending assignments' uncached prefill and decode
+blocks until a load report arrives, by the KV usage and queued prefill the report shows
+after.
 """
 
 from __future__ import annotations
@@ -30,6 +42,10 @@ import msgspec
 from dynrt.runtime.protocol import InstanceRecord, LoadReport
 
 BusyReason = Literal["kv_usage", "queue_depth"]
+
+# KV blocks every request allocates beyond its cached prefix besides its uncached full
+# prompt blocks: the partial last prompt block / first output tokens.
+DECODE_BLOCKS = 1
 
 RETRY_AFTER_MIN = 1
 RETRY_AFTER_MAX = 30
@@ -65,6 +81,15 @@ class BusyThresholds:
         if mean_request_seconds <= 0:
             raise ValueError("mean_request_seconds must be > 0")
         self.mean_request_seconds = mean_request_seconds
+
+    @classmethod
+    def from_flags(cls, busy_kv_threshold: float, busy_queue_threshold: int) -> BusyThresholds:
+        """From the ``--busy-kv-threshold`` / ``--busy-queue-threshold`` flags, where a
+        number off the scale disables the rule (the flags cannot say ``null``): KV usage
+        ``<= 0`` (no instance runs anything with 0 blocks in use) and queue depth
+        ``< 0``. Queue depth 0 is a real rule: busy as soon as one request waits."""
+        return cls(kv_usage=busy_kv_threshold if busy_kv_threshold > 0 else None,
+                   queue_depth=busy_queue_threshold if busy_queue_threshold >= 0 else None)
 
     @property
     def kv_usage(self) -> float | None:
@@ -107,23 +132,27 @@ class BusyThresholds:
 
 class PendingAssignments:
     """Requests this router sent to one instance that its load reports do not reflect
-    yet, with running totals so reading them is O(1)."""
+    yet, with running totals so reading them is O(1): ``prefill_blocks`` (uncached full
+    prompt blocks) and ``kv_blocks`` (new KV blocks: uncached + ``DECODE_BLOCKS``)."""
 
-    __slots__ = ("_by_request", "count", "blocks", "new_blocks")
+    __slots__ = ("_by_request", "count", "prefill_blocks", "kv_blocks")
 
     def __init__(self) -> None:
         self._by_request: dict[str, tuple[float, int, int]] = {}
         self.count = 0
-        self.blocks = 0
-        self.new_blocks = 0
+        self.prefill_blocks = 0
+        self.kv_blocks = 0
 
-    def add(self, request_id: str, assigned_at: float, prompt_blocks: int, new_blocks: int) -> None:
-        """Record an assignment (re-adding a request id replaces it)."""
+    def add(self, request_id: str, assigned_at: float, prompt_blocks: int, overlap_blocks: int = 0) -> None:
+        """Record an assignment of a prompt of ``prompt_blocks`` full blocks of which the
+        instance holds ``overlap_blocks`` (re-adding a request id replaces it)."""
         self.complete(request_id)
-        self._by_request[request_id] = (assigned_at, prompt_blocks, new_blocks)
+        uncached = max(0, prompt_blocks - overlap_blocks)
+        entry = (assigned_at, uncached, uncached + DECODE_BLOCKS)
+        self._by_request[request_id] = entry
         self.count += 1
-        self.blocks += prompt_blocks
-        self.new_blocks += new_blocks
+        self.prefill_blocks += entry[1]
+        self.kv_blocks += entry[2]
 
     def complete(self, request_id: str) -> None:
         """Forget a request (finished, failed, or cancelled). Unknown ids are ignored."""
@@ -144,8 +173,8 @@ class PendingAssignments:
 
     def _subtract(self, entry: tuple[float, int, int]) -> None:
         self.count -= 1
-        self.blocks -= entry[1]
-        self.new_blocks -= entry[2]
+        self.prefill_blocks -= entry[1]
+        self.kv_blocks -= entry[2]
 
 
 class InstanceLoad:
@@ -178,8 +207,8 @@ class InstanceLoad:
             running, waiting = report.running, report.waiting
             prefill = report.active_prefill_tokens / record.block_size
         if pending is not None and pending.count:
-            used += pending.blocks
-            prefill += pending.new_blocks
+            used += pending.kv_blocks
+            prefill += pending.prefill_blocks
             starts = 0 if waiting else min(pending.count, max(0, record.max_num_seqs - running))
             running += starts
             waiting += pending.count - starts

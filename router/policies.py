@@ -211,14 +211,15 @@ class RouterState:
     # -- assignments ---------------------------------------------------------
 
     def on_assigned(self, instance_id: str, request_id: str, prompt_blocks: int, overlap_blocks: int = 0) -> None:
-        """A request was sent to the instance: count it as load until a load report
-        absorbs it or it completes."""
+        """A request was sent to the instance, which holds ``overlap_blocks`` of its
+        ``prompt_blocks``: count its new blocks (``cost.PendingAssignments``) as load
+        until a load report absorbs it or it completes."""
         if instance_id not in self._records:
             return
         pending = self._pending.get(instance_id)
         if pending is None:
             pending = self._pending[instance_id] = PendingAssignments()
-        pending.add(request_id, self.clock(), prompt_blocks, max(0, prompt_blocks - overlap_blocks))
+        pending.add(request_id, self.clock(), prompt_blocks, overlap_blocks)
 
     def on_completed(self, instance_id: str, request_id: str) -> None:
         """A request ended (any way); stop counting it if still pending."""

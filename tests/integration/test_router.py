@@ -38,10 +38,8 @@ BLOCK = 16
 PREFIX_TOKENS = 256  # 16 blocks
 SMALL_CACHE = 256  # worker B's KV blocks (4096 tokens): easy to evict
 _rng = random.Random(0x5EED)
-# CACHED_TOKENS_NOTE: the worker reports ``cached_tokens`` from the *last* TokenBatch,
-# but the mock engine sets it on the *first* one only, so a response's
-# ``usage.prompt_tokens_details.cached_tokens`` is right only when the first batch is
-# also the last (``max_tokens=1``). Requests whose cache hits are checked use that.
+# Requests whose cache hits are checked ask for several tokens: the engine reports its
+# prefix hits on the first batch, and the worker must carry them to the final usage.
 
 
 def tokens(n: int) -> list[int]:
@@ -141,8 +139,7 @@ async def test_cached_prefix_routes_to_holder_and_eviction_is_reflected(pool: Po
         # (--load-interval): let it clear so only the prefix decides.
         await asyncio.sleep(0.2)
         before = await pool.served()
-        # max_tokens=1: see CACHED_TOKENS_NOTE
-        status, body, _ = await pool.complete(fe, prefix + tokens(24), max_tokens=1)
+        status, body, _ = await pool.complete(fe, prefix + tokens(24), max_tokens=4)
         assert status == 200, body
         after = await pool.served()
         delta = [a - x for a, x in zip(after, before)]
@@ -192,8 +189,13 @@ async def test_burst_with_shared_prefix_spreads_by_load(pool: Pool) -> None:
     delta = [a - x for a, x in zip(await pool.served(), before)]
     assert sum(delta) == 32
     # The prefix holder is preferred, but the load term wins once it is clearly busier.
-    assert all(d >= 4 for d in delta), f"burst did not spread over the 4 workers: {delta}"
-    assert max(delta) <= 16, f"burst piled onto one worker: {delta}"
+    # Pending assignments count only new blocks: on the holder a request adds 2 uncached
+    # prompt blocks of prefill + 3 KV blocks (cost +5), elsewhere 18 + 19 (cost +37), so
+    # greedy costs 2 + 5·n vs 18 + 37·n split the burst about 23/3/3/3 (load reports
+    # arriving during the burst move it a little). Not pinned: every worker gets some.
+    holder = delta[1]
+    assert holder == max(delta) and holder <= 26, f"burst piled onto the prefix holder: {delta}"
+    assert all(d >= 2 for i, d in enumerate(delta) if i != 1), f"burst did not spread over the 4 workers: {delta}"
 
 
 async def test_all_busy_gets_503_with_retry_after(pool: Pool) -> None:
@@ -265,7 +267,7 @@ async def _hit_rate(pool: Pool, fe: FrontendProcess, prompts: list[list[int]]) -
     prompt_tokens = cached = 0
     for prompt in prompts:  # one at a time, load reports settled: the prefix decides
         await asyncio.sleep(0.2)
-        status, body, _ = await pool.complete(fe, prompt, max_tokens=1)  # see CACHED_TOKENS_NOTE
+        status, body, _ = await pool.complete(fe, prompt, max_tokens=4)
         assert status == 200, body
         prompt_tokens += body["usage"]["prompt_tokens"]
         cached += body["usage"]["prompt_tokens_details"]["cached_tokens"]

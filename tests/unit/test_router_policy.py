@@ -164,11 +164,12 @@ def test_shared_system_prompt_traffic_spreads_as_workers_cache_it() -> None:
 
 
 def test_burst_of_32_identical_prefix_requests_spreads_by_load() -> None:
-    """a caches the 8-block prefix of 16-block prompts. Each assignment adds its prompt
-    (16 blocks) + its uncached prefill (8 on a, 16 elsewhere) to the chosen instance's
-    cost: a's cost is 8 + 24·n_a, the others' 16 + 32·n. Greedy argmin keeps every
-    cost within one increment of the others, which gives exactly a = 10 and 7/7/8
-    (final costs 248 vs 240/240/272), whatever order ties are broken in."""
+    """a caches the 8-block prefix of 16-block prompts. Each assignment adds its new KV
+    blocks (uncached + 1 decode block: 9 on a, 17 elsewhere) + its uncached prefill (8 on
+    a, 16 elsewhere) to the chosen instance's cost: a's cost is 8 + 17·n_a, the others'
+    16 + 33·n. Greedy argmin keeps every cost within one increment of the others, which
+    gives exactly a = 13 and 6/6/7 (final costs 229 vs 214/214/247), whatever order ties
+    are broken in."""
     prefix = list(range(2000, 2032))
     for seed in range(3):
         state, _ = make_state()
@@ -179,8 +180,23 @@ def test_burst_of_32_identical_prefix_requests_spreads_by_load() -> None:
             choice = router.route(MODEL, prefix + [k] * 32, f"r{k}")
             assert isinstance(choice, Choice)
             counts[choice.instance_id] += 1
-        assert counts["a"] == 10
-        assert sorted(counts[i] for i in "bcd") == [7, 7, 8]
+        assert counts["a"] == 13
+        assert sorted(counts[i] for i in "bcd") == [6, 6, 7]
+
+
+def test_fully_cached_burst_wins_only_up_to_the_prefix_worth() -> None:
+    """a holds all 20 blocks of the prompt: an assignment there adds no prefill and one
+    KV block (the decode block), elsewhere 20 + 21. a's cost is n_a against 20 on an
+    idle b: a wins up to n_a = 20 (the tie at 20 goes either way), then b takes one and
+    costs 20 + 41 = 61: of 24 requests a gets 23 and b 1, in either order."""
+    for seed in range(4):
+        state, _ = make_state("ab")
+        store(state, "a", prompt(1))
+        router = Router(state, rng=random.Random(seed))
+        counts = Counter(router.route(MODEL, prompt(1), f"r{k}").instance_id for k in range(24))  # type: ignore[union-attr]
+        assert counts == {"a": 23, "b": 1}
+        a, _ = state.candidates(MODEL)
+        assert (a.load.blocks_used, a.load.prefill_blocks) == (counts["a"], 0)
 
 
 def test_burst_without_cached_prefix_is_spread_evenly() -> None:
@@ -206,18 +222,19 @@ def test_temperature_samples_mostly_the_cheapest() -> None:
 
 def test_pending_assignment_is_absorbed_by_a_later_load_report() -> None:
     state, clock = make_state("a")
+    # New blocks only: 15 uncached prompt blocks + 1 decode block; the 5 cached are resident.
     state.on_assigned("a", "r1", prompt_blocks=20, overlap_blocks=5)
     (c,) = state.candidates(MODEL)
-    assert (c.load.blocks_used, c.load.prefill_blocks, c.load.running) == (20, 15, 1)
+    assert (c.load.blocks_used, c.load.prefill_blocks, c.load.running) == (16, 15, 1)
     clock.now += 0.05
     load(state, "a", used=7, running=3)  # too soon to reflect r1 (absorb_delay 0.1 s)
     (c,) = state.candidates(MODEL)
-    assert (c.load.blocks_used, c.load.running) == (27, 4)
+    assert (c.load.blocks_used, c.load.running) == (23, 4)
     clock.now += 0.1
     state.on_assigned("a", "r2", prompt_blocks=10)
     load(state, "a", used=30, running=4)  # reflects r1, not r2 (assigned just now)
     (c,) = state.candidates(MODEL)
-    assert (c.load.blocks_used, c.load.running) == (40, 5)
+    assert (c.load.blocks_used, c.load.running) == (41, 5)
     state.on_completed("a", "r2")
     state.on_completed("a", "r1")  # already absorbed: no-op
     (c,) = state.candidates(MODEL)
@@ -269,9 +286,10 @@ def test_busy_instances_are_skipped() -> None:
 
 
 def test_same_burst_against_same_state_admits_the_same_count() -> None:
-    """KV threshold 0.9 of 100 blocks, 10-block prompts, reported usage 50/60/70/85: an
-    instance takes requests while its projected usage is ≤ 90, i.e. 5 + 4 + 3 + 1 = 13
-    of a 48-request burst — for any policy and any tie-breaking."""
+    """KV threshold 0.9 of 100 blocks, 10-block prompts (each adds 10 + 1 decode block),
+    reported usage 50/60/70/85: an instance takes requests while its projected usage is
+    ≤ 90, i.e. 4 + 3 + 2 + 1 = 10 of a 48-request burst — for any policy and any
+    tie-breaking."""
 
     def burst(policy: str, seed: int) -> tuple[int, Counter[str]]:
         state, _ = make_state(thresholds=BusyThresholds(kv_usage=0.9))
@@ -287,8 +305,8 @@ def test_same_burst_against_same_state_admits_the_same_count() -> None:
     for policy in ("kv", "random", "least-loaded", "round-robin"):
         for seed in (1, 2):
             total, per_instance = burst(policy, seed)
-            assert total == 13
-            assert per_instance == {"a": 5, "b": 4, "c": 3, "d": 1}
+            assert total == 10
+            assert per_instance == {"a": 4, "b": 3, "c": 2, "d": 1}
 
 
 def test_queue_threshold_counts_pending_assignments() -> None:
@@ -392,3 +410,17 @@ def test_unknown_policy_is_rejected() -> None:
     state, _ = make_state("a")
     with pytest.raises(ValueError, match="unknown routing policy"):
         Router(state, "fastest")
+
+
+def test_thresholds_from_flags_disable_off_the_scale_and_queue_zero_means_any_waiting() -> None:
+    t = BusyThresholds.from_flags(0.95, -1)  # the defaults
+    assert (t.kv_usage, t.queue_depth) == (0.95, None)
+    t = BusyThresholds.from_flags(0, 0)
+    assert (t.kv_usage, t.queue_depth) == (None, 0)
+    assert (BusyThresholds.from_flags(-1, 3).kv_usage, BusyThresholds.from_flags(-1, 3).queue_depth) == (None, 3)
+    # queue_depth 0: busy as soon as one request waits (here: the projected one behind full slots).
+    state, _ = make_state("a", thresholds=BusyThresholds.from_flags(-1, 0), max_num_seqs=2)
+    load(state, "a", running=1)
+    router = Router(state)
+    admitted = [router.route(MODEL, prompt(k), f"r{k}") for k in range(3)]
+    assert [isinstance(o, Choice) for o in admitted] == [True, True, False]

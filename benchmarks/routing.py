@@ -1,0 +1,538 @@
+"""Routing benchmark, end to end: embedded etcd + NATS, ``--workers`` plain
+``dynrt worker`` processes (mock engine, speedup 1), one ``dynrt frontend``, an HTTP
+client streaming ``/v1/completions`` with token-id prompts.
+
+1. **Long multi-turn conversations**, once per policy on a fresh pool (caches start
+   cold, the same conversations and schedule every time). Policies are
+   ``--policies`` entries, ``kv`` optionally with a prefill weight (``kv@4`` =
+   ``--prefill-weight 4``; plain ``kv`` uses ``--prefill-weight``).
+
+   What KV routing is for: a conversation's history is recomputed unless the worker
+   that gets the next turn still caches it. So the workload is built so that *where* a
+   turn goes decides its prefill:
+
+   * each of ``--conversations`` conversations starts with one of ``--system-prompts``
+     shared system prompts (``--system-tokens``) and a document of its own
+     (``--doc-tokens``; a pasted file, a retrieved context), then runs ``--turns``
+     turns; every turn appends a user message (``--user-tokens``) and asks for
+     ``--output-tokens`` tokens; the next turn's prompt is the previous prompt + a reply
+     as long as the answer + a new user message. Histories reach several thousand
+     tokens, and the mock's prefill time grows faster than linearly in uncached tokens
+     (``mock_engine.prefill_ms``: ~85 ms for 4k uncached tokens, ~21 ms for the
+     ~300 new tokens of a cached turn);
+   * each worker's KV cache (``--num-blocks``) holds about 1.5× its share of the
+     working set (every live conversation's history) when conversations stay on one
+     worker; round-robin and random spread each conversation over all workers, which
+     would need every worker to hold all of it — they evict, and most turns recompute
+     their whole history.
+
+   Conversations start spread over ``--ramp`` seconds and think ``--think`` seconds
+   (exponential mean) between turns. Measured: TTFT p50/p90/p99 (first SSE event) over
+   all turns and over turns ≥ 2 (turn 1 is uncached on every policy), throughput, cache
+   hit rate (``usage.prompt_tokens_details.cached_tokens`` / prompt tokens).
+
+2. **Decision latency** at 64 simulated workers / 1M blocks: ``benchmarks.routing_decision``
+   (run it separately; its JSON is merged into this one's if present).
+
+3. **Overload** (``kv``, ``--max-num-seqs`` slots per worker, requests shaped like first
+   turns: shared system prompt + own document + user message). In one pool:
+   capacity = accepted requests/s of a closed loop that keeps every worker's slots full
+   with a queue behind them (queue rule off); unloaded = one client, one request at a
+   time; light = Poisson arrivals at ``--light-load`` × capacity; overload = Poisson
+   arrivals at ``--overload`` × capacity with the queue rule set to
+   ``--busy-queue-threshold`` (0: a worker is busy as soon as a request waits). Thresholds
+   are switched at runtime through ``POST /busy_threshold``. Measured: accepted requests'
+   TTFT p50/p99 and the rejection rate (HTTP 503 + Retry-After), achieved offered rate
+   and accepted throughput.
+
+Writes ``benchmarks/results/<--output>.json`` and ``.png``.
+
+    python -m benchmarks.routing [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
+
+MODEL = "mock-model"
+POLICIES = ("kv", "round-robin", "random")
+TIMEOUT = aiohttp.ClientTimeout(total=300)
+
+
+# ---------------------------------------------------------------------------
+# deployment
+# ---------------------------------------------------------------------------
+
+
+class Deployment:
+    """``workers`` plain ``dynrt worker`` processes + 1 ``dynrt frontend`` in a namespace
+    of the shared etcd/NATS."""
+
+    def __init__(self, servers: Any, log_dir: Path, name: str, worker_args: list[str], frontend_args: list[str],
+                 workers: int) -> None:
+        self.servers = servers
+        self.log_dir = log_dir
+        self.ns = f"bench{name.replace('-', '').replace('@', '').replace('.', '')}{random.randrange(10**6)}"
+        self.name = name
+        self.worker_args = worker_args
+        self.frontend_args = frontend_args
+        self.n_workers = workers
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.url = ""
+
+    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{self.name}-{log_name}.log", "ab")
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "dynrt.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        self.procs.append(proc)
+        return proc
+
+    async def start(self) -> None:
+        from dynrt.runtime.embedded import free_port
+
+        common = ["--namespace", self.ns, "--etcd-endpoints", self.servers.etcd.endpoint,
+                  "--nats-url", self.servers.nats.url]
+        for i in range(self.n_workers):
+            self._spawn(["worker", *common, "--canary-after", "0", "--health-period", "0", *self.worker_args],
+                        f"worker{i}")
+        port = free_port()
+        self._spawn(["frontend", *common, "--http-port", str(port), *self.frontend_args], "frontend")
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if any(p.poll() is not None for p in self.procs):
+                    raise RuntimeError(f"{self.name}: a process exited during start-up; logs in {self.log_dir}")
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200 and len((await r.json())["instances"]) == self.n_workers:
+                            break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: not ready after 60 s; logs in {self.log_dir}")
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # initial dumps and load reports
+
+    async def set_thresholds(self, **settings: Any) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"{self.url}/busy_threshold", json=settings) as response:
+            body = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"POST /busy_threshold {settings}: {response.status} {body}")
+            return body  # type: ignore[no-any-return]
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                await asyncio.to_thread(p.wait, 15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+# ---------------------------------------------------------------------------
+# client
+# ---------------------------------------------------------------------------
+
+
+class Result:
+    __slots__ = ("status", "ttft", "latency", "prompt_tokens", "cached_tokens", "output_tokens", "started", "turn")
+
+    def __init__(self, turn: int = 0) -> None:
+        self.status = 0
+        self.ttft = float("nan")
+        self.latency = float("nan")
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.output_tokens = 0
+        self.started = 0.0
+        self.turn = turn
+
+
+async def stream_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
+                         turn: int = 0) -> Result:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    result = Result(turn)
+    result.started = started = time.monotonic()
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        result.status = response.status
+        if response.status != 200:
+            await response.read()
+            return result
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                break
+            if result.ttft != result.ttft:  # first event
+                result.ttft = time.monotonic() - started
+            event = json.loads(data)
+            usage = event.get("usage")
+            if usage:
+                result.prompt_tokens = usage["prompt_tokens"]
+                result.output_tokens = usage["completion_tokens"]
+                result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    result.latency = time.monotonic() - started
+    return result
+
+
+def _ms(values: list[float], p: float) -> float:
+    return round(percentile(values, p) * 1000, 2) if values else float("nan")
+
+
+def summarize(results: list[Result], wall: float) -> dict[str, Any]:
+    ok = [r for r in results if r.status == 200]
+    ttfts = [r.ttft for r in ok]
+    later = [r.ttft for r in ok if r.turn >= 2]
+    prompt = sum(r.prompt_tokens for r in ok)
+    summary: dict[str, Any] = {
+        "requests": len(results),
+        "ok": len(ok),
+        "rejected_503": sum(1 for r in results if r.status == 503),
+        "failed_other": sum(1 for r in results if r.status not in (200, 503)),
+        "ttft_p50_ms": _ms(ttfts, 50),
+        "ttft_p90_ms": _ms(ttfts, 90),
+        "ttft_p99_ms": _ms(ttfts, 99),
+        "latency_p50_ms": _ms([r.latency for r in ok], 50),
+        "throughput_req_s": round(len(ok) / wall, 3),
+        "throughput_output_tok_s": round(sum(r.output_tokens for r in ok) / wall, 1),
+        "cache_hit_rate": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else 0.0,
+        "mean_prompt_tokens": round(prompt / len(ok)) if ok else 0,
+        "wall_s": round(wall, 2),
+    }
+    if later:
+        summary["turn1_ttft_p50_ms"] = _ms([r.ttft for r in ok if r.turn == 1], 50)
+        summary["later_turns_ttft_p50_ms"] = _ms(later, 50)
+        summary["later_turns_ttft_p99_ms"] = _ms(later, 99)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(300, 990) for _ in range(n)]
+
+
+def working_set_blocks(args: argparse.Namespace) -> dict[str, float]:
+    """KV blocks of every conversation's final history, total and per worker."""
+    final = args.system_tokens + args.doc_tokens + args.turns * args.user_tokens + (args.turns - 1) * args.output_tokens
+    per_conv = final // args.block_size
+    own = per_conv - args.system_tokens // args.block_size
+    total = args.conversations * own + args.system_prompts * (args.system_tokens // args.block_size)
+    return {"final_history_tokens": final, "blocks_per_conversation": per_conv, "total_blocks": total,
+            "per_worker_share_blocks": round(total / args.workers), "cache_blocks_per_worker": args.num_blocks,
+            "cache_over_share": round(args.num_blocks / (total / args.workers), 2)}
+
+
+async def conversation_workload(url: str, args: argparse.Namespace) -> tuple[list[Result], float]:
+    rng = random.Random(args.seed)  # same conversations and schedule for every policy
+    systems = [_tokens(rng, args.system_tokens) for _ in range(args.system_prompts)]
+    convs = []
+    for i in range(args.conversations):
+        opening = systems[i % args.system_prompts] + _tokens(rng, args.doc_tokens)
+        turns = [(_tokens(rng, args.user_tokens), _tokens(rng, args.output_tokens)) for _ in range(args.turns)]
+        thinks = [rng.expovariate(1 / args.think) if args.think > 0 else 0.0 for _ in range(args.turns)]
+        convs.append((opening, turns, rng.uniform(0, args.ramp), thinks))
+    results: list[Result] = []
+
+    async def conversation(session: aiohttp.ClientSession, opening: list[int],
+                           turns: list[tuple[list[int], list[int]]], delay: float, thinks: list[float]) -> None:
+        await asyncio.sleep(delay)
+        prompt = list(opening)
+        for turn, ((user, reply), think) in enumerate(zip(turns, thinks), start=1):
+            prompt = prompt + user
+            results.append(await stream_request(session, url, prompt, args.output_tokens, turn))
+            prompt = prompt + reply
+            await asyncio.sleep(think)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=TIMEOUT) as session:
+        started = time.monotonic()
+        await asyncio.gather(*(conversation(session, *c) for c in convs))
+        wall = time.monotonic() - started
+    return results, wall
+
+
+class FirstTurns:
+    """Overload requests: a first turn (shared system prompt + own document + user)."""
+
+    def __init__(self, args: argparse.Namespace, seed: int) -> None:
+        self.rng = random.Random(seed)
+        systems_rng = random.Random(args.seed)
+        self.systems = [_tokens(systems_rng, args.system_tokens) for _ in range(args.system_prompts)]
+        self.args = args
+
+    def __call__(self) -> list[int]:
+        return (self.systems[self.rng.randrange(len(self.systems))]
+                + _tokens(self.rng, self.args.overload_doc_tokens + self.args.user_tokens))
+
+
+async def closed_loop(url: str, args: argparse.Namespace, concurrency: int, seconds: float,
+                      seed: int) -> tuple[list[Result], float]:
+    make = FirstTurns(args, seed)
+    results: list[Result] = []
+    stop_at = time.monotonic() + seconds
+
+    async def loop(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < stop_at:
+            r = await stream_request(session, url, make(), args.output_tokens)
+            results.append(r)
+            if r.status != 200:
+                await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=TIMEOUT) as session:
+        started = time.monotonic()
+        await asyncio.gather(*(loop(session) for _ in range(concurrency)))
+        wall = time.monotonic() - started
+    return results, wall
+
+
+async def open_loop(url: str, args: argparse.Namespace, rate: float, seconds: float,
+                    seed: int) -> tuple[list[Result], float, float]:
+    """Poisson arrivals at ``rate``/s for ``seconds``; returns results, wall time
+    (until the last answer) and the achieved arrival rate."""
+    make = FirstTurns(args, seed)
+    rng = random.Random(seed + 1000)
+    tasks: list[asyncio.Task[Result]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=TIMEOUT) as session:
+        started = time.monotonic()
+        t = started
+        while t - started < seconds:
+            t += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, t - time.monotonic()))
+            tasks.append(asyncio.create_task(stream_request(session, url, make(), args.output_tokens)))
+        sent_for = time.monotonic() - started
+        results = list(await asyncio.gather(*tasks))
+        wall = time.monotonic() - started
+    return results, wall, len(tasks) / sent_for
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    pol = report["conversations"]["policies"]
+    names = list(pol)
+    x = list(range(len(names)))
+    ax = axes[0]
+    ax.bar([i - 0.27 for i in x], [pol[n]["ttft_p50_ms"] for n in names], 0.27, label="p50 (all turns)")
+    ax.bar(x, [pol[n].get("later_turns_ttft_p50_ms", 0) for n in names], 0.27, label="p50 (turns ≥ 2)")
+    ax.bar([i + 0.27 for i in x], [pol[n]["ttft_p99_ms"] for n in names], 0.27, label="p99 (all turns)")
+    ax.set_xticks(x, names)
+    ax.set_yscale("log")
+    ax.set_ylabel("TTFT (ms, log)")
+    ax.set_title("long multi-turn conversations: TTFT")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.bar(x, [pol[n]["cache_hit_rate"] * 100 for n in names], color="tab:green")
+    ax2 = ax.twinx()
+    ax2.plot(x, [pol[n]["throughput_output_tok_s"] for n in names], "o-", color="tab:red")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("cache hit rate (%)")
+    ax2.set_ylabel("output tokens/s", color="tab:red")
+    ax.set_title("cache hit rate and throughput")
+    ov = report.get("overload")
+    ax = axes[2]
+    if ov:
+        runs = ["unloaded", "light", "overload"]
+        labels = ["unloaded\n(1 at a time)", f"{ov['light_load']}× cap",
+                  f"{ov['overload_factor']}× cap\n{ov['overload']['rejection_rate'] * 100:.0f}% rejected"]
+        xs = list(range(len(runs)))
+        ax.bar([i - 0.2 for i in xs], [ov[r]["ttft_p50_ms"] for r in runs], 0.4, label="accepted p50")
+        ax.bar([i + 0.2 for i in xs], [ov[r]["ttft_p99_ms"] for r in runs], 0.4, label="accepted p99")
+        ax.set_xticks(xs, labels)
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"overload, busy when queue > {ov['busy_queue_threshold']} (capacity {ov['capacity_req_s']} req/s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _policy_flags(entry: str, args: argparse.Namespace) -> tuple[str, float]:
+    name, _, weight = entry.partition("@")
+    return name, float(weight) if weight else args.prefill_weight
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from dynrt.runtime.embedded import EmbeddedServers
+
+    servers = EmbeddedServers.in_temp_dir()
+    await servers.start_async()
+    log_dir = Path(tempfile.mkdtemp(prefix="dynrt-bench-routing-"))
+    print(f"logs: {log_dir}", file=sys.stderr)
+    worker_args = ["--speedup", str(args.speedup), "--num-blocks", str(args.num_blocks),
+                   "--block-size", str(args.block_size)]
+    report: dict[str, Any] = {}
+    try:
+        policies: dict[str, Any] = {}
+        for entry in args.policies:
+            policy, weight = _policy_flags(entry, args)
+            # No load shedding here: the comparison is about placement, not admission.
+            frontend = ["--router-mode", policy, "--prefill-weight", str(weight),
+                        "--busy-kv-threshold", "-1", "--busy-queue-threshold", "-1"]
+            dep = Deployment(servers, log_dir, entry, worker_args, frontend, args.workers)
+            await dep.start()
+            try:
+                results, wall = await conversation_workload(dep.url, args)
+            finally:
+                await dep.stop()
+            label = entry if "@" in entry or policy != "kv" else f"kv@{weight:g}"
+            policies[label] = summarize(results, wall)
+            print(f"{label}: {policies[label]}", file=sys.stderr)
+        conv: dict[str, Any] = {"working_set": working_set_blocks(args), "policies": policies}
+        rr = policies.get("round-robin")
+        if rr:
+            conv["ttft_p50_speedup_vs_round_robin"] = {
+                name: round(rr["ttft_p50_ms"] / s["ttft_p50_ms"], 2) for name, s in policies.items()
+                if name.startswith("kv") and s["ttft_p50_ms"] > 0}
+        report["conversations"] = conv
+
+        if not args.skip_overload:
+            frontend = ["--router-mode", "kv", "--prefill-weight", str(args.prefill_weight),
+                        "--busy-kv-threshold", str(args.busy_kv_threshold), "--busy-queue-threshold", "-1"]
+            dep = Deployment(servers, log_dir, "overload",
+                             [*worker_args, "--max-num-seqs", str(args.max_num_seqs)], frontend, args.workers)
+            await dep.start()
+            try:
+                # Saturation: every slot busy and a queue behind it on every worker.
+                concurrency = args.workers * (args.max_num_seqs + 2)
+                cap_results, cap_wall = await closed_loop(dep.url, args, concurrency, args.phase_seconds, 21)
+                # Discard the first second's worth (cold start) by measuring completions per second
+                # over the run: every request in a closed loop of fixed concurrency.
+                capacity = sum(1 for r in cap_results if r.status == 200) / cap_wall
+                print(f"capacity {capacity:.2f} req/s", file=sys.stderr)
+                await asyncio.sleep(2)
+                unloaded, unloaded_wall = await closed_loop(dep.url, args, 1, args.phase_seconds, 22)
+                await asyncio.sleep(1)
+                light, light_wall, light_rate = await open_loop(dep.url, args, args.light_load * capacity,
+                                                                args.phase_seconds, 23)
+                thresholds = await dep.set_thresholds(queue_depth=args.busy_queue_threshold)
+                await asyncio.sleep(2)
+                over, over_wall, over_rate = await open_loop(dep.url, args, args.overload * capacity,
+                                                             args.phase_seconds, 24)
+            finally:
+                await dep.stop()
+            s_unloaded, s_light, s_over = (summarize(unloaded, unloaded_wall), summarize(light, light_wall),
+                                           summarize(over, over_wall))
+            for s in (s_unloaded, s_light, s_over):
+                s["rejection_rate"] = round(s["rejected_503"] / s["requests"], 4) if s["requests"] else 0.0
+            s_light["offered_req_s"] = round(light_rate, 2)
+            s_over["offered_req_s"] = round(over_rate, 2)
+            s_over["offered_over_capacity"] = round(over_rate / capacity, 2)
+            s_over["accepted_over_capacity"] = round(s_over["ok"] / over_wall / capacity, 2)
+            report["overload"] = {
+                "capacity_req_s": round(capacity, 2),
+                "capacity_run": summarize(cap_results, cap_wall) | {"concurrency": concurrency},
+                "max_num_seqs": args.max_num_seqs,
+                "busy_queue_threshold": args.busy_queue_threshold,
+                "thresholds_during_overload": thresholds,
+                "light_load": args.light_load,
+                "overload_factor": args.overload,
+                "unloaded": s_unloaded,
+                "light": s_light,
+                "overload": s_over,
+                "accepted_ttft_p99_over_unloaded": round(s_over["ttft_p99_ms"] / s_unloaded["ttft_p99_ms"], 2),
+                "accepted_ttft_p99_over_light": round(s_over["ttft_p99_ms"] / s_light["ttft_p99_ms"], 2),
+            }
+    finally:
+        await servers.stop_async()
+    decision = RESULTS_DIR / "routing_decision.json"
+    if decision.exists():
+        with contextlib.suppress(ValueError, KeyError):
+            data = json.loads(decision.read_text())
+            report["decision_latency"] = {k: v for k, v in data.items() if k != "machine"}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="comma-separated; kv@W = kv with --prefill-weight W")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--speedup", type=float, default=1.0)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=8192,
+                        help="KV blocks per worker: ~1.5x a worker's share of the working set")
+    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--system-prompts", type=int, default=4)
+    parser.add_argument("--system-tokens", type=int, default=512)
+    parser.add_argument("--doc-tokens", type=int, default=3072)
+    parser.add_argument("--user-tokens", type=int, default=256)
+    parser.add_argument("--output-tokens", type=int, default=48)
+    parser.add_argument("--ramp", type=float, default=10.0)
+    parser.add_argument("--think", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--prefill-weight", type=float, default=1.0, help="frontend --prefill-weight for plain 'kv'")
+    parser.add_argument("--output", default="routing", help="results name (JSON and PNG)")
+    parser.add_argument("--skip-overload", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="overload run: sequence slots per worker")
+    parser.add_argument("--overload-doc-tokens", type=int, default=3072,
+                        help="overload run: document tokens of each (first-turn) request")
+    parser.add_argument("--busy-queue-threshold", type=int, default=0,
+                        help="overload run: busy when more than this many wait (0 = as soon as one waits)")
+    parser.add_argument("--busy-kv-threshold", type=float, default=0.95)
+    parser.add_argument("--phase-seconds", type=float, default=12.0)
+    parser.add_argument("--light-load", type=float, default=0.25)
+    parser.add_argument("--overload", type=float, default=3.0)
+    parser.add_argument("--quick", action="store_true", help="small run for a smoke test")
+    args = parser.parse_args()
+    args.policies = [p for p in args.policies.split(",") if p]
+    if args.quick:
+        args.conversations, args.turns, args.phase_seconds, args.ramp = 16, 3, 4.0, 3.0
+    config = dict(vars(args))
+    report = asyncio.run(run(args))
+    report = {"config": config, **report}
+    path = write_results(args.output, report)
+    plot(report, RESULTS_DIR / f"{args.output}.png")
+    rows = [[n, s["ttft_p50_ms"], s.get("later_turns_ttft_p50_ms", ""), s["ttft_p99_ms"], s["throughput_req_s"],
+             s["throughput_output_tok_s"], s["cache_hit_rate"], s["ok"], s["requests"] - s["ok"]]
+            for n, s in report["conversations"]["policies"].items()]
+    print_table(["policy", "ttft p50 ms", "p50 turns>=2", "ttft p99 ms", "req/s", "out tok/s", "hit rate", "ok",
+                 "not ok"], rows)
+    print(f"TTFT p50 speedup vs round-robin: {report['conversations'].get('ttft_p50_speedup_vs_round_robin')}")
+    if "overload" in report:
+        ov = report["overload"]
+        rows = [[name, ov[name].get("offered_req_s", ""), ov[name]["ok"], ov[name]["rejection_rate"],
+                 ov[name]["ttft_p50_ms"], ov[name]["ttft_p99_ms"]] for name in ("unloaded", "light", "overload")]
+        print(f"capacity {ov['capacity_req_s']} req/s (closed loop, concurrency {ov['capacity_run']['concurrency']})")
+        print_table(["phase", "offered req/s", "ok", "rejected", "ttft p50 ms", "ttft p99 ms"], rows)
+        print(f"accepted TTFT p99 / unloaded {ov['accepted_ttft_p99_over_unloaded']}, "
+              f"/ light {ov['accepted_ttft_p99_over_light']}; accepted throughput "
+              f"{ov['overload']['accepted_over_capacity']}x capacity")
+    print(f"wrote {path} and {RESULTS_DIR / (args.output + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
