@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import aiohttp
 
 from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
 from benchmarks.serve import Deployment
-from dynrt.runtime.embedded import EmbeddedServers, die_with_parent
+from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 from dynrt.runtime.protocol import GenerateRequest, SamplingParams
 from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
@@ -130,8 +129,8 @@ class Chaos:
             await asyncio.to_thread(proc.wait)
             with open(self.deployment.log_dir / f"{victim}.log", "ab") as log_file:
                 self.deployment.procs[victim] = subprocess.Popen(
-                    self.deployment.argvs[victim], stdout=log_file, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+                    die_with_parent_argv(self.deployment.argvs[victim]), stdout=log_file, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 async def run_once(sig: int, args: argparse.Namespace, refs: list[str]) -> dict[str, Any]:

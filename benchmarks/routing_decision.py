@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from benchmarks.common import machine_facts, percentile, print_table, write_results
+from benchmarks.common import percentile, print_table, write_results
 from dynrt.router.policies import Choice, Router, RouterState
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import (

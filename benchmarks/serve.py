@@ -45,7 +45,7 @@ import aiohttp
 import msgspec
 
 from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
-from dynrt.runtime.embedded import EmbeddedServers, die_with_parent, free_port
+from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv, free_port
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 
 # ---------------------------------------------------------------------------
@@ -259,9 +259,9 @@ class Deployment:
     def start(self, timeout: float = 60.0) -> None:
         for name, argv in self.argvs.items():
             with open(self.log_dir / f"{name}.log", "ab") as log_file:
-                self.procs[name] = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                                    preexec_fn=die_with_parent)
+                self.procs[name] = subprocess.Popen(die_with_parent_argv(argv), stdout=log_file,
+                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                    start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():

@@ -412,11 +412,14 @@ class FrontendService:
     async def run(self) -> int:
         self.shutdown.install_signal_handlers()
         try:
-            await self.start()
+            started = await self.shutdown.start_unless_stopped(self.start())
         except Exception:
             log.exception("frontend_start_failed")
             await self._release()
             return 1
+        if not started:
+            await self._release()
+            return 0
         await self.shutdown.wait()
         await self.shutdown.run()
         log.info("frontend_stopped", frontend_id=self.frontend_id)

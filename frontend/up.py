@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynrt.runtime.embedded import EmbeddedServers, die_with_parent
+from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
 from dynrt.runtime.lifecycle import run_main
 from dynrt.runtime.log import get_logger, setup_logging
 
@@ -56,9 +56,9 @@ class Child:
 
     def spawn(self) -> None:
         with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(die_with_parent_argv(self.argv), stdout=log_file, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=die_with_parent, env={**os.environ, **self.env})
+                                         env={**os.environ, **self.env})
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

@@ -9,7 +9,6 @@ the real Go binary it ships so signals (SIGKILL, SIGSTOP) reach etcd itself.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib.util
 import json
 import os
@@ -27,16 +26,28 @@ from pathlib import Path
 _LOOPBACK = "127.0.0.1"
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for children: on Linux, the kernel sends SIGTERM to the child when
-    the process that started it dies, even by SIGKILL — so a crashed ``dynrt up`` or test
-    run leaves no etcd, NATS or worker behind."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+# Children of ``dynrt up`` and of test runs must die with them, even when they are
+# SIGKILLed: on Linux the kernel does that for a child that set PR_SET_PDEATHSIG (kept
+# across exec). subprocess's ``preexec_fn`` could set it, but only by fork()ing this
+# process, and a fork taken while gRPC's threads run can crash the child before it execs
+# (SIGABRT, "epoll_wait error: Bad file descriptor"). So a tiny launcher sets it and execs
+# the real program; subprocess spawns the launcher without forking us. The "parent" is
+# the spawning *thread*: spawn from the event loop's thread, not from a worker thread.
+_DIE_WITH_PARENT_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"  # the parent died before the prctl: nothing to serve
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def die_with_parent_argv(argv: list[str]) -> list[str]:
+    """``argv`` (an absolute program path first) behind the PDEATHSIG launcher (Linux;
+    elsewhere unchanged)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT_LAUNCHER, str(os.getpid()), *argv]
 
 
 class BinaryNotFound(RuntimeError):
@@ -110,8 +121,8 @@ class ManagedProcess:
         try:
             # New session: Ctrl-C in a terminal reaches dynrt, which stops children in order.
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=die_with_parent,
+                die_with_parent_argv(self.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             log.close()

@@ -55,6 +55,21 @@ class GracefulShutdown:
     async def wait(self) -> None:
         await self.requested.wait()
 
+    async def start_unless_stopped(self, start: Coroutine[Any, Any, None]) -> bool:
+        """Run a component's start-up, abandoning it if a stop is requested meanwhile
+        (a SIGTERM while waiting for etcd must not wait for etcd). True if it started;
+        False if stopped first; start-up's own exception propagates."""
+        starting = asyncio.create_task(start, name="start-up")
+        stop_requested = asyncio.create_task(self.requested.wait())
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return False
+        stop_requested.cancel()
+        starting.result()
+        return True
+
     async def run(self) -> None:
         for name, callback, timeout in self._steps:
             try:

@@ -54,7 +54,6 @@ from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     InstanceRecord,
     controller_prefix,
-    instance_key,
     instance_record_decoder,
     instances_prefix,
     load_report_decoder,

@@ -108,8 +108,6 @@ class WorkerService:
             max_num_seqs=info.max_num_seqs, tokenizer=info.tokenizer, host=socket.gethostname(), pid=os.getpid(),
             system_port=system_port, started_at=time.time(), replica_id=self.config.replica_id)
         self.record = record
-        await self.registration.start(wait=30)
-        await self.registration.put(self.key, encode_json(record))
         self.frontend_watcher = PrefixWatcher(self.etcd, frontends_prefix(self.config.namespace),
                                               lambda k, v: None, self._on_frontend_gone)
         await self.frontend_watcher.start()
@@ -121,7 +119,11 @@ class WorkerService:
         self.shutdown.add("deregister", self._deregister, timeout=5)
         self.shutdown.add("drain", self._drain, timeout=self.config.drain_timeout + 5)
         self.shutdown.add("release", self._release, timeout=10)
+        # Ready before the record is published: a frontend may send a request the moment
+        # it sees the record.
         self.state = "ready"
+        await self.registration.start(wait=30)
+        await self.registration.put(self.key, encode_json(record))
         log.info("worker_ready", instance_id=self.instance_id, subject=self.subject, system_port=system_port,
                  model=self.model_name, kv_blocks=info.kv_blocks_total)
 
@@ -129,11 +131,15 @@ class WorkerService:
         """Serve until a signal or an unhealthy verdict; returns the exit code."""
         self.shutdown.install_signal_handlers()
         try:
-            await self.start()
+            started = await self.shutdown.start_unless_stopped(self.start())
         except Exception:
             log.exception("worker_start_failed", instance_id=self.instance_id)
             await self._release()
             return 1
+        if not started:
+            log.info("worker_stopped_while_starting", instance_id=self.instance_id)
+            await self._release()
+            return 0
         await self.shutdown.wait()
         await self.shutdown.run()
         self.state = "stopped"

@@ -11,28 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Children must die with the test process (even when it is SIGKILLed), but subprocess's
-# ``preexec_fn`` would make it fork() the test process, and a fork taken while gRPC's
-# threads run (the test's own etcd clients) can crash the child before it execs
-# (SIGABRT, "epoll_wait error: Bad file descriptor"). So a tiny launcher sets
-# PR_SET_PDEATHSIG (kept across exec) and execs the real program; subprocess spawns it
-# without forking the test process. The parent is the spawning *thread*: spawn from the
-# event loop's thread, not from ``asyncio.to_thread``.
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    os._exit(1)\n"  # the parent died before the prctl: nothing to serve
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def die_with_parent_argv(argv: list[str]) -> list[str]:
-    """``argv`` (an absolute program path first) behind the PDEATHSIG launcher (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-
+from dynrt.runtime.embedded import die_with_parent_argv
 
 def spawn_python(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A Python child that gets SIGTERM when the test process dies, even by SIGKILL."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, NatsServer

@@ -153,7 +153,7 @@ def test_dynrt_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         try:
             code = proc.wait(15)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"dynrt up still running 15 s after SIGINT; output:\n" + "\n".join(out.lines)) from None
+            raise AssertionError("dynrt up still running 15 s after SIGINT; output:\n" + "\n".join(out.lines)) from None
         stopped_in = time.monotonic() - start
         lines = out.rest(5)
         assert code == 0, "\n".join(lines)

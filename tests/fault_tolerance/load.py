@@ -1,0 +1,325 @@
+"""The bounded load generator and the output checkers of the fault-tolerance suite.
+
+``Load`` sends at most ``requests`` streamed chat completions, at most ``concurrency`` at
+a time, over one or more frontends (request ``i`` goes to ``urls[i % len(urls)]``).
+Every request has its own prompt and seed, ``ignore_eos`` and ``max_tokens``, so its
+exact answer is known in advance: ``references`` computes it with the mock engine in this
+process (its output is a pure function of the token ids so far and the seed), and
+``check`` compares every stream with it token for token (as text, and the usage's token
+counts).
+
+    load = Load([fe.url], requests=24, concurrency=8, max_tokens=300, tag="kill")
+    task = load.start()
+    await load.wait_streaming(8, min_chunks=10)     # every slot is mid-answer
+    ...fault...
+    streams = await task
+    report = await check(streams)                   # Report: ok, failed, identical, ...
+    report.assert_perfect()
+
+A stream can be made to disconnect mid-answer (``cancel_after={index: chunks}``): the
+client closes the connection after that many content chunks, as a user pressing stop.
+``stop_issuing()`` ends an open-ended run: requests not yet sent are dropped (not
+counted), the ones in flight finish.
+
+Only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from dynrt.frontend.tokenizer import MockModelTokenizer
+from dynrt.runtime.mock_tokenizer import mock_tokenizer
+from dynrt.runtime.protocol import GenerateRequest, SamplingParams
+from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
+
+MODEL = "mock-model"
+
+
+def messages(tag: str, index: int) -> list[dict[str, str]]:
+    """A prompt of its own per (tag, index): no two requests share a first KV block."""
+    return [{"role": "user", "content": f"{tag} request {index}: tell me a long story about the river and the city"}]
+
+
+@dataclass
+class Stream:
+    """One streamed request and everything the client saw of it."""
+
+    index: int
+    url: str
+    tag: str
+    max_tokens: int
+    seed: int
+    cancel_after: int | None = None  # content chunks after which the client disconnects
+    sent: bool = False
+    sent_at: float = math.nan  # time.monotonic()
+    ended_at: float = math.nan
+    status: int | None = None
+    request_id: str = ""
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: str = ""  # "" when the stream ended normally
+    done: bool = False  # saw data: [DONE]
+    cancelled: bool = False  # the client disconnected on purpose
+    chunk_times: list[float] = field(default_factory=list)  # monotonic, one per content chunk
+
+    @property
+    def ok(self) -> bool:
+        return self.sent and not self.cancelled and not self.error and self.done and self.finish_reason is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.sent and not self.cancelled and not self.ok
+
+    @property
+    def max_gap(self) -> float:
+        """Longest client-visible pause: from sending to the first chunk, then between chunks."""
+        times = [self.sent_at, *self.chunk_times]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+    def in_flight_at(self, t: float) -> bool:
+        return self.sent and self.sent_at <= t and (math.isnan(self.ended_at) or t <= self.ended_at)
+
+    def overlaps(self, start: float, end: float) -> bool:
+        return self.sent and self.sent_at <= end and (math.isnan(self.ended_at) or self.ended_at >= start)
+
+    def body(self) -> dict[str, Any]:
+        return {"model": MODEL, "messages": messages(self.tag, self.index), "max_tokens": self.max_tokens,
+                "seed": self.seed, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+class Load:
+    def __init__(self, urls: str | Sequence[str], *, requests: int, concurrency: int, max_tokens: int | Sequence[int],
+                 tag: str = "ft", cancel_after: dict[int, int] | None = None, first_index: int = 0,
+                 request_timeout: float = 120.0) -> None:
+        """``max_tokens``: one value, or one per request. ``cancel_after``: request index
+        → content chunks after which that client disconnects."""
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.concurrency = concurrency
+        self.request_timeout = request_timeout
+        cancel_after = cancel_after or {}
+        per_request = [max_tokens] * requests if isinstance(max_tokens, int) else list(max_tokens)
+        assert len(per_request) == requests
+        self.streams = [Stream(index=i, url=self.urls[i % len(self.urls)], tag=tag, max_tokens=per_request[i - first_index],
+                               seed=i, cancel_after=cancel_after.get(i))
+                        for i in range(first_index, first_index + requests)]
+        self._next = 0
+        self._stop = False
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[list[Stream]] | None = None
+        self.started_at = math.nan
+        self.ended_at = math.nan
+
+    # -- running ----------------------------------------------------------------
+    def start(self) -> "asyncio.Task[list[Stream]]":
+        self.task = asyncio.create_task(self.run(), name="load")
+        return self.task
+
+    async def run(self) -> list[Stream]:
+        self.started_at = time.monotonic()
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(self._user(session) for _ in range(self.concurrency)))
+        self.ended_at = time.monotonic()
+        return self.sent()
+
+    def stop_issuing(self) -> None:
+        """Send no more requests; the ones in flight finish."""
+        self._stop = True
+
+    async def _user(self, session: aiohttp.ClientSession) -> None:
+        while not self._stop and self._next < len(self.streams):
+            stream = self.streams[self._next]
+            self._next += 1
+            await self._one(session, stream)
+
+    async def _one(self, session: aiohttp.ClientSession, stream: Stream) -> None:
+        stream.sent = True
+        stream.sent_at = time.monotonic()
+        self._poke()
+        try:
+            async with session.post(f"{stream.url}/v1/chat/completions", json=stream.body()) as response:
+                stream.status = response.status
+                if response.status != 200:
+                    stream.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                    return
+                async for raw in response.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data: "):
+                        continue
+                    data = line[6:]
+                    if data == b"[DONE]":
+                        stream.done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        stream.error = f"stream error {error.get('code')}: {error.get('message', '')[:200]}"
+                        continue
+                    stream.request_id = chunk.get("id") or stream.request_id
+                    if chunk.get("usage"):
+                        stream.usage = chunk["usage"]
+                    for choice in chunk.get("choices", []):
+                        content = choice.get("delta", {}).get("content")
+                        if content:
+                            stream.text += content
+                            stream.chunk_times.append(time.monotonic())
+                            self._poke()
+                        if choice.get("finish_reason"):
+                            stream.finish_reason = choice["finish_reason"]
+                    if stream.cancel_after is not None and len(stream.chunk_times) >= stream.cancel_after:
+                        stream.cancelled = True
+                        response.close()  # drop the connection mid-answer
+                        return
+                if not stream.done and not stream.error:
+                    stream.error = "stream ended without [DONE]"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            stream.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            stream.ended_at = time.monotonic()
+            self._poke()
+
+    def _poke(self) -> None:
+        self._changed.set()
+
+    # -- observing ----------------------------------------------------------------
+    def sent(self) -> list[Stream]:
+        return [s for s in self.streams if s.sent]
+
+    def in_flight(self) -> list[Stream]:
+        return [s for s in self.streams if s.sent and math.isnan(s.ended_at)]
+
+    def finished(self) -> list[Stream]:
+        return [s for s in self.streams if s.sent and not math.isnan(s.ended_at)]
+
+    async def wait_until(self, predicate: Any, timeout: float, what: str) -> float:
+        """Wait (event-driven) until ``predicate()``; returns the seconds it took."""
+        start = time.monotonic()
+        while not predicate():
+            if self.task is not None and self.task.done():
+                self.task.result()  # re-raise a crash of the load itself
+                raise AssertionError(f"load ended before {what}")
+            remaining = timeout - (time.monotonic() - start)
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
+            except asyncio.TimeoutError:
+                pass
+        return time.monotonic() - start
+
+    async def wait_streaming(self, count: int, min_chunks: int = 10, timeout: float = 30.0) -> list[Stream]:
+        """Until ``count`` requests are in flight with at least ``min_chunks`` chunks each."""
+        def streaming() -> list[Stream]:
+            return [s for s in self.in_flight() if len(s.chunk_times) >= min_chunks]
+
+        await self.wait_until(lambda: len(streaming()) >= count, timeout,
+                              f"{count} streams with {min_chunks}+ chunks")
+        return streaming()
+
+    async def wait_finished(self, count: int, timeout: float = 60.0) -> None:
+        await self.wait_until(lambda: len(self.finished()) >= count, timeout, f"{count} finished requests")
+
+
+# ---------------------------------------------------------------------------
+# references and checks
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    prompt_tokens: int
+
+
+async def references(streams: Iterable[Stream]) -> dict[int, Reference]:
+    """The answer an uninterrupted run gives each stream (by index), from the mock
+    engine in process (no sleeping), with the frontend's chat template and stop ids."""
+    tokenizer = MockModelTokenizer(mock_tokenizer())
+    engine = MockEngine(MockEngineConfig(speedup=float("inf")))
+    await engine.start()
+
+    async def one(stream: Stream) -> tuple[int, Reference]:
+        prompt = tokenizer.apply_chat_template(messages(stream.tag, stream.index))
+        request = GenerateRequest(request_id=f"ref-{stream.tag}-{stream.index}", model=MODEL, token_ids=prompt,
+                                  sampling=SamplingParams(max_tokens=stream.max_tokens, seed=stream.seed,
+                                                          ignore_eos=True,
+                                                          stop_token_ids=list(tokenizer.stop_token_ids)))
+        ids: list[int] = []
+        finish = ""
+        async for batch in engine.generate(request):
+            ids.extend(batch.token_ids)
+            finish = batch.finish_reason or finish
+        return stream.index, Reference(tokenizer.decode(ids), finish, len(ids), len(prompt))
+
+    try:
+        return dict(await asyncio.gather(*(one(s) for s in streams)))
+    finally:
+        await engine.shutdown()
+
+
+@dataclass
+class Report:
+    """What happened to a set of streams, against their references."""
+
+    sent: int
+    ok: int
+    failed: int
+    cancelled: int
+    identical: int
+    wrong: list[int]  # completed but different from the reference (indices)
+    errors: dict[int, str]  # failed streams: index -> error
+    tokens_lost: int  # reference tokens missing from completed streams
+    max_gap: float
+
+    def assert_perfect(self, expected: int | None = None) -> None:
+        """Every request sent (``expected`` of them, if given) completed, identical to
+        its reference."""
+        if expected is not None:
+            assert self.sent == expected, f"{self.sent} requests sent, expected {expected}"
+        assert self.failed == 0, f"{self.failed} of {self.sent} requests failed: {dict(list(self.errors.items())[:5])}"
+        assert self.wrong == [], f"{len(self.wrong)} answers differ from the reference: {self.wrong[:10]}"
+        assert self.identical == self.sent - self.cancelled
+        assert self.tokens_lost == 0
+
+
+async def check(streams: Sequence[Stream], refs: dict[int, Reference] | None = None) -> Report:
+    refs = refs if refs is not None else await references(streams)
+    sent = [s for s in streams if s.sent]
+    ok = [s for s in sent if s.ok]
+    wrong = [s.index for s in ok if not matches(s, refs[s.index])]
+    lost = 0
+    for s in ok:
+        got = (s.usage or {}).get("completion_tokens", 0)
+        lost += max(0, refs[s.index].completion_tokens - got)
+    return Report(sent=len(sent), ok=len(ok), failed=sum(1 for s in sent if s.failed),
+                  cancelled=sum(1 for s in sent if s.cancelled), identical=len(ok) - len(wrong), wrong=wrong,
+                  errors={s.index: s.error or "incomplete" for s in sent if s.failed}, tokens_lost=lost,
+                  max_gap=max((s.max_gap for s in ok), default=0.0))
+
+
+def matches(stream: Stream, ref: Reference) -> bool:
+    usage = stream.usage or {}
+    return (stream.text == ref.text and stream.finish_reason == ref.finish_reason
+            and usage.get("completion_tokens") == ref.completion_tokens
+            and usage.get("prompt_tokens") == ref.prompt_tokens)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
