@@ -25,24 +25,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 
 from dynrt.runtime.embedded import free_port
-from tests.helpers.procs import spawn_dynrt, stop_process
+from tests.helpers.procs import DynrtProcess, spawn_dynrt
 
 _counter = itertools.count()
 _PORT_TAKEN = ("address already in use", "errno 98")
 
 
-class FrontendProcess:
+class FrontendProcess(DynrtProcess):
     def __init__(
         self,
         log_dir: Path,
@@ -147,17 +145,6 @@ class FrontendProcess:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return {**headers, **extra}
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         """``GET /health``: (status, JSON body)."""
@@ -189,46 +176,6 @@ class FrontendProcess:
             async with session.get(f"{self.url}/metrics") as response:
                 assert response.status == 200
                 return await response.text()
-
-    def send_signal(self, sig: int) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    async def wait(self, timeout: float) -> int:
-        """The exit code; AssertionError (with the log) if still running after ``timeout``."""
-        assert self.proc is not None
-        try:
-            return await asyncio.to_thread(self.proc.wait, timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"frontend {self.name} still running after {timeout}s; "
-                                 f"log:\n{self.log_tail()}") from None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_text()[-chars:]
-
-    # -- stop -------------------------------------------------------------------
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGCONT + SIGTERM, SIGKILL after ``timeout``; the exit code."""
-        if self.proc is None:
-            return None
-        return await asyncio.to_thread(stop_process, self.proc, timeout)
-
-    async def __aenter__(self) -> "FrontendProcess":
-        return await self.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 class _PortTaken(Exception):

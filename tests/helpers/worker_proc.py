@@ -23,23 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import aiohttp
 
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.protocol import InstanceRecord, instance_key, instance_record_decoder, instances_prefix
-from tests.helpers.procs import spawn_dynrt, stop_process
+from tests.helpers.procs import DynrtProcess, spawn_dynrt
 
 _counter = itertools.count()
 
 
-class WorkerProcess:
+class WorkerProcess(DynrtProcess):
     def __init__(
         self,
         log_dir: Path,
@@ -143,11 +141,6 @@ class WorkerProcess:
         return instance_key(r.namespace, r.component, r.endpoint, r.instance_id)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.record.system_port}"
 
@@ -162,52 +155,6 @@ class WorkerProcess:
     @property
     def metrics_url(self) -> str:
         return f"{self.base_url}/metrics"
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def send_signal(self, sig: int) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    async def wait(self, timeout: float) -> int:
-        """The exit code; AssertionError (with the log) if still running after ``timeout``."""
-        assert self.proc is not None
-        try:
-            return await asyncio.to_thread(self.proc.wait, timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker {self.name} still running after {timeout}s; log:\n{self.log_tail()}") from None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_text()[-chars:]
-
-    # -- stop -------------------------------------------------------------------
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGCONT + SIGTERM, SIGKILL after ``timeout``; the exit code."""
-        if self.proc is None:
-            return None
-        return await asyncio.to_thread(stop_process, self.proc, timeout)
-
-    async def __aenter__(self) -> "WorkerProcess":
-        return await self.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 async def _healthy(record: InstanceRecord) -> bool:
