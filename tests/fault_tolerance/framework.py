@@ -43,7 +43,7 @@ from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, ManagedProcess, NatsServer, free_port
 from dynrt.runtime.protocol import InstanceRecord, instance_record_decoder, instances_prefix
 from tests.helpers.frontend_proc import FrontendProcess, parse_metrics
-from tests.helpers.procs import spawn_dynrt, stop_process
+from tests.helpers.procs import DynrtProcess, spawn_dynrt
 from tests.helpers.worker_proc import WorkerProcess
 
 # Child processes (workers, frontends) must find the venv's binaries.
@@ -153,7 +153,7 @@ class EtcdCluster:
 # ---------------------------------------------------------------------------
 
 
-class SystemPortProcess:
+class SystemPortProcess(DynrtProcess):
     """A ``dynrt`` subcommand with ``--system-port`` (``/health`` there), e.g. the
     router; or, with ``ready_line``, one without (the controller): ready once its log
     has that event."""
@@ -174,19 +174,6 @@ class SystemPortProcess:
     def metrics_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}/metrics"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def send_signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(sig)
-
     async def start(self, timeout: float = 30.0) -> "SystemPortProcess":
         self.proc = spawn_dynrt(self.argv, self.log_path)
         deadline = time.monotonic() + timeout
@@ -205,20 +192,6 @@ class SystemPortProcess:
                     raise AssertionError(f"{self.name} not healthy after {timeout}s; log:\n{self.log_tail()}")
                 await asyncio.sleep(0.05)
 
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return await asyncio.to_thread(self.proc.wait, timeout)
-
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None:
-            return None
-        return await asyncio.to_thread(stop_process, self.proc, timeout)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_text()[-chars:]
 
 
 # ---------------------------------------------------------------------------
