@@ -216,7 +216,9 @@ class FrontendService:
         context_length = min(r.context_length for r in records)
         sampling = to_sampling_params(req, prompt_len=len(prompt_ids), context_length=context_length,
                                       default_max_tokens=self.config.default_max_tokens,
-                                      stop_token_ids=tokenizer.stop_token_ids)
+                                      # ignore_eos: the end-of-turn ids are the chat model's
+                                      # EOS; vLLM would still stop on them if sent as stops.
+                                      stop_token_ids=[] if req.ignore_eos else tokenizer.stop_token_ids)
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         request_id = prefix + uuid.uuid4().hex[:24]
         generation = Generation(request_id=request_id, model=req.model, prompt_ids=prompt_ids, sampling=sampling,

@@ -297,11 +297,15 @@ async def test_standalone_router_kill_bypass_and_recovery(pool: Pool) -> None:
         assert _bypass(parse_metrics(await fe.metrics_text())) == bypass0, "requests bypassed a live router"
         assert (await router.metrics())[("dynrt_router_decisions_total", frozenset({("outcome", "chosen")}))] >= 24
 
-        # SIGKILL the router under load: every request still succeeds (bypass).
+        # SIGKILL the router under load: every request still succeeds (bypass). One
+        # shared load prompt: the load must not evict the conversations' cached prefixes
+        # (one worker has a small cache), or the hit rates below would measure eviction.
+        load_prompt = tokens(96)
+
         async def load(n: int) -> list[int]:
             out = []
             for _ in range(n):
-                status, body, _ = await pool.complete(fe, tokens(96), max_tokens=8)
+                status, body, _ = await pool.complete(fe, load_prompt, max_tokens=8)
                 out.append(status)
             return out
 
