@@ -148,7 +148,8 @@ class LocalDeployment:
             if health and health.get("status") == "ready" and ready >= self.args.workers:
                 print(f"dynrt up: ready in {time.monotonic() - started:.1f}s: {ready} worker(s) serving "
                       f"'{self.args.model}' — try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-                      f"-d '{{\"model\": \"{self.args.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}'",
+                      f"-d '{{\"model\": \"{self.args.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}'\n"
+                      f"  dynrt status --namespace {self.args.namespace} --etcd-endpoints {self.servers.etcd.endpoint}",
                       flush=True)
                 return
             self._restart_crashed()
