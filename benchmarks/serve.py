@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import math
 import os
 import random
@@ -36,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import msgspec
 
 from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
 from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv, free_port
+from dynrt.runtime.health import fetch_health_json
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 
 # ---------------------------------------------------------------------------
@@ -224,19 +223,6 @@ def summarize(wall: float, results: list[RequestResult], output_tokens: int) -> 
 # ---------------------------------------------------------------------------
 
 
-def _get_json(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            return json.loads(exc.read())
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
-
-
 class Deployment:
     """One frontend and N mock workers as subprocesses against given etcd + NATS."""
 
@@ -267,7 +253,7 @@ class Deployment:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / (name + '.log')}")
-            health = _get_json(f"{self.url}/health")
+            health = fetch_health_json(f"{self.url}/health")
             if health and health.get("status") == "ready" and len(health.get("instances", [])) >= self.workers:
                 return
             time.sleep(0.2)

@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
+from dynrt.runtime.health import fetch_health_json
 from dynrt.runtime.lifecycle import run_main
 from dynrt.runtime.log import get_logger, setup_logging
 
@@ -78,19 +78,6 @@ class Child:
             self.proc.wait()
 
 
-def _get_json(url: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            return json.loads(exc.read())
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
-
-
 class LocalDeployment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -143,7 +130,7 @@ class LocalDeployment:
     async def _wait_ready(self, url: str) -> None:
         started = time.monotonic()
         while not self.stopping.is_set():
-            health = await asyncio.to_thread(_get_json, f"{url}/health")
+            health = await asyncio.to_thread(fetch_health_json, f"{url}/health")
             ready = len((health or {}).get("instances", []))
             if health and health.get("status") == "ready" and ready >= self.args.workers:
                 print(f"dynrt up: ready in {time.monotonic() - started:.1f}s: {ready} worker(s) serving "
@@ -186,7 +173,7 @@ class LocalDeployment:
                 child.spawn()
 
     async def _print_status(self, url: str) -> None:
-        health = await asyncio.to_thread(_get_json, f"{url}/health") or {}
+        health = await asyncio.to_thread(fetch_health_json, f"{url}/health") or {}
         rows = []
         for instance in health.get("instances", []):
             rows.append((instance["instance_id"], instance["pid"], instance["model"]))
@@ -213,7 +200,7 @@ class LocalDeployment:
             if not ready:
                 continue
             fields = dict(part.split("=", 1) for part in ready[-1].split() if "=" in part)
-            health = _get_json(f"http://127.0.0.1:{fields.get('system_port')}/health")
+            health = fetch_health_json(f"http://127.0.0.1:{fields.get('system_port')}/health")
             if health:
                 result[health.get("instance_id", "")] = health
         return result

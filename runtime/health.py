@@ -4,6 +4,9 @@ verdict, 200 or 503 with a JSON body) and ``/metrics``."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +16,22 @@ from aiohttp import web
 from dynrt.runtime import metrics
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def fetch_health_json(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """GET a component's JSON status (``/health`` answers 503 with a body too): the body,
+    or None if nothing answers. Blocking (urllib): for supervisors and scripts, run it in
+    a thread from async code."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
 
 
 async def live_handler(_: web.Request) -> web.Response:
