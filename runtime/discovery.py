@@ -29,6 +29,7 @@ import aetcd.rpc
 import aetcd.watcher
 import grpc
 
+from dynrt.runtime.lifecycle import cancel_and_wait
 from dynrt.runtime.log import get_logger
 
 if TYPE_CHECKING:
@@ -312,12 +313,7 @@ class LeasedRegistration:
     async def close(self, revoke: bool = True) -> None:
         """Stop keeping the lease alive; with ``revoke``, delete every key now."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if revoke and self.lease_id is not None:
             lease_id = self.lease_id
             try:
@@ -417,9 +413,4 @@ class PrefixWatcher:
                 backoff = min(backoff * 2, 1.0)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)

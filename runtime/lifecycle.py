@@ -81,6 +81,18 @@ class GracefulShutdown:
                 log.exception("shutdown_step_failed", step=name)
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait until it has finished unwinding (its ``finally``
+    blocks ran); its own exception, if it already failed, is dropped."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+
+
 def run_main(main: Coroutine[Any, Any, int]) -> int:
     """Run a component's main coroutine on uvloop; its return value is the exit code."""
     try:

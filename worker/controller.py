@@ -49,7 +49,7 @@ import msgspec
 
 from dynrt.runtime.config import ControllerConfig
 from dynrt.runtime.discovery import ETCD_ERRORS, EtcdClient, EtcdUnavailable, PrefixWatcher
-from dynrt.runtime.lifecycle import GracefulShutdown
+from dynrt.runtime.lifecycle import GracefulShutdown, cancel_and_wait
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     InstanceRecord,
@@ -272,11 +272,7 @@ class Controller:
                 await asyncio.wait({lead, lost, stop}, return_when=asyncio.FIRST_COMPLETED)
                 for task in (lead, lost):
                     if not task.done():
-                        task.cancel()
-                        try:
-                            await task
-                        except (asyncio.CancelledError, Exception):
-                            pass
+                        await cancel_and_wait(task)
                 if lead.done() and not lead.cancelled() and lead.exception() is not None:
                     log.error("controller_lead_failed", error=repr(lead.exception()))
                 if self.shutdown.requested.is_set():

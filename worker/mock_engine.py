@@ -38,6 +38,7 @@ import msgspec
 
 from dynrt.runtime.block_hash import extend_block_hashes
 from dynrt.runtime.mock_tokenizer import EOS_ID, mock_tokenizer
+from dynrt.runtime.lifecycle import cancel_and_wait
 from dynrt.runtime.protocol import (
     CancelMode,
     FinishReason,
@@ -219,13 +220,8 @@ class MockEngine(Engine):
         """Abort every request, stop the loop, clear the prefix cache."""
         for seq in list(self._seqs.values()):
             self._finish(seq, "abort")
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.reset_prefix_cache()
         self._closed = True
         self._notify_events()
