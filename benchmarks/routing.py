@@ -45,9 +45,44 @@ client streaming ``/v1/completions`` with token-id prompts.
    TTFT p50/p99 and the rejection rate (HTTP 503 + Retry-After), achieved offered rate
    and accepted throughput.
 
+Results (2-core machine, quiet; two runs of everything, ``results/routing.json`` holds
+run 2 in full and both runs' key numbers under ``runs``). Pending assignments are
+dropped exactly when a load report acknowledges them (workers count received requests
+per sender, ``dynrt.router.cost.PendingAssignments``), no longer by a 0.1 s timer.
+
+* conversations (defaults: histories to 6.0k tokens, mean prompt 4.9k), TTFT p50 run 1 /
+  run 2: kv@1 61.9 / 58.2 ms, kv@4 44.8 / 43.2 ms, round-robin 96.9 / 92.1 ms, random
+  104.3 / 105.1 ms; speedup vs round-robin kv@1 1.57 / 1.58×, kv@4 2.16 / 2.13× (before the
+  exact absorption: 1.06–1.36× and 1.8–2.1×). Hit rate kv@4 0.80, kv@1 0.61, round-robin 0.40–0.45.
+* long histories (``--doc-tokens 4608 --num-blocks 11264``: to 7.5k tokens, mean prompt
+  6.4k, cache 1.6× a worker's share; ``conversations_long``): kv@1 54.9 / 57.3 ms, kv@4
+  44.9 / 44.7 ms, round-robin 122.6 / 123.0 ms, random 136.0 / 134.5 ms; speedup kv@1 2.23 /
+  2.15×, kv@4 2.73 / 2.75×.
+* the 3× target is not met, and the mock's timing fit bounds it: a cached turn still
+  pays the 16.5 ms step overhead, the step in progress and the decode batch it joins
+  (~43 ms at p50 for kv@4's later turns, ~21 ms of it prefill), a fully uncached 6.4k
+  prompt ~130 ms; and round-robin still hits 40–43% (shared system prompts, turns that
+  land where the conversation already was). Longer histories raise the ratio (kv@4 2.1→2.7×).
+* ``kv@4`` beat ``kv@1`` in every run (lower p50 and p99, higher hit rate, same
+  throughput), so the CLI default ``--prefill-weight`` is now 4 (``runtime/config.py``);
+  this script's ``--prefill-weight`` stays 1 so ``kv`` and ``kv@4`` are both measured.
+* overload (2.9× capacity offered, queue rule 0): accepted TTFT p99 827 / 715 ms vs
+  unloaded 78 / 77.7 ms (10.6 / 9.2×; before, with the 0.1 s timer: p99 842 ms, 6.7×,
+  on a quiet run; 0.5 s timer: 398 ms); p50 161 / 156 ms; rejection rate 0.63 / 0.63;
+  accepted throughput 1.0× capacity. Not within 2×, and no better than before in absolute
+  terms: exact absorption admits exactly what the rule allows (the 0.5 s timer did better
+  by double-counting, i.e. shedding more), and the rule — busy once a request would
+  wait — still lets up to ``--max-num-seqs`` requests run at once, whose prefills share
+  the worker's 8192-token step budget: ~3.8k-token prompts admitted close together
+  (slots free up together) prefill one after another at up to ~170 ms a step, while
+  unloaded a prompt prefills alone (~78 ms). Keeping p99 within 2× needs an admission
+  rule on queued prefill work (``active_prefill_tokens`` + pending uncached blocks), not
+  on the waiting queue.
+
 Writes ``benchmarks/results/<--output>.json`` and ``.png``.
 
     python -m benchmarks.routing [--quick]
+    python -m benchmarks.routing --skip-overload --doc-tokens 4608 --num-blocks 11264 --output routing-long
 """
 
 from __future__ import annotations

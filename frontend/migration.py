@@ -114,6 +114,7 @@ class Generation:
         self.migrations = 0
         self.cached_tokens = 0
         self.instance: InstanceRecord | None = None
+        self._router_id = ""  # the standalone router that chose ``instance`` ("" = local)
         self._stream: ResponseStream | None = None
         self._exclude: set[str] = set()
         self._stashed: Frame | None = None
@@ -189,7 +190,7 @@ class Generation:
             request = GenerateRequest(request_id=self.request_id, model=self.model,
                                       token_ids=self.prompt_ids + self.generated, sampling=sampling,
                                       frontend_id=self.frontend_id, num_prior_output_tokens=produced,
-                                      attempt=self.attempts - 1)
+                                      attempt=self.attempts - 1, router_id=self._router_id)
             self.instance = record
             if self._on_instance_stream is not None:
                 self._on_instance_stream(self, record.instance_id)
@@ -217,6 +218,7 @@ class Generation:
             if isinstance(outcome, Choice):
                 record = self.routing.records.get(outcome.instance_id)
                 if record is not None:
+                    self._router_id = outcome.router_id
                     return record
                 self.routing.complete(outcome.instance_id, self.request_id)
             if isinstance(outcome, Busy) and self.attempts == 0:

@@ -386,11 +386,11 @@ class FrontendService:
             self.routing = RemoteRoutingService(self.etcd, self.transport, config.namespace,
                                                 timeout=config.remote_router_timeout, thresholds=self.thresholds,
                                                 prefill_weight=config.prefill_weight,
-                                                temperature=config.router_temperature)
+                                                temperature=config.router_temperature, sender_id=self.frontend_id)
         else:
             self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy=config.router_mode,
                                           thresholds=self.thresholds, prefill_weight=config.prefill_weight,
-                                          temperature=config.router_temperature)
+                                          temperature=config.router_temperature, sender_id=self.frontend_id)
         self.routing.on_removed.append(self._on_instance_removed)
         self.routing.on_added.append(self._on_instance_added)
         await self.registration.start(wait=30)

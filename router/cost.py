@@ -17,7 +17,14 @@ supply. The cached part of the prompt is not counted: those blocks are already r
 (shared with the sequences using them), and counting them made a worker that holds a hot
 prefix look as loaded as one that must compute it, so ``kv`` degenerated into
 least-loaded. Decode growth beyond the first block is not modelled (the router is not
-told ``max_tokens``); the next load report carries it, ``absorb_delay`` later.
+told ``max_tokens``); the next load report carries it.
+
+A pending assignment stops counting when a load report *acknowledges* it: workers count
+the generate requests they receive per sender (``LoadReport.received``: frontend id, and
+the standalone router's id for requests it routed) and count a request before their
+load figures can include it. The router numbers its assignments to each instance in
+send order (1, 2, 3, …), so a report saying "received n from you" covers exactly the
+first n — see ``PendingAssignments``.
 
 KV cost of a request on an instance (lowest wins)::
 
@@ -35,6 +42,7 @@ after.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Literal
 
 import msgspec
@@ -132,46 +140,109 @@ class BusyThresholds:
 
 class PendingAssignments:
     """Requests this router sent to one instance that its load reports do not reflect
-    yet, with running totals so reading them is O(1): ``prefill_blocks`` (uncached full
-    prompt blocks) and ``kv_blocks`` (new KV blocks: uncached + ``DECODE_BLOCKS``)."""
+    yet, with running totals so reading them is O(1): ``count``, ``prefill_blocks``
+    (uncached full prompt blocks) and ``kv_blocks`` (new KV blocks: uncached +
+    ``DECODE_BLOCKS``).
 
-    __slots__ = ("_by_request", "count", "prefill_blocks", "kv_blocks")
+    Every assignment gets the next sequence number (``sent`` is the last one given) and
+    waits in ``_unacked`` until ``ack(n)`` — a load report saying the instance has
+    received ``n`` requests from this router — covers it: sequence number ≤ ``n +
+    offset``. It stops counting as load then, or earlier when it completes (it keeps its
+    place in ``_unacked``: its number still has to be matched by the worker's count).
+
+    ``offset`` keeps numbers and counts aligned when they part:
+
+    * an assignment never acknowledged after ``ack_timeout`` (the request was never
+      delivered: the frontend gave up before sending, the message was lost) is dropped by
+      ``expire`` and ``offset`` grows by one, so later counts still line up;
+    * a count above ``sent − offset`` is impossible unless an expired one arrived after
+      all: ``offset`` shrinks back to fit (every assignment is then acknowledged);
+    * a count that goes *down* means the worker forgot this sender (e.g. a frontend
+      lease blip made it drop the count): what it had counted moves into ``offset``.
+
+    Requests that one sender's several routers route in different orders from their
+    sends (concurrent requests of one frontend; many frontends through one standalone
+    router) are acknowledged by count: the oldest ``n`` are dropped, which may briefly
+    be the wrong ones of equal number.
+    """
+
+    __slots__ = ("_by_request", "_unacked", "sent", "offset", "last_count", "count", "prefill_blocks",
+                 "kv_blocks")
 
     def __init__(self) -> None:
-        self._by_request: dict[str, tuple[float, int, int]] = {}
+        # request id -> (sequence number, uncached blocks, new KV blocks): counted as load
+        self._by_request: dict[str, tuple[int, int, int]] = {}
+        # (sequence number, assigned at, request id), in sequence (and time) order
+        self._unacked: deque[tuple[int, float, str]] = deque()
+        self.sent = 0
+        self.offset = 0
+        self.last_count = 0
         self.count = 0
         self.prefill_blocks = 0
         self.kv_blocks = 0
 
     def add(self, request_id: str, assigned_at: float, prompt_blocks: int, overlap_blocks: int = 0) -> None:
-        """Record an assignment of a prompt of ``prompt_blocks`` full blocks of which the
-        instance holds ``overlap_blocks`` (re-adding a request id replaces it)."""
+        """Record an assignment (the next sequence number) of a prompt of
+        ``prompt_blocks`` full blocks of which the instance holds ``overlap_blocks``.
+        Re-adding a request id stops counting the earlier one's load (it is a resend)."""
         self.complete(request_id)
+        self.sent += 1
         uncached = max(0, prompt_blocks - overlap_blocks)
-        entry = (assigned_at, uncached, uncached + DECODE_BLOCKS)
+        entry = (self.sent, uncached, uncached + DECODE_BLOCKS)
         self._by_request[request_id] = entry
+        self._unacked.append((self.sent, assigned_at, request_id))
         self.count += 1
         self.prefill_blocks += entry[1]
         self.kv_blocks += entry[2]
 
     def complete(self, request_id: str) -> None:
-        """Forget a request (finished, failed, or cancelled). Unknown ids are ignored."""
+        """Stop counting a request's load (finished, failed, or cancelled). Unknown ids
+        are ignored."""
         entry = self._by_request.pop(request_id, None)
         if entry is not None:
             self._subtract(entry)
 
-    def absorb(self, cutoff: float) -> None:
-        """Forget assignments made at or before ``cutoff``: a load report reflects them.
-        Assignments are recorded in time order, so only the oldest are visited."""
-        expired: list[str] = []
-        for request_id, entry in self._by_request.items():
-            if entry[0] > cutoff:
-                break
-            expired.append(request_id)
-        for request_id in expired:
-            self._subtract(self._by_request.pop(request_id))
+    @property
+    def unacknowledged(self) -> int:
+        """Assignments not acknowledged yet, completed ones included."""
+        return len(self._unacked)
 
-    def _subtract(self, entry: tuple[float, int, int]) -> None:
+    def ack(self, received: int) -> None:
+        """A load report says the instance has received ``received`` requests from this
+        router (cumulative): drop the assignments it covers."""
+        if received < self.last_count:
+            self.offset += self.last_count  # the worker started counting us afresh
+        self.last_count = received
+        if received + self.offset > self.sent:
+            self.offset = max(0, self.sent - received)
+        covered = received + self.offset
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= covered:
+            self._drop(unacked.popleft())
+
+    def expire(self, cutoff: float) -> None:
+        """Give up on assignments made at or before ``cutoff`` that no report has
+        acknowledged: they were lost on the way, and ``offset`` grows for each."""
+        unacked = self._unacked
+        while unacked and unacked[0][1] <= cutoff:
+            self._drop(unacked.popleft())
+            self.offset += 1
+
+    def absorb(self, cutoff: float) -> None:
+        """Take assignments made at or before ``cutoff`` as reflected (for workers whose
+        reports carry no ``received`` counts: a timer instead of an acknowledgement)."""
+        unacked = self._unacked
+        while unacked and unacked[0][1] <= cutoff:
+            self._drop(unacked.popleft())
+
+    def _drop(self, item: tuple[int, float, str]) -> None:
+        seq, _, request_id = item
+        entry = self._by_request.get(request_id)
+        if entry is not None and entry[0] == seq:  # not completed, nor re-sent since
+            del self._by_request[request_id]
+            self._subtract(entry)
+
+    def _subtract(self, entry: tuple[int, int, int]) -> None:
         self.count -= 1
         self.prefill_blocks -= entry[1]
         self.kv_blocks -= entry[2]

@@ -7,8 +7,12 @@ runs locally (etcd instances, NATS load reports and KV events, dumps) — and an
 group ``dynrt-router``). Because every frontend asks it, its pending assignments cover
 the requests of *all* frontends: a burst spread over many frontends still spreads over
 the workers. Frontends report the end of each request it routed with ``RouteComplete``
-on ``router_complete_subject(ns)``; assignments a frontend never reports (it died) are
-absorbed by the next load reports, and expire after ``ASSIGNMENT_TTL`` at the latest.
+on ``router_complete_subject(ns)``. Each decision carries the router's id (a new one per
+process), which the frontend puts in ``GenerateRequest.router_id``; workers count the
+requests they receive under it, and their load reports acknowledge the router's pending
+assignments by that count (``dynrt.router.cost.PendingAssignments``). Assignments no
+report acknowledges expire (``RouterState.ack_timeout``; ``ASSIGNMENT_TTL`` if an
+instance's reports stop).
 
 Start-up: the router subscribes its request subject only once it has the instance
 records from etcd and a dump of every live worker's KV cache (bounded by
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+import uuid
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -87,6 +92,7 @@ class StandaloneRouter:
         self.serving = False
         self.synced = False
         self.decisions = 0
+        self.router_id = f"router-{uuid.uuid4().hex[:12]}"
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -99,7 +105,7 @@ class StandaloneRouter:
                                                      creds_file=config.nats_creds)
         self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy="kv",
                                       thresholds=self.thresholds, prefill_weight=config.prefill_weight,
-                                      temperature=config.router_temperature)
+                                      temperature=config.router_temperature, sender_id=self.router_id)
         started = time.monotonic()
         await self.routing.start(wait=30)
         # Every instance found in etcd has a dump requested (``RoutingService._on_put``);
@@ -170,7 +176,9 @@ class StandaloneRouter:
             await self._respond(msg, _PONG)
             return
         outcome = self.routing.route(request.model, request.token_ids, request.request_id, request.exclude)
-        payload = encode(outcome.to_decision())
+        decision = outcome.to_decision()
+        decision.router_id = self.router_id
+        payload = encode(decision)
         self.decisions += 1
         DECISION_SECONDS.observe(time.perf_counter() - started)
         if isinstance(outcome, Choice):

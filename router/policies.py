@@ -51,6 +51,7 @@ class Choice(msgspec.Struct, frozen=True, kw_only=True):
     overlap_blocks: int = 0
     prompt_blocks: int = 0
     cost: float = 0.0
+    router_id: str = ""  # the standalone router that chose ("" = this process's router)
 
     def to_decision(self) -> RouteDecision:
         return RouteDecision(instance_id=self.instance_id, overlap_blocks=self.overlap_blocks)
@@ -104,18 +105,30 @@ class RouterState:
         self,
         *,
         thresholds: BusyThresholds | None = None,
+        sender_id: str | None = None,
+        ack_timeout: float = 5.0,
         absorb_delay: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         index: KvIndex | None = None,
     ) -> None:
-        """``absorb_delay``: a load report received at local time ``t`` is taken to
-        reflect the assignments this router made up to ``t − absorb_delay`` (they had
-        that long to reach the worker), which then stop counting as pending. Local
-        receipt time is used, not the report's own timestamp, so clock skew between
-        hosts does not matter. Too short lets a burst slip through between reports;
-        too long only double-counts briefly (sheds a little early)."""
+        """``sender_id``: who this router's requests come from in the workers' eyes —
+        the frontend's id for a frontend's own router, the standalone router's id
+        (``GenerateRequest.router_id``) for it. A load report whose ``received`` count
+        for ``sender_id`` is ``n`` covers this router's first ``n`` assignments to that
+        instance, which stop counting as pending (``cost.PendingAssignments``); one not
+        covered by a report received ``ack_timeout`` seconds after it was made is taken
+        as lost and dropped.
+
+        ``absorb_delay``: the fallback when acknowledgements are not available (no
+        ``sender_id``, or a worker whose reports carry no counts): a report received at
+        local time ``t`` is taken to reflect the assignments made up to
+        ``t − absorb_delay``. Too short lets a burst slip through between reports (the
+        request and the report that reflects it take longer than that under load); too
+        long double-counts (sheds early)."""
         self.thresholds = thresholds or BusyThresholds()
         self.index = index or KvIndex()
+        self.sender_id = sender_id
+        self.ack_timeout = ack_timeout
         self.absorb_delay = absorb_delay
         self.clock = clock
         self._records: dict[str, InstanceRecord] = {}
@@ -182,14 +195,20 @@ class RouterState:
     # -- inputs from workers -------------------------------------------------
 
     def on_load(self, report: LoadReport) -> None:
-        """Take a load report; it absorbs assignments made ``absorb_delay`` before now.
+        """Take a load report; it absorbs the assignments it acknowledges (``__init__``).
         Reports of unknown instances are ignored (the next one after discovery counts)."""
         iid = report.instance_id
         if iid not in self._records:
             return
         self._loads[iid] = report
         pending = self._pending.get(iid)
-        if pending is not None:
+        if pending is None:
+            return
+        if self.sender_id is not None and report.received is not None:
+            pending.ack(report.received.get(self.sender_id, 0))
+            if pending.unacknowledged:
+                pending.expire(self.clock() - self.ack_timeout)
+        else:
             pending.absorb(self.clock() - self.absorb_delay)
 
     def on_kv_events(self, batch: KvEventBatch) -> bool:
@@ -213,7 +232,8 @@ class RouterState:
     def on_assigned(self, instance_id: str, request_id: str, prompt_blocks: int, overlap_blocks: int = 0) -> None:
         """A request was sent to the instance, which holds ``overlap_blocks`` of its
         ``prompt_blocks``: count its new blocks (``cost.PendingAssignments``) as load
-        until a load report absorbs it or it completes."""
+        until a load report acknowledges it or it completes. Call in the order the
+        requests are sent (assignments are numbered)."""
         if instance_id not in self._records:
             return
         pending = self._pending.get(instance_id)

@@ -63,11 +63,13 @@ class RemoteRoutingService(RoutingService):
     def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *,
                  timeout: float = 0.05, probe_interval: float = 0.5, probe_timeout: float = 0.25,
                  thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
-                 temperature: float = 0.0) -> None:
+                 temperature: float = 0.0, sender_id: str | None = None) -> None:
         """The local fallback uses the ``kv`` policy with ``thresholds``, ``prefill_weight``
-        and ``temperature`` (the router's own settings decide remote answers)."""
+        and ``temperature`` (the router's own settings decide remote answers).
+        ``sender_id``: the frontend's id (workers count every request it sends under it,
+        remote-routed or not, and the local state records both)."""
         super().__init__(etcd, transport, namespace, policy="kv", thresholds=thresholds,
-                         prefill_weight=prefill_weight, temperature=temperature)
+                         prefill_weight=prefill_weight, temperature=temperature, sender_id=sender_id)
         self.timeout = timeout
         self.probe_interval = probe_interval
         self.probe_timeout = max(probe_timeout, timeout)
@@ -146,7 +148,7 @@ class RemoteRoutingService(RoutingService):
             self.state.on_assigned(decision.instance_id, request_id, prompt_blocks, decision.overlap_blocks)
             self._remote_requests[request_id] = decision.instance_id
             return Choice(instance_id=decision.instance_id, overlap_blocks=decision.overlap_blocks,
-                          prompt_blocks=prompt_blocks)
+                          prompt_blocks=prompt_blocks, router_id=decision.router_id)
         if decision.busy:
             return Busy(retry_after=max(1, math.ceil(decision.retry_after)), reason=decision.reason or "mixed")
         # The router knows no instance: if this frontend's view differs (a worker

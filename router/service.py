@@ -42,11 +42,12 @@ InstanceListener = Callable[[InstanceRecord], None]
 class RoutingService:
     def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *, policy: str = "kv",
                  thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
-                 temperature: float = 0.0) -> None:
+                 temperature: float = 0.0, sender_id: str | None = None) -> None:
+        """``sender_id``: how workers count this router's requests (``RouterState``)."""
         self.etcd = etcd
         self.transport = transport
         self.namespace = namespace
-        self.state = RouterState(thresholds=thresholds)
+        self.state = RouterState(thresholds=thresholds, sender_id=sender_id)
         self.router = Router(self.state, policy, prefill_weight=prefill_weight, temperature=temperature,
                              on_reject=lambda reason: REJECTIONS.labels(reason).inc())
         self.records: dict[str, InstanceRecord] = {}
@@ -172,11 +173,11 @@ class RoutingService:
         self.state.on_completed(instance_id, request_id)
 
     def expire_assignments(self, max_age: float) -> None:
-        """Stop counting assignments older than ``max_age`` seconds (a frontend that died
-        before reporting completion; an instance whose load reports stopped)."""
+        """Stop counting assignments older than ``max_age`` seconds that no load report
+        acknowledged (an instance whose load reports stopped)."""
         cutoff = self.state.clock() - max_age
         for pending in self.state._pending.values():
-            pending.absorb(cutoff)
+            pending.expire(cutoff)
 
     async def wait_synced(self, timeout: float) -> bool:
         """Wait until every known instance's KV entries came from a dump (or its events

@@ -44,6 +44,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     frontend_id: str = ""
     num_prior_output_tokens: int = 0
     attempt: int = 0
+    # The standalone router that chose this instance ("" = the frontend's own router).
+    # The worker counts received requests under it as well as under ``frontend_id``
+    # (``LoadReport.received``).
+    router_id: str = ""
 
 
 # ---------------------------------------------------------------------------
@@ -230,6 +234,12 @@ class LoadReport(msgspec.Struct, kw_only=True):
     waiting: int = 0
     active_prefill_tokens: int = 0
     timestamp: float = 0.0
+    # Requests the worker has received since it started (cumulative), per sender: every
+    # request counts under its ``frontend_id`` and, if set, its ``router_id``. The load
+    # figures above already include every request counted here, so a router drops its
+    # pending assignments up to that count (``dynrt.router.cost.PendingAssignments``).
+    # ``None``: a worker that does not count (routers then absorb by time).
+    received: dict[str, int] | None = None
 
     @property
     def kv_usage(self) -> float:
@@ -257,6 +267,8 @@ class RouteDecision(msgspec.Struct, kw_only=True):
     busy: bool = False
     retry_after: float = 0.0
     reason: str = ""
+    # The standalone router's id: the frontend copies it into ``GenerateRequest.router_id``.
+    router_id: str = ""
 
 
 class RouteComplete(msgspec.Struct, kw_only=True):

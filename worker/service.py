@@ -86,6 +86,10 @@ class WorkerService:
         self.frontend_watcher: PrefixWatcher | None = None
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
         self.requests_by_frontend: dict[str, set[str]] = {}
+        # Generate requests received per sender (frontend id, standalone router id),
+        # published in load reports so routers can tell which assignments they reflect.
+        self.received: dict[str, int] = {}
+        self.received_total = 0
         self.last_request_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self.completed = 0
@@ -154,6 +158,10 @@ class WorkerService:
             REQUESTS.labels("bad_request").inc()
             yield ErrorFrame(code="bad_request", message=f"malformed generate request: {exc}")
             return
+        # Counted before any await: by the time a load report shows the count, the engine
+        # holds the request (the mock queues it synchronously on the first iteration
+        # below) or it was refused here — either way routers may stop counting it.
+        self._count_received(request)
         if self.state != "ready":
             REQUESTS.labels("busy").inc()
             yield ErrorFrame(code="busy", message=f"worker is {self.state}")
@@ -204,6 +212,13 @@ class WorkerService:
             self.last_request_at = time.monotonic()
             log.debug("request_done", request_id=request_id, outcome=outcome, generated=generated)
 
+    def _count_received(self, request: GenerateRequest) -> None:
+        received = self.received
+        received[request.frontend_id] = received.get(request.frontend_id, 0) + 1
+        if request.router_id:
+            received[request.router_id] = received.get(request.router_id, 0) + 1
+        self.received_total += 1
+
     def _cancel(self, request_id: str, mode: Literal["stop", "kill"]) -> None:
         log.info("request_cancelled", request_id=request_id, mode=mode)
         asyncio.get_running_loop().create_task(self.engine.abort(request_id, mode))
@@ -216,6 +231,7 @@ class WorkerService:
 
     def _on_frontend_gone(self, key: str) -> None:
         frontend_id = key.rsplit("/", 1)[-1]
+        self.received.pop(frontend_id, None)  # its router is gone with it
         orphans = self.requests_by_frontend.pop(frontend_id, set())
         if not orphans or self.endpoint is None:
             return
@@ -227,7 +243,7 @@ class WorkerService:
     async def _publish_load(self) -> None:
         assert self.transport is not None
         subject = load_subject(self.config.namespace, self.model_name)
-        last: tuple[int, int, int, int] | None = None
+        last: tuple[int, int, int, int, int] | None = None
         last_sent = 0.0
         while True:
             await asyncio.sleep(self.config.load_interval)
@@ -235,8 +251,10 @@ class WorkerService:
             report.instance_id = self.instance_id
             report.model = self.model_name
             report.timestamp = time.time()
+            report.received = dict(self.received)
             KV_USAGE.set(report.kv_usage)
-            shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens)
+            shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens,
+                     self.received_total)
             if shape != last or time.monotonic() - last_sent > 1.0:
                 try:
                     await self.transport.publish(subject, encode(report))

@@ -308,6 +308,35 @@ async def test_usage_reports_prefix_cache_hits(shared_worker: WorkerProcess, tra
     assert (first.final.usage.cached_tokens, second.final.usage.cached_tokens) == (0, hits)
 
 
+async def test_load_reports_count_received_requests_per_sender(
+        shared_worker: WorkerProcess, transport: NatsTransport) -> None:
+    """Every generate request counts under its frontend id and, if set, its router id;
+    load reports carry the cumulative counts (routers acknowledge assignments by them)."""
+    reports: list[protocol.LoadReport] = []
+
+    async def on_report(msg: Any) -> None:
+        report = protocol.load_report_decoder.decode(msg.data)
+        if report.instance_id == shared_worker.record.instance_id:
+            reports.append(report)
+
+    sub = await transport.nc.subscribe(protocol.load_subject(shared_worker.namespace, "mock-model"), cb=on_report)
+    try:
+        frontend, router = f"fe-{uuid.uuid4().hex[:8]}", f"router-{uuid.uuid4().hex[:8]}"
+        sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+        for k in range(3):
+            request = make_request(sampling, frontend_id=frontend)
+            if k:
+                request.router_id = router
+            await collect(await call(transport, shared_worker, request))
+        deadline = time.monotonic() + 5
+        while not (reports and (reports[-1].received or {}).get(frontend) == 3):
+            assert time.monotonic() < deadline, f"no report counting 3 requests: {reports[-1:]}"
+            await asyncio.sleep(0.05)
+        assert reports[-1].received is not None and reports[-1].received[router] == 2
+    finally:
+        await sub.unsubscribe()
+
+
 async def test_out_of_vocabulary_prompt_is_a_bad_request(
         shared_worker: WorkerProcess, transport: NatsTransport, http: aiohttp.ClientSession) -> None:
     vocab = mock_tokenizer().vocab_size

@@ -51,10 +51,11 @@ def record(iid: str, *, model: str = MODEL, kv_blocks_total: int = 1000, max_num
     )
 
 
-def make_state(ids: str = "abcd", thresholds: BusyThresholds | None = None, **kw: int) -> tuple[RouterState, Clock]:
+def make_state(ids: str = "abcd", thresholds: BusyThresholds | None = None, sender_id: str | None = None,
+               **kw: int) -> tuple[RouterState, Clock]:
     """Instances in sync with empty caches and no load reports yet."""
     clock = Clock()
-    state = RouterState(thresholds=thresholds, clock=clock)
+    state = RouterState(thresholds=thresholds, clock=clock, sender_id=sender_id)
     for iid in ids:
         assert state.add_instance(record(iid, **kw))
         assert not state.on_resync(CachedBlocks(instance_id=iid, block_hashes=[], last_event_id=0))
@@ -68,9 +69,11 @@ def store(state: RouterState, iid: str, tokens: list[int]) -> None:
     assert not state.on_kv_events(KvEventBatch(instance_id=iid, model=MODEL, events=[event]))
 
 
-def load(state: RouterState, iid: str, used: int = 0, running: int = 0, waiting: int = 0, total: int = 1000) -> None:
+def load(state: RouterState, iid: str, used: int = 0, running: int = 0, waiting: int = 0, total: int = 1000,
+         received: dict[str, int] | None = None) -> None:
     state.on_load(
-        LoadReport(instance_id=iid, model=MODEL, kv_blocks_used=used, kv_blocks_total=total, running=running, waiting=waiting)
+        LoadReport(instance_id=iid, model=MODEL, kv_blocks_used=used, kv_blocks_total=total, running=running,
+                   waiting=waiting, received=received)
     )
 
 
@@ -220,7 +223,116 @@ def test_temperature_samples_mostly_the_cheapest() -> None:
 # -- pending assignments ------------------------------------------------------
 
 
-def test_pending_assignment_is_absorbed_by_a_later_load_report() -> None:
+def pending(state: RouterState, iid: str = "a") -> tuple[int, float, int]:
+    """(pending requests, their prefill blocks, their KV blocks) as the router projects them."""
+    p = state._pending[iid]
+    return p.count, p.prefill_blocks, p.kv_blocks
+
+
+def test_load_report_acknowledges_exactly_the_assignments_it_counts() -> None:
+    state, clock = make_state("ab", sender_id="fe")
+    # A burst between two reports: every assignment counts, whatever the timing.
+    for k in range(5):
+        state.on_assigned("a", f"r{k + 1}", prompt_blocks=10 + k)  # 10+k uncached + 1 decode block each
+    state.on_assigned("b", "rb1", prompt_blocks=4)
+    assert pending(state) == (5, 60, 65)
+    a, b = state.candidates(MODEL)
+    assert (a.load.blocks_used, a.load.running, b.load.blocks_used) == (65, 5, 5)
+    # A report long after, counting only other senders' requests, absorbs nothing.
+    clock.now += 2.0
+    load(state, "a", used=100, running=2, received={"other": 9})
+    assert pending(state) == (5, 60, 65)
+    # "3 received from fe": exactly r1..r3 (sequence numbers 1..3) stop counting.
+    load(state, "a", used=140, running=5, received={"fe": 3, "other": 9})
+    assert pending(state) == (2, 13 + 14, 13 + 14 + 2)
+    (a, _) = state.candidates(MODEL)
+    assert (a.load.blocks_used, a.load.running) == (140 + 29, 5 + 2)
+    # The same count again changes nothing; b's count does not touch a.
+    load(state, "a", used=140, running=5, received={"fe": 3})
+    load(state, "b", used=5, running=1, received={"fe": 1})
+    assert pending(state) == (2, 27, 29) and pending(state, "b") == (0, 0, 0)
+    load(state, "a", used=170, running=7, received={"fe": 5})
+    assert pending(state) == (0, 0, 0)
+    (a, _) = state.candidates(MODEL)
+    assert (a.load.blocks_used, a.load.running) == (170, 7)
+
+
+def test_completed_assignment_keeps_its_number_until_acknowledged() -> None:
+    state, _ = make_state("a", sender_id="fe")
+    for k in range(3):
+        state.on_assigned("a", f"r{k + 1}", prompt_blocks=10)
+    state.on_completed("a", "r1")  # finished before any report: its load goes at once
+    assert pending(state) == (2, 20, 22)
+    load(state, "a", received={"fe": 1})  # covers r1 (number 1), not r2
+    assert pending(state) == (2, 20, 22)
+    load(state, "a", received={"fe": 2})
+    assert pending(state) == (1, 10, 11)
+    state.on_completed("a", "r2")  # already acknowledged: no-op
+    assert pending(state) == (1, 10, 11)
+
+
+def test_unacknowledged_assignment_expires_and_counts_stay_aligned() -> None:
+    state, clock = make_state("a", sender_id="fe")  # ack_timeout 5 s
+    state.on_assigned("a", "lost", prompt_blocks=10)  # never reaches the worker
+    clock.now += 1.0
+    state.on_assigned("a", "r2", prompt_blocks=20)
+    load(state, "a", received={"fe": 1})  # r2 arrived: the oldest one is dropped by count
+    assert pending(state) == (1, 20, 21)
+    clock.now += 4.9
+    load(state, "a", received={"fe": 1})
+    assert pending(state) == (1, 20, 21)  # 4.9 s old: not yet given up
+    clock.now += 0.1
+    load(state, "a", received={"fe": 1})  # 5 s old and not covered: lost
+    assert pending(state) == (0, 0, 0) and state._pending["a"].offset == 1
+    # Numbering carries on: r3 is number 3, which the worker counts as its 2nd.
+    state.on_assigned("a", "r3", prompt_blocks=30)
+    load(state, "a", received={"fe": 1})
+    assert pending(state) == (1, 30, 31)
+    load(state, "a", received={"fe": 2})
+    assert pending(state) == (0, 0, 0)
+    # The "lost" one turns up after all: a count above what was sent shrinks the offset.
+    load(state, "a", received={"fe": 3})
+    assert state._pending["a"].offset == 0
+    state.on_assigned("a", "r4", prompt_blocks=10)
+    load(state, "a", received={"fe": 3})
+    assert pending(state) == (1, 10, 11)
+    load(state, "a", received={"fe": 4})
+    assert pending(state) == (0, 0, 0)
+    # The worker forgets this sender (count restarts from 0): what it had counted carries over.
+    state.on_assigned("a", "r5", prompt_blocks=10)
+    load(state, "a", received={})
+    assert pending(state) == (1, 10, 11)
+    load(state, "a", received={"fe": 1})
+    assert pending(state) == (0, 0, 0)
+
+
+def test_reports_without_counts_absorb_by_time() -> None:
+    """A worker that does not count (``received`` None): the ``absorb_delay`` timer."""
+    state, clock = make_state("a", sender_id="fe")
+    state.on_assigned("a", "r1", prompt_blocks=10)
+    clock.now += 0.05
+    load(state, "a")
+    assert pending(state) == (1, 10, 11)
+    clock.now += 0.06
+    load(state, "a")
+    assert pending(state) == (0, 0, 0)
+
+
+def test_load_report_counts_decode_from_old_and_new_peers() -> None:
+    class OldLoadReport(msgspec.Struct, kw_only=True):
+        instance_id: str = ""
+        kv_blocks_used: int = 0
+
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(OldLoadReport(instance_id="a", kv_blocks_used=3)),
+                                 type=LoadReport)
+    assert (old.instance_id, old.kv_blocks_used, old.received) == ("a", 3, None)
+    new = LoadReport(instance_id="a", received={"fe": 2})
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=OldLoadReport).instance_id == "a"
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=LoadReport).received == {"fe": 2}
+
+
+def test_pending_assignment_is_absorbed_by_a_later_load_report_without_sender_id() -> None:
+    """Without a ``sender_id`` (nothing to match counts against) reports absorb by time."""
     state, clock = make_state("a")
     # New blocks only: 15 uncached prompt blocks + 1 decode block; the 5 cached are resident.
     state.on_assigned("a", "r1", prompt_blocks=20, overlap_blocks=5)
