@@ -72,6 +72,9 @@ class _ModelOnly(msgspec.Struct):
 
 _model_only_decoder = msgspec.json.Decoder(_ModelOnly)
 _Req = TypeVar("_Req", ChatCompletionRequest, CompletionRequest)
+# How long streams of a worker that deregistered after draining may take to deliver
+# their last frames before they count as broken.
+_DRAINED_GRACE_SECONDS = 0.5
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _MODEL_LABEL = "dynrt_model_label"  # request keys used for metrics
 _COUNTED = "dynrt_counted"
@@ -348,7 +351,16 @@ class FrontendService:
             self.generations_by_instance.setdefault(instance_id, set()).add(generation)
 
     def _on_instance_removed(self, record: InstanceRecord) -> None:
-        for generation in list(self.generations_by_instance.pop(record.instance_id, ())):
+        if record.draining:
+            # A drained worker sent its open streams a MigrateFrame (or their end) before
+            # releasing its lease, but NATS and the etcd watch are different paths: give
+            # those frames a moment to arrive, and break only streams still open then.
+            asyncio.get_running_loop().call_later(_DRAINED_GRACE_SECONDS, self._interrupt_streams, record.instance_id)
+            return
+        self._interrupt_streams(record.instance_id)
+
+    def _interrupt_streams(self, instance_id: str) -> None:
+        for generation in list(self.generations_by_instance.pop(instance_id, ())):
             generation.interrupt("lease_expired")
 
     def _on_instance_added(self, record: InstanceRecord) -> None:

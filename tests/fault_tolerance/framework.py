@@ -585,6 +585,10 @@ class Deployment:
 
     async def _start_nats_async(self, timeout: float = 10.0) -> None:
         nats = self.nats
+        # A fresh monitoring port each start: while NATS was down, the old one may have
+        # become some connection's ephemeral port (seen in CI: "bind: address already in
+        # use"). Clients only need the client port to stay the same.
+        nats.extra_args = ["-m", str(free_port())]
         ports_dir = nats.work_dir / "nats-ports"
         ports_dir.mkdir(parents=True, exist_ok=True)
         argv = [_nats_binary(), "-a", LOOPBACK, "-p", str(nats.port), "--ports_file_dir",
