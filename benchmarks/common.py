@@ -6,8 +6,12 @@ import json
 import os
 import platform
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiohttp
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -52,3 +56,24 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+class SseStream:
+    """The JSON payloads of one OpenAI streaming (SSE) response, in order, up to
+    ``data: [DONE]``. ``done`` says whether ``[DONE]`` arrived: a stream cut short just
+    ends the iteration without it. Shared by the benchmarks' and tests' clients."""
+
+    def __init__(self, response: "aiohttp.ClientResponse") -> None:
+        self.response = response
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for raw in self.response.content:
+            line = raw.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                self.done = True
+                return
+            yield json.loads(data)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
+from benchmarks.common import RESULTS_DIR, SseStream, percentile, print_table, write_results
 from benchmarks.serve import Deployment
 from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
@@ -78,13 +77,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, stream: Stream, m
             if response.status != 200:
                 stream.error = f"HTTP {response.status}"
                 return
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                if line == b"data: [DONE]":
-                    break
-                chunk = json.loads(line[6:])
+            async for chunk in SseStream(response):
                 if "error" in chunk:
                     stream.error = chunk["error"].get("code") or "error"
                     return

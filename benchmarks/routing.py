@@ -101,7 +101,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
+from benchmarks.common import RESULTS_DIR, SseStream, percentile, print_table, write_results
 
 MODEL = "mock-model"
 POLICIES = ("kv", "round-robin", "random")
@@ -213,16 +213,9 @@ async def stream_request(session: aiohttp.ClientSession, url: str, prompt: list[
         if response.status != 200:
             await response.read()
             return result
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:]
-            if data == b"[DONE]":
-                break
+        async for event in SseStream(response):
             if result.ttft != result.ttft:  # first event
                 result.ttft = time.monotonic() - started
-            event = json.loads(data)
             usage = event.get("usage")
             if usage:
                 result.prompt_tokens = usage["prompt_tokens"]

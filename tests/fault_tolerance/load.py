@@ -27,7 +27,6 @@ Only 127.0.0.1 is ever contacted.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.common import SseStream
 from dynrt.frontend.tokenizer import MockModelTokenizer
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 from dynrt.runtime.protocol import GenerateRequest, SamplingParams
@@ -153,15 +153,8 @@ class Load:
                 if response.status != 200:
                     stream.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                     return
-                async for raw in response.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:]
-                    if data == b"[DONE]":
-                        stream.done = True
-                        break
-                    chunk = json.loads(data)
+                events = SseStream(response)
+                async for chunk in events:
                     if "error" in chunk:
                         error = chunk["error"]
                         stream.error = f"stream error {error.get('code')}: {error.get('message', '')[:200]}"
@@ -181,6 +174,7 @@ class Load:
                         stream.cancelled = True
                         response.close()  # drop the connection mid-answer
                         return
+                stream.done = events.done
                 if not stream.done and not stream.error:
                     stream.error = "stream ended without [DONE]"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:

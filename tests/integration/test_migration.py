@@ -9,7 +9,6 @@ process: its output is a pure function of (token ids so far, seed).
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.common import SseStream
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, NatsServer
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
@@ -77,15 +77,8 @@ async def stream_chat(url: str, started: asyncio.Event | None = None, max_tokens
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/v1/chat/completions", json=chat_body(True, max_tokens)) as response:
             assert response.status == 200, await response.text()
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    result.done = True
-                    break
-                chunk = json.loads(data)
+            events = SseStream(response)
+            async for chunk in events:
                 if "error" in chunk:
                     result.error = chunk["error"]
                     continue
@@ -100,6 +93,7 @@ async def stream_chat(url: str, started: asyncio.Event | None = None, max_tokens
                             started.set()
                     if choice.get("finish_reason"):
                         result.finish_reason = choice["finish_reason"]
+            result.done = events.done
     return result
 
 
