@@ -58,6 +58,16 @@ _GRPC_OPTIONS = {
 }
 
 
+def closed_under_us() -> bool:
+    """True when a ``CancelledError`` just caught did not come from cancelling this
+    task. gRPC aio raises ``CancelledError`` in every call still in flight on a channel
+    that is closed, and ``EtcdClient`` closes a client's channel when any task that
+    shares it rotates to a fresh one: for the other tasks that is a broken connection,
+    to be retried, not an order to stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 class EtcdUnavailable(Exception):
     """No etcd endpoint answered."""
 
@@ -173,12 +183,19 @@ class EtcdClient:
         """Run ``operation`` against the current endpoint; on a connection failure
         try each other endpoint once. Raises ``EtcdUnavailable`` if none answers."""
         last_error: BaseException | None = None
-        for _ in range(len(self.endpoints)):
+        # One more attempt than there are endpoints: a call whose client another task
+        # rotated away (and closed) mid-call is retried once on the new client.
+        for _ in range(len(self.endpoints) + 1):
             client = await self.client()
             try:
                 return await asyncio.wait_for(operation(client), self.timeout + 0.5)
             except aetcd.exceptions.PreconditionFailedError:
                 raise
+            except asyncio.CancelledError:
+                if not closed_under_us():
+                    raise
+                last_error = EtcdUnavailable("etcd client closed by another task mid-call")
+                continue
             except ETCD_ERRORS as exc:
                 last_error = exc
                 # A fresh client re-authenticates (an expired etcd auth token fails every
@@ -340,6 +357,7 @@ class PrefixWatcher:
         self.synced = asyncio.Event()
         self.resyncs = 0
         self._task: asyncio.Task[None] | None = None
+        self._client: aetcd.Client | None = None  # the client the current watch runs on
 
     async def start(self, wait: float | None = None) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"etcd-watch:{self.prefix}")
@@ -374,43 +392,50 @@ class PrefixWatcher:
         except Exception:
             log.exception("watch_callback_failed", key=key)
 
+    async def _watch_once(self) -> None:
+        """Sync, then apply watch events until the stream breaks (always raises)."""
+        revision = await self._sync()
+        client = self._client = await self.etcd.client()
+        watch = await asyncio.wait_for(
+            client.watch_prefix(self.prefix.encode(), start_revision=revision + 1), self.etcd.timeout + 1)
+        try:
+            async for event in watch:
+                key = event.kv.key.decode()
+                if event.kind == "PUT":
+                    if self.view.get(key) != event.kv.value:
+                        self.view[key] = event.kv.value
+                        self._emit_put(key, event.kv.value)
+                elif key in self.view:
+                    del self.view[key]
+                    self._emit_delete(key)
+        except asyncio.CancelledError:
+            if not closed_under_us():
+                try:
+                    await asyncio.wait_for(watch.cancel(), 1.0)
+                except Exception:  # the stream may already be dead
+                    pass
+            raise
+        raise EtcdUnavailable("watch ended")
+
     async def _loop(self) -> None:
         backoff = 0.1
         while True:
-            watch = None
             try:
-                revision = await self._sync()
-                client = await self.etcd.client()
-                watch = await asyncio.wait_for(
-                    client.watch_prefix(self.prefix.encode(), start_revision=revision + 1), self.etcd.timeout + 1)
-                backoff = 0.1
-                async for event in watch:
-                    key = event.kv.key.decode()
-                    if event.kind == "PUT":
-                        if self.view.get(key) != event.kv.value:
-                            self.view[key] = event.kv.value
-                            self._emit_put(key, event.kv.value)
-                    elif key in self.view:
-                        del self.view[key]
-                        self._emit_delete(key)
-                raise EtcdUnavailable("watch ended")
+                await self._watch_once()
             except asyncio.CancelledError:
-                if watch is not None:
-                    try:
-                        await asyncio.wait_for(watch.cancel(), 1.0)
-                    except Exception:  # the stream may already be dead
-                        pass
-                raise
+                if not closed_under_us():
+                    raise
+                error = "EtcdUnavailable: etcd client closed by another task"
             except Exception as exc:
-                if backoff == 0.1:  # first failure of an outage: one line, not one per retry
-                    log.warning("etcd_watch_broken", prefix=self.prefix, error=f"{type(exc).__name__}: {exc}")
-                try:
-                    client = await self.etcd.client()
-                    await self.etcd._rotate(client)
-                except Exception:
-                    pass
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 1.0)
+                error = f"{type(exc).__name__}: {exc}"
+            if backoff == 0.1:  # first failure of an outage: one line, not one per retry
+                log.warning("etcd_watch_broken", prefix=self.prefix, error=error)
+            if self._client is not None:
+                # Move off the client this watch used (a no-op if another task already did).
+                await self.etcd._rotate(self._client)
+                self._client = None
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 1.0)
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)

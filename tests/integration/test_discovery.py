@@ -130,3 +130,45 @@ async def test_lost_lease_is_replaced_and_keys_put_again(etcd_server: EtcdServer
     await registration.close()
     assert await etcd.get(key) is None  # revoked on close
     await etcd.close()
+
+
+async def test_call_survives_its_client_being_closed_by_another_task(private_etcd: EtcdServer, namespace: str) -> None:
+    """Tasks share one EtcdClient; when one rotates to a fresh client it closes the old
+    channel, and gRPC raises CancelledError in every call still in flight on it. That is
+    a broken connection for those calls (retried), never a silent end of the task."""
+    key = f"dynrt/{namespace}/k"
+    etcd = EtcdClient(private_etcd.endpoint, timeout=5.0)
+    await etcd.put(key, b"v")
+    assert private_etcd.process is not None
+    private_etcd.process.signal(signal.SIGSTOP)  # the next call hangs in flight
+    try:
+        in_flight = asyncio.create_task(etcd.get(key))
+        await asyncio.sleep(0.3)
+        await etcd._rotate(await etcd.client())  # what a broken watch does
+    finally:
+        private_etcd.process.signal(signal.SIGCONT)
+    assert await asyncio.wait_for(in_flight, 10) == b"v"
+    await etcd.close()
+
+
+async def test_lease_and_watch_started_during_outage_come_up_when_etcd_returns(private_etcd: EtcdServer, namespace: str) -> None:
+    """A worker started while etcd is down: its watch and its lease loop share a client
+    and both fail; the moment etcd is back the lease is granted and the key put."""
+    etcd = EtcdClient(private_etcd.endpoint)
+    private_etcd.stop()
+    registration = LeasedRegistration(etcd, ttl=3)
+    watcher = PrefixWatcher(etcd, f"dynrt/{namespace}/frontends/", lambda k, v: None, lambda k: None)
+    try:
+        await watcher.start()
+        start = asyncio.create_task(registration.start(wait=20))
+        await asyncio.sleep(3)
+        assert not start.done()
+        private_etcd.start()
+        back_at = time.monotonic()
+        await asyncio.wait_for(start, 10)
+        assert time.monotonic() - back_at < 3
+        await wait_for(lambda: watcher.synced.is_set(), 3, what="watch synced")
+    finally:
+        await watcher.close()
+        await registration.close()
+        await etcd.close()
