@@ -97,7 +97,8 @@ class FrontendService:
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds.from_flags(config.busy_kv_threshold, config.busy_queue_threshold)
+        self.thresholds = BusyThresholds.from_flags(
+            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.draining = False
         self.shutdown = GracefulShutdown()
         self.known_models: set[str] = set()
@@ -182,14 +183,14 @@ class FrontendService:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         req = self._decode(request, body, decode_chat_request)
-        records, tokenizer = await self._model(req.model)
+        records, tokenizer = await self._admit(req.model)
         prompt_ids = tokenizer.apply_chat_template(req.template_messages())
         return await self._generate(request, req, "chat", records, tokenizer, prompt_ids)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         req = self._decode(request, body, decode_completion_request)
-        records, tokenizer = await self._model(req.model)
+        records, tokenizer = await self._admit(req.model)
         prompt = req.prompt_input()
         prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return await self._generate(request, req, "completions", records, tokenizer, prompt_ids)
@@ -200,7 +201,10 @@ class FrontendService:
                  for model, records in sorted(self.routing.models().items())]
         return _json_response(ModelList(data=cards))
 
-    async def _model(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
+    async def _admit(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
+        """The model's instances and tokenizer, or the error that turns the request away
+        before it is templated and tokenized: this frontend draining, an unknown model,
+        no instance, every instance busy (shedding load must be cheap)."""
         if self.draining:
             raise errors.OpenAIError(503, "This frontend is shutting down; retry on another.",
                                      "service_unavailable", code="draining", headers={"Retry-After": "1"})
@@ -210,6 +214,9 @@ class FrontendService:
             if model in self.known_models:
                 raise errors.no_instances(model, 2)
             raise errors.model_not_found(model)
+        busy = self.routing.admission(model)
+        if busy is not None:
+            raise errors.overloaded(busy.retry_after)
         tokenizer = await load_tokenizer_async(records[0].tokenizer)
         return records, tokenizer
 

@@ -49,7 +49,7 @@ import msgspec
 
 from dynrt.runtime.protocol import InstanceRecord, LoadReport
 
-BusyReason = Literal["kv_usage", "queue_depth"]
+BusyReason = Literal["kv_usage", "queue_depth", "prefill_tokens"]
 
 # KV blocks every request allocates beyond its cached prefix besides its uncached full
 # prompt blocks: the partial last prompt block / first output tokens.
@@ -65,39 +65,58 @@ class BusyThresholdSettings(msgspec.Struct, kw_only=True):
 
     kv_usage: float | None | msgspec.UnsetType = msgspec.UNSET
     queue_depth: int | None | msgspec.UnsetType = msgspec.UNSET
+    prefill_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class BusyThresholds:
     """Load-shedding thresholds, changeable at runtime.
 
     An instance is busy when its projected KV usage is *above* ``kv_usage`` (a fraction,
-    0..1) or its projected waiting queue is *longer than* ``queue_depth``. ``None``
-    disables a rule. ``mean_request_seconds`` is the typical request lifetime used to
-    turn an excess of load into a ``Retry-After`` (see ``retry_after``).
+    0..1), a request sent to it now would make its projected waiting queue *longer than*
+    ``queue_depth`` (``InstanceLoad.queue_if_sent``: with 0, whenever that request would
+    have to wait for a sequence slot), or its projected
+    queued prefill work (tokens still to prefill: the report's ``active_prefill_tokens``
+    plus the uncached prompt tokens of pending assignments) is *above*
+    ``prefill_tokens``. ``None`` disables a rule. ``mean_request_seconds`` is the typical
+    request lifetime used to turn an excess of load into a ``Retry-After`` (see
+    ``retry_after``).
+
+    The prefill rule is the one that bounds an admitted request's TTFT: the queue rule
+    still lets ``max_num_seqs`` requests start together, and their prefills share the
+    engine's step budget, so the last of them waits for all the others' prompts. With
+    ``prefill_tokens = 0`` a request is admitted only onto an instance with no prefill
+    in progress, so it waits for at most its own prompt and the decode batch it joins.
     """
 
     def __init__(
         self,
         kv_usage: float | None = 0.95,
         queue_depth: int | None = None,
+        prefill_tokens: int | None = None,
         mean_request_seconds: float = 4.0,
     ) -> None:
         self._kv_usage: float | None = None
         self._queue_depth: int | None = None
+        self._prefill_tokens: int | None = None
         self.kv_usage = kv_usage
         self.queue_depth = queue_depth
+        self.prefill_tokens = prefill_tokens
         if mean_request_seconds <= 0:
             raise ValueError("mean_request_seconds must be > 0")
         self.mean_request_seconds = mean_request_seconds
 
     @classmethod
-    def from_flags(cls, busy_kv_threshold: float, busy_queue_threshold: int) -> BusyThresholds:
-        """From the ``--busy-kv-threshold`` / ``--busy-queue-threshold`` flags, where a
-        number off the scale disables the rule (the flags cannot say ``null``): KV usage
-        ``<= 0`` (no instance runs anything with 0 blocks in use) and queue depth
-        ``< 0``. Queue depth 0 is a real rule: busy as soon as one request waits."""
+    def from_flags(cls, busy_kv_threshold: float, busy_queue_threshold: int,
+                   busy_prefill_threshold: int = -1) -> BusyThresholds:
+        """From the ``--busy-kv-threshold`` / ``--busy-queue-threshold`` /
+        ``--busy-prefill-threshold`` flags, where a number off the scale disables the
+        rule (the flags cannot say ``null``): KV usage ``<= 0`` (no instance runs anything
+        with 0 blocks in use), queue depth and prefill tokens ``< 0``. Queue depth 0 is a
+        real rule (busy when a request sent now would wait), and so is prefill tokens 0
+        (busy while any prompt is being prefilled)."""
         return cls(kv_usage=busy_kv_threshold if busy_kv_threshold > 0 else None,
-                   queue_depth=busy_queue_threshold if busy_queue_threshold >= 0 else None)
+                   queue_depth=busy_queue_threshold if busy_queue_threshold >= 0 else None,
+                   prefill_tokens=busy_prefill_threshold if busy_prefill_threshold >= 0 else None)
 
     @property
     def kv_usage(self) -> float | None:
@@ -119,21 +138,34 @@ class BusyThresholds:
             raise ValueError(f"queue_depth threshold must be an integer >= 0 or null, got {value!r}")
         self._queue_depth = value
 
+    @property
+    def prefill_tokens(self) -> int | None:
+        return self._prefill_tokens
+
+    @prefill_tokens.setter
+    def prefill_tokens(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"prefill_tokens threshold must be an integer >= 0 or null, got {value!r}")
+        self._prefill_tokens = value
+
     def settings(self) -> BusyThresholdSettings:
         """Current values, for ``GET /busy_threshold``."""
-        return BusyThresholdSettings(kv_usage=self._kv_usage, queue_depth=self._queue_depth)
+        return BusyThresholdSettings(kv_usage=self._kv_usage, queue_depth=self._queue_depth,
+                                     prefill_tokens=self._prefill_tokens)
 
     def update(self, settings: BusyThresholdSettings) -> BusyThresholdSettings:
-        """Apply the fields set in ``settings`` (all or nothing: both are validated before
-        either changes); returns the resulting values. Raises ``ValueError`` if invalid."""
+        """Apply the fields set in ``settings`` (all or nothing: every one is validated
+        before any changes); returns the resulting values. Raises ``ValueError`` if invalid."""
         kv = self._kv_usage if settings.kv_usage is msgspec.UNSET else settings.kv_usage
         queue = self._queue_depth if settings.queue_depth is msgspec.UNSET else settings.queue_depth
-        old = (self._kv_usage, self._queue_depth)
+        prefill = self._prefill_tokens if settings.prefill_tokens is msgspec.UNSET else settings.prefill_tokens
+        old = (self._kv_usage, self._queue_depth, self._prefill_tokens)
         try:
             self.kv_usage = kv
             self.queue_depth = queue
+            self.prefill_tokens = prefill
         except ValueError:
-            self._kv_usage, self._queue_depth = old
+            self._kv_usage, self._queue_depth, self._prefill_tokens = old
             raise
         return self.settings()
 
@@ -251,16 +283,20 @@ class PendingAssignments:
 class InstanceLoad:
     """An instance's projected load: latest report plus pending assignments."""
 
-    __slots__ = ("blocks_used", "blocks_total", "running", "waiting", "prefill_blocks")
+    __slots__ = ("blocks_used", "blocks_total", "running", "waiting", "prefill_blocks", "block_size",
+                 "max_num_seqs")
 
     def __init__(
-        self, blocks_used: int, blocks_total: int, running: int, waiting: int, prefill_blocks: float
+        self, blocks_used: int, blocks_total: int, running: int, waiting: int, prefill_blocks: float,
+        block_size: int = 16, max_num_seqs: int = 256,
     ) -> None:
         self.blocks_used = blocks_used
         self.blocks_total = blocks_total
         self.running = running
         self.waiting = waiting
         self.prefill_blocks = prefill_blocks
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
 
     @classmethod
     def project(
@@ -283,22 +319,39 @@ class InstanceLoad:
             starts = 0 if waiting else min(pending.count, max(0, record.max_num_seqs - running))
             running += starts
             waiting += pending.count - starts
-        return cls(used, total, running, waiting, prefill)
+        return cls(used, total, running, waiting, prefill, record.block_size, record.max_num_seqs)
 
     @property
     def kv_usage(self) -> float:
         return self.blocks_used / self.blocks_total if self.blocks_total else 0.0
 
+    @property
+    def queue_if_sent(self) -> int:
+        """The waiting queue if one more request arrived now: it waits too when others
+        already wait (the queue is FIFO) or every sequence slot is taken."""
+        if self.waiting or self.running >= self.max_num_seqs:
+            return self.waiting + 1
+        return 0
+
+    @property
+    def prefill_tokens(self) -> float:
+        """Queued prefill work in tokens (pending assignments count whole blocks)."""
+        return self.prefill_blocks * self.block_size
+
 
 def busy_reason(load: InstanceLoad, thresholds: BusyThresholds) -> BusyReason | None:
-    """Why the instance is busy, or ``None`` if it can take a request. KV usage is checked
-    first, so an instance over both thresholds reports ``kv_usage``."""
+    """Why the instance is busy, or ``None`` if it can take a request. Rules are checked
+    in the order KV usage, queue depth, prefill tokens: an instance over several reports
+    the first."""
     kv = thresholds.kv_usage
     if kv is not None and load.kv_usage > kv:
         return "kv_usage"
     queue = thresholds.queue_depth
-    if queue is not None and load.waiting > queue:
+    if queue is not None and load.queue_if_sent > queue:
         return "queue_depth"
+    prefill = thresholds.prefill_tokens
+    if prefill is not None and load.prefill_tokens > prefill:
+        return "prefill_tokens"
     return None
 
 
@@ -318,12 +371,14 @@ def retry_after(loads: list[InstanceLoad], thresholds: BusyThresholds) -> int:
     With ``D = mean_request_seconds`` (a request's typical lifetime), an instance running
     ``r`` requests completes about ``r / D`` per second. For each instance:
 
-    * queue rule: ``waiting − queue_depth`` requests must leave the queue →
-      ``D × (waiting − queue_depth) / max(r, 1)``;
+    * queue rule: ``q − queue_depth`` requests must leave the queue (or free a slot),
+      ``q`` = ``queue_if_sent`` → ``D × (q − queue_depth) / max(r, 1)``;
     * KV rule: a share ``(used − kv_usage × total) / used`` of its KV must be freed,
-      and all of it is freed within ``D`` → ``D × (used − kv_usage × total) / used``.
+      and all of it is freed within ``D`` → ``D × (used − kv_usage × total) / used``;
+    * prefill rule: queued prompts drain within a few engine steps (well under a
+      second), so it adds no wait of its own beyond the ``RETRY_AFTER_MIN`` floor.
 
-    The instance's wait is the larger of the two (both must clear); the answer is the
+    The instance's wait is the largest of these (all must clear); the answer is the
     smallest over instances, rounded up to whole seconds and clamped to
     ``RETRY_AFTER_MIN..RETRY_AFTER_MAX`` (the ``Retry-After`` header wants integers).
     """
@@ -332,8 +387,8 @@ def retry_after(loads: list[InstanceLoad], thresholds: BusyThresholds) -> int:
     best = math.inf
     for load in loads:
         wait = 0.0
-        if queue is not None and load.waiting > queue:
-            wait = d * (load.waiting - queue) / max(load.running, 1)
+        if queue is not None and load.queue_if_sent > queue:
+            wait = d * (load.queue_if_sent - queue) / max(load.running, 1)
         if kv is not None and load.blocks_used > kv * load.blocks_total:
             wait = max(wait, d * (load.blocks_used - kv * load.blocks_total) / load.blocks_used)
         best = min(best, wait)

@@ -86,7 +86,8 @@ class StandaloneRouter:
         self.etcd = EtcdClient.from_config(config)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds.from_flags(config.busy_kv_threshold, config.busy_queue_threshold)
+        self.thresholds = BusyThresholds.from_flags(
+            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
         self.shutdown = GracefulShutdown()
         self.serving = False

@@ -432,6 +432,24 @@ class Router:
             reason = "all_excluded" if self.state.instances(model) else "no_instance"
             self._reject(reason)
             return NoInstance(reason=reason)
+        free, busy = self._not_busy(candidates)
+        if busy is not None:
+            return busy
+        return self.policy.pick(model, token_ids, free)
+
+    def admission(self, model: str) -> Busy | None:
+        """``Busy`` (the rejection counted) when every instance of ``model`` is busy,
+        else ``None``. The busy rules read load only, never the prompt, so a frontend
+        asks this before it templates and tokenizes a request: under overload most
+        requests are rejected, and rejecting must cost as little as possible. Having no
+        instance at all is ``choose``'s to answer (``None`` here)."""
+        candidates = self.state.candidates(model)
+        if not candidates:
+            return None
+        return self._not_busy(candidates)[1]
+
+    def _not_busy(self, candidates: list[Candidate]) -> tuple[list[Candidate], Busy | None]:
+        """The candidates that are not busy, and ``Busy`` (counted) if that is none."""
         thresholds = self.state.thresholds
         free: list[Candidate] = []
         reasons: set[str] = set()
@@ -441,11 +459,11 @@ class Router:
                 free.append(c)
             else:
                 reasons.add(why)
-        if not free:
-            reason = reasons.pop() if len(reasons) == 1 else "mixed"
-            self._reject(reason)
-            return Busy(retry_after=retry_after([c.load for c in candidates], thresholds), reason=reason)
-        return self.policy.pick(model, token_ids, free)
+        if free:
+            return free, None
+        reason = reasons.pop() if len(reasons) == 1 else "mixed"
+        self._reject(reason)
+        return free, Busy(retry_after=retry_after([c.load for c in candidates], thresholds), reason=reason)
 
     def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = ()) -> Outcome:
         """``choose`` and, on a ``Choice``, record the assignment at once — so a burst

@@ -116,6 +116,11 @@ class RemoteRoutingService(RoutingService):
         BYPASS.labels(cause).inc()
         return self.router.route(model, token_ids, request_id, exclude)
 
+    def admission(self, model: str) -> Busy | None:
+        """While the standalone router answers, it decides (it sees every frontend's
+        assignments); while it is bypassed, the local view does."""
+        return None if self.remote_up else super().admission(model)
+
     async def _ask(self, model: str, token_ids: Sequence[int], request_id: str,
                    exclude: Collection[str]) -> tuple[RouteDecision | None, str]:
         excluded = set(exclude)

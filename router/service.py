@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from dynrt.router.cost import BusyThresholds
-from dynrt.router.policies import Outcome, Router, RouterState
+from dynrt.router.policies import Busy, Outcome, Router, RouterState
 from dynrt.runtime import metrics
 from dynrt.runtime.discovery import EtcdClient, PrefixWatcher
 from dynrt.runtime.log import get_logger
@@ -168,6 +168,10 @@ class RoutingService:
         """``route`` behind the awaitable interface the frontend calls, so a service that
         asks over the network (``dynrt.router.remote.RemoteRoutingService``) fits in."""
         return self.router.route(model, token_ids, request_id, exclude)
+
+    def admission(self, model: str) -> Busy | None:
+        """``Busy`` if every instance of ``model`` is busy (``Router.admission``)."""
+        return self.router.admission(model)
 
     def complete(self, instance_id: str, request_id: str) -> None:
         self.state.on_completed(instance_id, request_id)

@@ -83,7 +83,8 @@ class FrontendConfig(CommonConfig, kw_only=True):
     router_mode: Annotated[Literal["kv", "round-robin", "random", "least-loaded", "remote"], _doc("routing policy, or 'remote' for the standalone router")] = "kv"
     remote_router_timeout: Annotated[float, _doc("seconds to wait for the standalone router before bypassing it")] = 0.05
     busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
-    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0: as soon as one waits; -1 disables)")] = -1
+    busy_queue_threshold: Annotated[int, _doc("instance busy when a request sent now would make its waiting queue longer than this (0: whenever it would wait; -1 disables)")] = -1
+    busy_prefill_threshold: Annotated[int, _doc("instance busy above this many tokens of queued prefill work (0: while any prompt prefills; -1 disables)")] = -1
     # 4, not 1: on benchmarks/routing.py's conversations kv@4 beat kv@1 in every run
     # (TTFT p50 ~45 vs 55-62 ms, hit rate ~0.8 vs ~0.6, same throughput; results/routing.json).
     prefill_weight: Annotated[float, _doc("kv router: weight of uncached prompt blocks vs decode blocks")] = 4.0
@@ -106,7 +107,8 @@ class ControllerConfig(CommonConfig, kw_only=True):
 class RouterConfig(CommonConfig, kw_only=True):
     host: Annotated[str, _doc("address the system (health/metrics) server binds")] = "127.0.0.1"
     busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
-    busy_queue_threshold: Annotated[int, _doc("instance busy above this many waiting requests (0: as soon as one waits; -1 disables)")] = -1
+    busy_queue_threshold: Annotated[int, _doc("instance busy when a request sent now would make its waiting queue longer than this (0: whenever it would wait; -1 disables)")] = -1
+    busy_prefill_threshold: Annotated[int, _doc("instance busy above this many tokens of queued prefill work (0: while any prompt prefills; -1 disables)")] = -1
     prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks")] = 4.0  # as FrontendConfig
     router_temperature: Annotated[float, _doc("softmax temperature (0 = best)")] = 0.0
     system_port: Annotated[int, _doc("health/metrics port (0 = pick a free one)")] = 0

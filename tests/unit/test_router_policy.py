@@ -70,10 +70,10 @@ def store(state: RouterState, iid: str, tokens: list[int]) -> None:
 
 
 def load(state: RouterState, iid: str, used: int = 0, running: int = 0, waiting: int = 0, total: int = 1000,
-         received: dict[str, int] | None = None) -> None:
+         received: dict[str, int] | None = None, prefill: int = 0) -> None:
     state.on_load(
         LoadReport(instance_id=iid, model=MODEL, kv_blocks_used=used, kv_blocks_total=total, running=running,
-                   waiting=waiting, received=received)
+                   waiting=waiting, received=received, active_prefill_tokens=prefill)
     )
 
 
@@ -374,13 +374,14 @@ def test_all_busy_gives_busy_with_retry_after_and_counts_the_reason() -> None:
     state, _ = make_state("ab", thresholds=thresholds)
     router = Router(state, on_reject=rejected.append)
     # a: KV 100/100 > 0.5 → must free 50 of 100 blocks → 4 s × 0.5 = 2 s.
-    # b: 5 waiting > 2 with 2 running → 3 must leave the queue → 4 s × 3 / 2 = 6 s.
+    # b: 5 waiting, one more would make 6 > 2, with 2 running → 4 must leave the queue
+    # → 4 s × 4 / 2 = 8 s.
     load(state, "a", used=100, running=4, total=100)
     load(state, "b", used=10, running=2, waiting=5, total=100)
     assert router.choose(MODEL, prompt(1)) == Busy(retry_after=2, reason="mixed")
-    load(state, "a", used=10, running=1, waiting=50, total=100)  # 4 × 48 / 1 = 192 s; b: 6 s
-    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=6, reason="queue_depth")
-    load(state, "b", used=10, running=1, waiting=9, total=100)  # 4 × 7 / 1 = 28 s
+    load(state, "a", used=10, running=1, waiting=50, total=100)  # 4 × 49 / 1 = 196 s; b: 8 s
+    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=8, reason="queue_depth")
+    load(state, "b", used=10, running=1, waiting=8, total=100)  # 4 × 7 / 1 = 28 s
     assert router.choose(MODEL, prompt(1)) == Busy(retry_after=28, reason="queue_depth")
     load(state, "b", used=10, running=1, waiting=20, total=100)  # 72 s → capped at 30
     assert router.choose(MODEL, prompt(1)) == Busy(retry_after=30, reason="queue_depth")
@@ -422,11 +423,12 @@ def test_same_burst_against_same_state_admits_the_same_count() -> None:
 
 
 def test_queue_threshold_counts_pending_assignments() -> None:
+    """Every slot taken: each request sent waits; the third would make the queue 3 > 2."""
     state, _ = make_state("a", thresholds=BusyThresholds(kv_usage=None, queue_depth=2), max_num_seqs=2)
     load(state, "a", running=2)
     router = Router(state)
     admitted = [router.route(MODEL, prompt(k), f"r{k}") for k in range(5)]
-    assert [isinstance(o, Choice) for o in admitted] == [True, True, True, False, False]
+    assert [isinstance(o, Choice) for o in admitted] == [True, True, False, False, False]
 
 
 def test_thresholds_change_at_runtime() -> None:
@@ -436,14 +438,17 @@ def test_thresholds_change_at_runtime() -> None:
     router = Router(state)
     assert isinstance(router.choose(MODEL, prompt(1)), Busy)
     body = msgspec.json.decode(b'{"kv_usage": 0.99}', type=BusyThresholdSettings)
-    assert thresholds.update(body) == BusyThresholdSettings(kv_usage=0.99, queue_depth=None)
+    assert thresholds.update(body) == BusyThresholdSettings(kv_usage=0.99, queue_depth=None, prefill_tokens=None)
     assert isinstance(router.choose(MODEL, prompt(1)), Choice)
-    assert msgspec.json.encode(thresholds.settings()) == b'{"kv_usage":0.99,"queue_depth":null}'
-    thresholds.update(BusyThresholdSettings(kv_usage=None, queue_depth=0))
-    assert (thresholds.kv_usage, thresholds.queue_depth) == (None, 0)
+    assert msgspec.json.encode(thresholds.settings()) == b'{"kv_usage":0.99,"queue_depth":null,"prefill_tokens":null}'
+    thresholds.update(BusyThresholdSettings(kv_usage=None, queue_depth=0, prefill_tokens=4096))
+    assert (thresholds.kv_usage, thresholds.queue_depth, thresholds.prefill_tokens) == (None, 0, 4096)
     with pytest.raises(ValueError):
         thresholds.update(BusyThresholdSettings(kv_usage=0.5, queue_depth=-1))
-    assert (thresholds.kv_usage, thresholds.queue_depth) == (None, 0)  # all or nothing
+    with pytest.raises(ValueError):
+        thresholds.update(BusyThresholdSettings(kv_usage=0.5, prefill_tokens=-1))
+    # all or nothing
+    assert (thresholds.kv_usage, thresholds.queue_depth, thresholds.prefill_tokens) == (None, 0, 4096)
     with pytest.raises(ValueError):
         thresholds.kv_usage = 1.5
 
@@ -526,13 +531,57 @@ def test_unknown_policy_is_rejected() -> None:
 
 def test_thresholds_from_flags_disable_off_the_scale_and_queue_zero_means_any_waiting() -> None:
     t = BusyThresholds.from_flags(0.95, -1)  # the defaults
-    assert (t.kv_usage, t.queue_depth) == (0.95, None)
+    assert (t.kv_usage, t.queue_depth, t.prefill_tokens) == (0.95, None, None)
+    assert BusyThresholds.from_flags(0.95, -1, 0).prefill_tokens == 0
     t = BusyThresholds.from_flags(0, 0)
     assert (t.kv_usage, t.queue_depth) == (None, 0)
     assert (BusyThresholds.from_flags(-1, 3).kv_usage, BusyThresholds.from_flags(-1, 3).queue_depth) == (None, 3)
-    # queue_depth 0: busy as soon as one request waits (here: the projected one behind full slots).
+    # queue_depth 0: busy when a request sent now would wait. One of 2 slots taken: the
+    # first request takes the other; the second would wait behind full slots.
     state, _ = make_state("a", thresholds=BusyThresholds.from_flags(-1, 0), max_num_seqs=2)
     load(state, "a", running=1)
     router = Router(state)
     admitted = [router.route(MODEL, prompt(k), f"r{k}") for k in range(3)]
-    assert [isinstance(o, Choice) for o in admitted] == [True, True, False]
+    assert [isinstance(o, Choice) for o in admitted] == [True, False, False]
+    # A report with every slot taken and nobody waiting: full, so busy (it used not to be).
+    state, _ = make_state("a", thresholds=BusyThresholds.from_flags(-1, 0), max_num_seqs=2)
+    load(state, "a", running=2)
+    assert Router(state).choose(MODEL, prompt(1)) == Busy(retry_after=2, reason="queue_depth")
+
+
+def test_prefill_threshold_counts_reported_and_pending_prefill_work() -> None:
+    """Busy while queued prefill tokens > threshold: the report's active_prefill_tokens
+    plus the uncached prompt tokens of pending assignments (``prompt(k)``: 80 tokens, 20
+    blocks of 4, none cached)."""
+    state, _ = make_state("ab", thresholds=BusyThresholds(kv_usage=None, prefill_tokens=0))
+    router = Router(state, "least-loaded")
+    load(state, "a", prefill=100)
+    load(state, "b", prefill=0)
+    first = router.route(MODEL, prompt(1), "r1")
+    assert isinstance(first, Choice) and first.instance_id == "b"
+    # b now has r1's 80 tokens pending (> 0): both busy.
+    assert router.route(MODEL, prompt(2), "r2") == Busy(retry_after=1, reason="prefill_tokens")
+    assert router.rejections == {"prefill_tokens": 1}
+    load(state, "a", prefill=0)  # a's prompt is done
+    assert router.choose(MODEL, prompt(3)).instance_id == "a"  # type: ignore[union-attr]
+    # Threshold 200: a reports 40 (admits at 40, 120, 200; busy at 280), b has r1's 80
+    # pending (admits at 80, 160; busy at 240): 5 admitted, then busy.
+    state.thresholds.prefill_tokens = 200
+    load(state, "a", prefill=40)
+    outcomes = [router.route(MODEL, prompt(k), f"s{k}") for k in range(7)]
+    admitted = Counter(o.instance_id for o in outcomes if isinstance(o, Choice))
+    assert admitted == {"a": 3, "b": 2}
+    assert outcomes[5:] == [Busy(retry_after=1, reason="prefill_tokens")] * 2
+
+
+def test_admission_rejects_before_the_prompt_is_known_only_when_every_instance_is_busy() -> None:
+    state, _ = make_state("ab", thresholds=BusyThresholds(kv_usage=0.5))
+    router = Router(state)
+    assert Router(make_state("")[0]).admission(MODEL) is None  # no instance: choose answers that
+    load(state, "a", used=600)
+    assert router.admission(MODEL) is None
+    load(state, "b", used=700)
+    assert router.admission(MODEL) == Busy(retry_after=1, reason="kv_usage")
+    assert router.rejections == {"kv_usage": 1}
+    # The same rule as choose: whatever admission turns away, choose would too.
+    assert router.choose(MODEL, prompt(1)) == Busy(retry_after=1, reason="kv_usage")
