@@ -202,13 +202,18 @@ class Result:
         self.turn = turn
 
 
-async def stream_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                         turn: int = 0) -> Result:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+def completion_body(prompt: list[int], max_tokens: int) -> bytes:
+    """The JSON body of a streamed /v1/completions request for ``prompt`` (token ids)."""
+    return json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+
+
+async def stream_request(session: aiohttp.ClientSession, url: str, body: bytes, turn: int = 0) -> Result:
+    """Send one ``completion_body`` and time its stream."""
     result = Result(turn)
     result.started = started = time.monotonic()
-    async with session.post(f"{url}/v1/completions", json=body) as response:
+    async with session.post(f"{url}/v1/completions", data=body,
+                            headers={"Content-Type": "application/json"}) as response:
         result.status = response.status
         if response.status != 200:
             await response.read()
@@ -293,7 +298,7 @@ async def conversation_workload(url: str, args: argparse.Namespace) -> tuple[lis
         prompt = list(opening)
         for turn, ((user, reply), think) in enumerate(zip(turns, thinks), start=1):
             prompt = prompt + user
-            results.append(await stream_request(session, url, prompt, args.output_tokens, turn))
+            results.append(await stream_request(session, url, completion_body(prompt, args.output_tokens), turn))
             prompt = prompt + reply
             await asyncio.sleep(think)
 
@@ -326,7 +331,7 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int, seco
 
     async def loop(session: aiohttp.ClientSession) -> None:
         while time.monotonic() < stop_at:
-            r = await stream_request(session, url, make(), args.output_tokens)
+            r = await stream_request(session, url, completion_body(make(), args.output_tokens))
             results.append(r)
             if r.status != 200:
                 await asyncio.sleep(0.05)
@@ -344,14 +349,21 @@ async def open_loop(url: str, args: argparse.Namespace, rate: float, seconds: fl
     (until the last answer) and the achieved arrival rate."""
     make = FirstTurns(args, seed)
     rng = random.Random(seed + 1000)
+    # Arrival times and bodies made before the clock starts: at 3x capacity, building
+    # a 3.8k-token prompt and its JSON per arrival would load this client's event loop
+    # and show up in the TTFTs it measures.
+    offsets: list[float] = []
+    t = rng.expovariate(rate)
+    while t < seconds:
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    bodies = [completion_body(make(), args.output_tokens) for _ in offsets]
     tasks: list[asyncio.Task[Result]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=TIMEOUT) as session:
         started = time.monotonic()
-        t = started
-        while t - started < seconds:
-            t += rng.expovariate(rate)
-            await asyncio.sleep(max(0.0, t - time.monotonic()))
-            tasks.append(asyncio.create_task(stream_request(session, url, make(), args.output_tokens)))
+        for offset, body in zip(offsets, bodies):
+            await asyncio.sleep(max(0.0, started + offset - time.monotonic()))
+            tasks.append(asyncio.create_task(stream_request(session, url, body)))
         sent_for = time.monotonic() - started
         results = list(await asyncio.gather(*tasks))
         wall = time.monotonic() - started
@@ -401,7 +413,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.bar([i + 0.2 for i in xs], [ov[r]["ttft_p99_ms"] for r in runs], 0.4, label="accepted p99")
         ax.set_xticks(xs, labels)
         ax.set_ylabel("TTFT (ms)")
-        ax.set_title(f"overload, busy when queue > {ov['busy_queue_threshold']} (capacity {ov['capacity_req_s']} req/s)")
+        rules = [f"queue > {ov['busy_queue_threshold']}"] if ov["busy_queue_threshold"] >= 0 else []
+        if ov.get("busy_prefill_threshold", -1) >= 0:
+            rules.append(f"prefill > {ov['busy_prefill_threshold']} tok")
+        ax.set_title(f"overload, busy when {' or '.join(rules) or 'KV full'} (capacity {ov['capacity_req_s']} req/s)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -465,7 +480,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(1)
                 light, light_wall, light_rate = await open_loop(dep.url, args, args.light_load * capacity,
                                                                 args.phase_seconds, 23)
-                thresholds = await dep.set_thresholds(queue_depth=args.busy_queue_threshold)
+                thresholds = await dep.set_thresholds(
+                    queue_depth=args.busy_queue_threshold if args.busy_queue_threshold >= 0 else None,
+                    prefill_tokens=args.busy_prefill_threshold if args.busy_prefill_threshold >= 0 else None)
                 await asyncio.sleep(2)
                 over, over_wall, over_rate = await open_loop(dep.url, args, args.overload * capacity,
                                                              args.phase_seconds, 24)
@@ -484,6 +501,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "capacity_run": summarize(cap_results, cap_wall) | {"concurrency": concurrency},
                 "max_num_seqs": args.max_num_seqs,
                 "busy_queue_threshold": args.busy_queue_threshold,
+                "busy_prefill_threshold": args.busy_prefill_threshold,
                 "thresholds_during_overload": thresholds,
                 "light_load": args.light_load,
                 "overload_factor": args.overload,
@@ -530,6 +548,9 @@ def main() -> None:
                         help="overload run: document tokens of each (first-turn) request")
     parser.add_argument("--busy-queue-threshold", type=int, default=0,
                         help="overload run: busy when more than this many wait (0 = as soon as one waits)")
+    parser.add_argument("--busy-prefill-threshold", type=int, default=0,
+                        help="overload run: busy above this many queued prefill tokens (0 = while any "
+                             "prompt prefills; -1 disables)")
     parser.add_argument("--busy-kv-threshold", type=float, default=0.95)
     parser.add_argument("--phase-seconds", type=float, default=12.0)
     parser.add_argument("--light-load", type=float, default=0.25)
