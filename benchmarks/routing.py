@@ -40,13 +40,16 @@ client streaming ``/v1/completions`` with token-id prompts.
    with a queue behind them (queue rule off); unloaded = one client, one request at a
    time; light = Poisson arrivals at ``--light-load`` × capacity; overload = Poisson
    arrivals at ``--overload`` × capacity with the queue rule set to
-   ``--busy-queue-threshold`` (0: a worker is busy as soon as a request waits). Thresholds
-   are switched at runtime through ``POST /busy_threshold``. Measured: accepted requests'
-   TTFT p50/p99 and the rejection rate (HTTP 503 + Retry-After), achieved offered rate
-   and accepted throughput.
+   ``--busy-queue-threshold`` (0: a worker is busy when a request sent now would wait) and
+   the prefill rule to ``--busy-prefill-threshold`` (0: busy while any prompt is being
+   prefilled). Thresholds are switched at runtime through ``POST /busy_threshold``. Every
+   request body and arrival time is made before a phase's clock starts. Measured:
+   accepted requests' TTFT p50/p99 and the rejection rate (HTTP 503 + Retry-After),
+   achieved offered rate and accepted throughput.
 
-Results (2-core machine, quiet; two runs of everything, ``results/routing.json`` holds
-run 2 in full and both runs' key numbers under ``runs``). Pending assignments are
+Results (2-core machine, quiet). ``results/routing.json`` holds the latest full run
+(03:03Z: conversations and overload), the two earlier runs' key numbers under ``runs`` and
+the long-history run under ``conversations_long``. Pending assignments are
 dropped exactly when a load report acknowledges them (workers count received requests
 per sender, ``dynrt.router.cost.PendingAssignments``), no longer by a 0.1 s timer.
 
@@ -54,6 +57,7 @@ per sender, ``dynrt.router.cost.PendingAssignments``), no longer by a 0.1 s time
   run 2: kv@1 61.9 / 58.2 ms, kv@4 44.8 / 43.2 ms, round-robin 96.9 / 92.1 ms, random
   104.3 / 105.1 ms; speedup vs round-robin kv@1 1.57 / 1.58×, kv@4 2.16 / 2.13× (before the
   exact absorption: 1.06–1.36× and 1.8–2.1×). Hit rate kv@4 0.80, kv@1 0.61, round-robin 0.40–0.45.
+  Latest run: kv@1 55.9, kv@4 43.7, round-robin 94.9, random 105.1 ms → kv@4 2.17×, kv@1 1.70×.
 * long histories (``--doc-tokens 4608 --num-blocks 11264``: to 7.5k tokens, mean prompt
   6.4k, cache 1.6× a worker's share; ``conversations_long``): kv@1 54.9 / 57.3 ms, kv@4
   44.9 / 44.7 ms, round-robin 122.6 / 123.0 ms, random 136.0 / 134.5 ms; speedup kv@1 2.23 /
@@ -66,18 +70,16 @@ per sender, ``dynrt.router.cost.PendingAssignments``), no longer by a 0.1 s time
 * ``kv@4`` beat ``kv@1`` in every run (lower p50 and p99, higher hit rate, same
   throughput), so the CLI default ``--prefill-weight`` is now 4 (``runtime/config.py``);
   this script's ``--prefill-weight`` stays 1 so ``kv`` and ``kv@4`` are both measured.
-* overload (2.9× capacity offered, queue rule 0): accepted TTFT p99 827 / 715 ms vs
-  unloaded 78 / 77.7 ms (10.6 / 9.2×; before, with the 0.1 s timer: p99 842 ms, 6.7×,
-  on a quiet run; 0.5 s timer: 398 ms); p50 161 / 156 ms; rejection rate 0.63 / 0.63;
-  accepted throughput 1.0× capacity. Not within 2×, and no better than before in absolute
-  terms: exact absorption admits exactly what the rule allows (the 0.5 s timer did better
-  by double-counting, i.e. shedding more), and the rule — busy once a request would
-  wait — still lets up to ``--max-num-seqs`` requests run at once, whose prefills share
-  the worker's 8192-token step budget: ~3.8k-token prompts admitted close together
-  (slots free up together) prefill one after another at up to ~170 ms a step, while
-  unloaded a prompt prefills alone (~78 ms). Keeping p99 within 2× needs an admission
-  rule on queued prefill work (``active_prefill_tokens`` + pending uncached blocks), not
-  on the waiting queue.
+* overload, run of 2026-11-22 03:03Z (2.86× capacity offered; queue rule 0 and prefill
+  rule 0): accepted TTFT p99 107.5 ms vs unloaded 77.6 ms (**1.39×**, target ≤ 2×), p50
+  97.3 ms; 67 % rejected with Retry-After; accepted throughput 0.90× capacity. Overload-only
+  runs (``--policies ''``) the same hour: 1.35, 1.37, 1.39×; with the prefill rule off
+  (``--busy-prefill-threshold -1``) 7.22×. Before both rules (``runs.run2_overload``): 9.2 and
+  10.6×. Per-step engine traces showed the two causes: the old queue rule (busy when
+  projected waiting > N) admitted requests onto workers whose slots were all taken but
+  whose queue was empty, and up to ``--max-num-seqs`` admitted prompts prefilled one after
+  another; ``router/cost.py`` now asks whether a request sent now would wait, and counts
+  queued prefill tokens.
 
 Writes ``benchmarks/results/<--output>.json`` and ``.png``.
 
