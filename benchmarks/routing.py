@@ -549,7 +549,8 @@ def main() -> None:
     parser.add_argument("--overload-doc-tokens", type=int, default=3072,
                         help="overload run: document tokens of each (first-turn) request")
     parser.add_argument("--busy-queue-threshold", type=int, default=0,
-                        help="overload run: busy when more than this many wait (0 = as soon as one waits)")
+                        help="overload run: busy when a request sent now would make the queue longer than this "
+                             "(0 = whenever it would wait)")
     parser.add_argument("--busy-prefill-threshold", type=int, default=0,
                         help="overload run: busy above this many queued prefill tokens (0 = while any "
                              "prompt prefills; -1 disables)")
