@@ -68,6 +68,13 @@ class BusyThresholdSettings(msgspec.Struct, kw_only=True):
     prefill_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
 
 
+def _count_or_none(name: str, value: int | None) -> int | None:
+    """``value`` if it is a valid count threshold (an integer >= 0) or ``None``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name} threshold must be an integer >= 0 or null, got {value!r}")
+    return value
+
+
 class BusyThresholds:
     """Load-shedding thresholds, changeable at runtime.
 
@@ -134,9 +141,7 @@ class BusyThresholds:
 
     @queue_depth.setter
     def queue_depth(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"queue_depth threshold must be an integer >= 0 or null, got {value!r}")
-        self._queue_depth = value
+        self._queue_depth = _count_or_none("queue_depth", value)
 
     @property
     def prefill_tokens(self) -> int | None:
@@ -144,9 +149,7 @@ class BusyThresholds:
 
     @prefill_tokens.setter
     def prefill_tokens(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"prefill_tokens threshold must be an integer >= 0 or null, got {value!r}")
-        self._prefill_tokens = value
+        self._prefill_tokens = _count_or_none("prefill_tokens", value)
 
     def settings(self) -> BusyThresholdSettings:
         """Current values, for ``GET /busy_threshold``."""
