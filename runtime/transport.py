@@ -146,14 +146,19 @@ class Endpoint:
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.subject}")
 
     async def stop_accepting(self) -> None:
-        """Unsubscribe the request subject (callers get no-responders from now on);
-        the control subject stays so in-flight requests can still be cancelled."""
+        """Stop taking requests: callers get no-responders from now on; the control
+        subject stays so in-flight requests can still be cancelled.
+
+        The request subscription is *drained*, not unsubscribed: requests the server
+        delivered before it saw the UNSUB (still in our socket or queue) reach the
+        handler, which answers them (a draining worker says "busy", so callers re-route
+        at once). ``unsubscribe`` would drop them in silence, and their callers would
+        wait for a stall and take this process for dead."""
         self.accepting = False
         if self._subs:
             request_sub = self._subs.pop(0)
             try:
-                await request_sub.unsubscribe()
-                await self.transport.nc.flush(timeout=2)
+                await asyncio.wait_for(request_sub.drain(), 2.0)
             except (nats.errors.Error, asyncio.TimeoutError):
                 pass
 

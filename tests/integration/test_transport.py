@@ -142,3 +142,56 @@ async def test_nats_restart_breaks_stream_and_new_calls_work(private_nats: NatsS
     assert [f.token_ids[0] for f in frames if isinstance(f, TokenFrame)] == [0, 1, 2, 3, 4]
     await client.close()
     await server.close()
+
+
+async def test_requests_in_flight_when_accepting_stops_are_answered_not_dropped(
+        nats_server: NatsServer, namespace: str) -> None:
+    """A worker stops accepting (SIGTERM) while requests are already on their way to it:
+    each must be answered by the handler (a draining worker answers "busy") or refused
+    with no-responders — never dropped in silence, which callers would only notice
+    after a stall and count as a dead worker. The client runs in a thread of its own so
+    that requests pile up in the server's socket while the server is busy, as they do
+    in a worker handling SIGTERM."""
+    server = await NatsTransport.connect(nats_server.url)
+    subject = f"dynrt.{namespace}.backend.generate.w1"
+    handled = 0
+    endpoint = None
+    stopping: list[asyncio.Task[None]] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[Frame]:
+        nonlocal handled
+        handled += 1
+        if handled == 20:
+            time.sleep(0.1)  # the server is busy; requests keep arriving
+            assert endpoint is not None
+            stopping.append(asyncio.create_task(endpoint.stop_accepting()))
+        yield TokenFrame(token_ids=[1], finish_reason="stop")
+
+    endpoint = await server.serve(subject, handler)
+
+    async def outcome(stream: object) -> str:
+        try:
+            frames = [f async for f in stream]  # type: ignore[attr-defined]
+            return "answered" if frames else "empty"
+        except NoRespondersError:
+            return "no_responders"
+        except StreamStalledError:
+            return "stalled"
+
+    async def client_side() -> list[str]:
+        client = await NatsTransport.connect(nats_server.url)
+        streams = []
+        for i in range(300):  # a steady stream of requests, some in transit at any moment
+            streams.append(await client.call(subject, b"", request_id=f"r{i}", stall_timeout=1.0))
+            await asyncio.sleep(0.001)
+        outcomes = await asyncio.gather(*(outcome(s) for s in streams))
+        await client.close()
+        return list(outcomes)
+
+    outcomes = await asyncio.to_thread(asyncio.run, client_side())
+    await asyncio.gather(*stopping)
+    assert stopping, "the endpoint never stopped accepting"
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    assert set(outcomes) <= {"answered", "no_responders"}, counts
+    assert counts.get("answered") == handled > 20, (counts, handled)
+    await server.close()
