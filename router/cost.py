@@ -81,10 +81,9 @@ class BusyThresholds:
     An instance is busy when its projected KV usage is *above* ``kv_usage`` (a fraction,
     0..1), a request sent to it now would make its projected waiting queue *longer than*
     ``queue_depth`` (``InstanceLoad.queue_if_sent``: with 0, whenever that request would
-    have to wait for a sequence slot), or its projected
-    queued prefill work (tokens still to prefill: the report's ``active_prefill_tokens``
-    plus the uncached prompt tokens of pending assignments) is *above*
-    ``prefill_tokens``. ``None`` disables a rule. ``mean_request_seconds`` is the typical
+    have to wait for a sequence slot), or its projected queued prefill work (tokens still
+    to prefill: the report's ``active_prefill_tokens`` plus the uncached prompt tokens of
+    pending assignments) is *above* ``prefill_tokens``. ``None`` disables a rule. ``mean_request_seconds`` is the typical
     request lifetime used to turn an excess of load into a ``Retry-After`` (see
     ``retry_after``).
 

@@ -358,6 +358,8 @@ class PrefixWatcher:
         self.resyncs = 0
         self._task: asyncio.Task[None] | None = None
         self._client: aetcd.Client | None = None  # the client the current watch runs on
+        self._watching = False  # the current attempt got as far as an open watch
+        self._closed = False
 
     async def start(self, wait: float | None = None) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"etcd-watch:{self.prefix}")
@@ -398,6 +400,7 @@ class PrefixWatcher:
         client = self._client = await self.etcd.client()
         watch = await asyncio.wait_for(
             client.watch_prefix(self.prefix.encode(), start_revision=revision + 1), self.etcd.timeout + 1)
+        self._watching = True
         try:
             async for event in watch:
                 key = event.kv.key.decode()
@@ -419,7 +422,10 @@ class PrefixWatcher:
 
     async def _loop(self) -> None:
         backoff = 0.1
-        while True:
+        # Checked as well as cancellation: Python 3.11's wait_for can swallow a cancel
+        # that lands as the call it wraps completes (fixed in 3.12).
+        while not self._closed:
+            self._watching = False
             try:
                 await self._watch_once()
             except asyncio.CancelledError:
@@ -428,6 +434,8 @@ class PrefixWatcher:
                 error = "EtcdUnavailable: etcd client closed by another task"
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
+            if self._watching:  # it was up: this is the first failure of a new outage
+                backoff = 0.1
             if backoff == 0.1:  # first failure of an outage: one line, not one per retry
                 log.warning("etcd_watch_broken", prefix=self.prefix, error=error)
             if self._client is not None:
@@ -438,4 +446,12 @@ class PrefixWatcher:
             backoff = min(backoff * 2, 1.0)
 
     async def close(self) -> None:
-        await cancel_and_wait(self._task)
+        """Stop watching. aetcd's watch stream can swallow one cancellation (its
+        stream teardown catches ``CancelledError``), so cancel again until the task ends."""
+        self._closed = True
+        task = self._task
+        for _ in range(10):
+            if task is None or task.done():
+                return
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
