@@ -446,12 +446,5 @@ class PrefixWatcher:
             backoff = min(backoff * 2, 1.0)
 
     async def close(self) -> None:
-        """Stop watching. aetcd's watch stream can swallow one cancellation (its
-        stream teardown catches ``CancelledError``), so cancel again until the task ends."""
         self._closed = True
-        task = self._task
-        for _ in range(10):
-            if task is None or task.done():
-                return
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
+        await cancel_and_wait(self._task)

@@ -86,9 +86,13 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     blocks ran); its own exception, if it already failed, is dropped."""
     if task is None:
         return
-    task.cancel()
+    # Cancel again until it ends: a library may swallow one cancellation (aetcd's watch
+    # stream teardown catches CancelledError), and one lost cancel must not hang a stop.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
     try:
-        await task
+        task.result()
     except (asyncio.CancelledError, Exception):
         pass
 
