@@ -100,10 +100,12 @@ class Stream:
 class Load:
     def __init__(self, urls: str | Sequence[str], *, requests: int, concurrency: int, max_tokens: int | Sequence[int],
                  tag: str = "ft", cancel_after: dict[int, int] | None = None, first_index: int = 0,
-                 request_timeout: float = 120.0) -> None:
+                 request_timeout: float = 120.0, headers: dict[str, str] | None = None) -> None:
         """``max_tokens``: one value, or one per request. ``cancel_after``: request index
-        → content chunks after which that client disconnects."""
+        → content chunks after which that client disconnects. ``headers``: sent with every
+        request (e.g. ``Authorization``)."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.headers = dict(headers or {})
         self.concurrency = concurrency
         self.request_timeout = request_timeout
         cancel_after = cancel_after or {}
@@ -148,7 +150,8 @@ class Load:
         stream.sent_at = time.monotonic()
         self._poke()
         try:
-            async with session.post(f"{stream.url}/v1/chat/completions", json=stream.body()) as response:
+            async with session.post(f"{stream.url}/v1/chat/completions", json=stream.body(),
+                                    headers=self.headers) as response:
                 stream.status = response.status
                 if response.status != 200:
                     stream.error = f"HTTP {response.status}: {(await response.text())[:200]}"
