@@ -17,7 +17,7 @@ from dynrt.runtime import config as config_flags
 from dynrt.runtime.config import ControllerConfig, from_args
 from dynrt.runtime.lifecycle import run_main
 from dynrt.runtime.log import get_logger, setup_logging
-from dynrt.worker.deployment_spec import SpecError, load_spec
+from dynrt.controller.spec import SpecError, load_spec
 
 log = get_logger("controller")
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _apply(config: ControllerConfig, path: str, wait: float) -> int:
     from dynrt.runtime.discovery import EtcdClient
-    from dynrt.worker.controller import wait_rollout, write_spec
+    from dynrt.controller.controller import wait_rollout, write_spec
 
     spec = load_spec(path)
     etcd = EtcdClient.from_config(config)
@@ -53,7 +53,7 @@ async def _apply(config: ControllerConfig, path: str, wait: float) -> int:
 
 
 async def _run(config: ControllerConfig, path: str) -> int:
-    from dynrt.worker.controller import Controller
+    from dynrt.controller.controller import Controller
 
     seed = (load_spec(path), path) if path else None
     return await Controller(config, seed=seed).run()

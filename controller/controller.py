@@ -60,8 +60,8 @@ from dynrt.runtime.protocol import (
     LoadReport,
 )
 from dynrt.runtime.transport import NatsTransport
-from dynrt.worker.deployment_spec import DeploymentSpec, ModelSpec, encode_spec
-from dynrt.worker.launcher import Launcher, LocalProcessLauncher
+from dynrt.controller.spec import DeploymentSpec, ModelSpec, encode_spec
+from dynrt.controller.launcher import Launcher, LocalProcessLauncher
 
 log = get_logger("controller")
 
