@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dynrt.controller.controller import backoff_delay
+from dynrt.controller.reconcile import backoff_delay
 from dynrt.controller.spec import SpecError, load_spec, load_spec_text
 
 
