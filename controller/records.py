@@ -136,8 +136,8 @@ encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
 
 
-def _decode_all(decoder: msgspec.json.Decoder[T], values: dict[str, bytes]) -> list[T]:
-    """The values that decode; a malformed one is skipped, not fatal."""
+def decode_valid(decoder: msgspec.json.Decoder[T], values: dict[str, bytes]) -> list[T]:
+    """The values (of an etcd prefix) that decode; a malformed one is skipped, not fatal."""
     out: list[T] = []
     for value in values.values():
         try:
@@ -169,12 +169,12 @@ async def write_spec(etcd: EtcdClient, ns: str, spec: DeploymentSpec, *, seed_di
 
 async def read_replicas(etcd: EtcdClient, ns: str) -> list[ReplicaState]:
     _, values = await etcd.get_prefix(replicas_prefix(ns))
-    return _decode_all(replica_decoder, values)
+    return decode_valid(replica_decoder, values)
 
 
 async def read_autoscalers(etcd: EtcdClient, ns: str) -> list[AutoscalerState]:
     _, values = await etcd.get_prefix(autoscalers_prefix(ns))
-    return _decode_all(autoscaler_decoder, values)
+    return decode_valid(autoscaler_decoder, values)
 
 
 async def read_controller_records(etcd: EtcdClient, ns: str) -> ControllerRecords:
