@@ -75,6 +75,10 @@ class Hooks(Protocol):
 
 
 class DeploymentState:
+    """The replicas (``replicas``: replica id → record) and autoscalers (model → state)
+    the active controller manages, and what it knows between passes: when each
+    replica's next probe is due, which probes are in flight, why a replica was killed."""
+
     def __init__(self, launcher: Launcher, command: ReplicaCommand, hooks: Hooks) -> None:
         self.launcher = launcher
         self.command = command
