@@ -1,6 +1,7 @@
-"""dynrt: a fault-tolerant runtime for serving LLMs. This package holds only the
-command line; the components are ``dynrt.runtime``, ``dynrt.worker``,
-``dynrt.frontend`` and ``dynrt.router``."""
+"""dynrt: a fault-tolerant runtime for serving LLMs. This package holds the command
+line and the operator commands (``dynrt up``, ``dynrt status``); the components are
+``dynrt.runtime``, ``dynrt.worker``, ``dynrt.frontend``, ``dynrt.router`` and
+``dynrt.controller``."""
 
 from importlib.metadata import PackageNotFoundError, version
 

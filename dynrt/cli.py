@@ -12,12 +12,12 @@ from dynrt import __version__
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("dynrt.frontend.up", "run a whole local deployment: etcd, NATS, a frontend, workers"),
+    "up": ("dynrt.up", "run a whole local deployment: etcd, NATS, a frontend, workers"),
     "frontend": ("dynrt.frontend.main", "OpenAI-compatible HTTP frontend"),
     "worker": ("dynrt.worker.main", "serve a model's engine (vllm or mock) over NATS"),
     "router": ("dynrt.router.main", "standalone KV-aware router shared by frontends"),
-    "controller": ("dynrt.worker.controller_main", "keep a deployment's workers running: health checks, autoscaling, rolling updates"),
-    "status": ("dynrt.frontend.status", "show instances, load and frontends of a deployment"),
+    "controller": ("dynrt.controller.main", "keep a deployment's workers running: health checks, autoscaling, rolling updates"),
+    "status": ("dynrt.status", "show instances, load and frontends of a deployment"),
 }
 
 

@@ -30,7 +30,7 @@ def probe_controller() -> int:
 
     from dynrt.runtime.config import ControllerConfig, from_args
     from dynrt.runtime.discovery import EtcdClient
-    from dynrt.worker.controller import leader_key
+    from dynrt.controller.records import leader_key
 
     async def check() -> int:
         config = from_args(ControllerConfig)

@@ -28,7 +28,7 @@ import yaml
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, NatsServer
 from dynrt.runtime.protocol import InstanceRecord, instance_record_decoder, instances_prefix
-from dynrt.worker.controller import (
+from dynrt.controller.records import (
     AutoscalerState,
     ReplicaState,
     autoscaler_decoder,

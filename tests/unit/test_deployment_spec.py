@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dynrt.worker.controller import backoff_delay
-from dynrt.worker.deployment_spec import SpecError, load_spec, load_spec_text
+from dynrt.controller.reconcile import backoff_delay
+from dynrt.controller.spec import SpecError, load_spec, load_spec_text
 
 
 def test_full_spec_and_defaults() -> None:

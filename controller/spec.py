@@ -20,7 +20,8 @@
           downscale_cooldown: 30
 
 ``load_spec(path)`` returns a ``DeploymentSpec`` or raises ``SpecError`` whose message
-names the file and the offending field (``$.models[0].replicas``).
+names the file and the offending field (``$.models[0].replicas``). What the controller stores in
+etcd is a ``records.SpecRecord`` around it.
 """
 
 from __future__ import annotations
@@ -107,15 +108,6 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: list[ModelSpec]
 
-    def model(self, name: str) -> ModelSpec | None:
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
-
-
-spec_decoder = msgspec.json.Decoder(DeploymentSpec)
-
 
 def _check(spec: DeploymentSpec) -> None:
     seen: set[str] = set()
@@ -184,5 +176,7 @@ def load_spec(path: str | Path) -> DeploymentSpec:
     return load_spec_text(text, str(path))
 
 
-def encode_spec(spec: DeploymentSpec) -> bytes:
-    return msgspec.json.encode(spec)
+def spec_digest(spec: DeploymentSpec) -> str:
+    """Identifies a spec's content: a controller restarted with the file it was started
+    with does not store it again (a later ``apply`` must not be undone)."""
+    return hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:16]

@@ -2,7 +2,8 @@
 
 ``Launcher`` is the interface; ``LocalProcessLauncher`` runs ``dynrt worker ...``
 subprocesses on this host with a log file each. Another launcher (Kubernetes pods,
-compose services) implements the same five methods.
+compose services) implements the same six methods. ``replica_command`` is what a
+replica runs: the same whatever launches it.
 
 Replicas must outlive the controller (a dead controller never takes serving down), so
 local workers start in their own session and *without* a parent-death signal. After a
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
+from dynrt.controller.spec import ModelSpec
+from dynrt.runtime.config import ControllerConfig
 from dynrt.runtime.log import get_logger
 
 log = get_logger("launcher")
@@ -52,7 +55,22 @@ class Launcher(Protocol):
         ...
 
 
-def _proc_state(pid: int) -> str | None:
+def replica_command(config: ControllerConfig, replica_id: str, m: ModelSpec) -> tuple[list[str], dict[str, str]]:
+    """``dynrt`` arguments and extra environment of a replica of ``m``."""
+    c = config
+    argv = ["worker", "--namespace", c.namespace, "--etcd-endpoints", c.etcd_endpoints, "--nats-url", c.nats_url,
+            "--replica-id", replica_id, *m.worker_args()]
+    env = dict(m.env)
+    # credentials by environment, not on the command line (ps shows argv to everyone)
+    for name, value in (("DYNRT_ETCD_USER", c.etcd_user), ("DYNRT_ETCD_PASSWORD", c.etcd_password),
+                        ("DYNRT_ETCD_CA", c.etcd_ca), ("DYNRT_ETCD_CERT", c.etcd_cert),
+                        ("DYNRT_ETCD_KEY", c.etcd_key), ("DYNRT_NATS_CREDS", c.nats_creds)):
+        if value:
+            env[name] = value
+    return argv, env
+
+
+def proc_state(pid: int) -> str | None:
     """The process state letter from /proc (None if there is no such process)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -63,7 +81,8 @@ def _proc_state(pid: int) -> str | None:
     return data[data.rfind(b")") + 2:][:1].decode() or None
 
 
-def _cmdline(pid: int) -> list[str]:
+def proc_cmdline(pid: int) -> list[str]:
+    """The arguments ``pid`` runs with ([] if there is no such process)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -94,10 +113,10 @@ class LocalProcessLauncher:
         return proc.pid, str(log_path)
 
     def _is_replica(self, replica_id: str, pid: int) -> bool:
-        state = _proc_state(pid)
+        state = proc_state(pid)
         if state is None or state in ("Z", "X"):
             return False
-        argv = _cmdline(pid)
+        argv = proc_cmdline(pid)
         return any(a == replica_id for a in argv) or f"--replica-id={replica_id}" in argv
 
     def adopt(self, replica_id: str, pid: int, host: str) -> bool:
@@ -110,7 +129,7 @@ class LocalProcessLauncher:
         launched just before the controller died, before its pid was stored)."""
         for entry in os.listdir("/proc"):
             if entry.isdigit() and self._is_replica(replica_id, int(entry)):
-                argv = _cmdline(int(entry))
+                argv = proc_cmdline(int(entry))
                 if "--replica-id" in argv and "worker" in argv:
                     return int(entry)
         return None

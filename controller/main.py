@@ -11,15 +11,19 @@ All take the usual ``--namespace --etcd-endpoints --nats-url`` flags (or ``DYNRT
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
+from typing import TYPE_CHECKING
 
+from dynrt.controller.spec import DeploymentSpec, SpecError, load_spec
 from dynrt.runtime import config as config_flags
 from dynrt.runtime.config import ControllerConfig, from_args
 from dynrt.runtime.lifecycle import run_main
-from dynrt.runtime.log import get_logger, setup_logging
-from dynrt.worker.deployment_spec import SpecError, load_spec
+from dynrt.runtime.log import setup_logging
 
-log = get_logger("controller")
+if TYPE_CHECKING:
+    from dynrt.runtime.discovery import EtcdClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +36,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_flags.add_arguments(parser, ControllerConfig)
 
 
+async def wait_rollout(etcd: EtcdClient, ns: str, generation: int, timeout: float) -> bool:
+    """True once every replica runs the spec of ``generation`` (or later), is ready,
+    and each model has as many as it should (no draining ones left)."""
+    from dynrt.controller.reconcile import rollout_finished
+    from dynrt.controller.records import read_autoscalers, read_replicas, read_spec
+    from dynrt.runtime.discovery import ETCD_ERRORS, EtcdUnavailable
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            record = await read_spec(etcd, ns)
+            replicas = await read_replicas(etcd, ns)
+            autoscalers = await read_autoscalers(etcd, ns)
+        except (EtcdUnavailable, *ETCD_ERRORS):
+            await asyncio.sleep(0.5)
+            continue
+        if record is not None and rollout_finished(record, generation, replicas, autoscalers):
+            return True
+        await asyncio.sleep(0.25)
+    return False
+
+
 async def _apply(config: ControllerConfig, path: str, wait: float) -> int:
+    from dynrt.controller.records import write_spec
     from dynrt.runtime.discovery import EtcdClient
-    from dynrt.worker.controller import wait_rollout, write_spec
 
     spec = load_spec(path)
     etcd = EtcdClient.from_config(config)
@@ -53,10 +79,21 @@ async def _apply(config: ControllerConfig, path: str, wait: float) -> int:
 
 
 async def _run(config: ControllerConfig, path: str) -> int:
-    from dynrt.worker.controller import Controller
+    from dynrt.controller.controller import Controller
 
     seed = (load_spec(path), path) if path else None
     return await Controller(config, seed=seed).run()
+
+
+def _describe(spec: DeploymentSpec) -> str:
+    lines = []
+    for m in spec.models:
+        scaling = (f"autoscaling {m.autoscaling.metric} target {m.autoscaling.target}, "
+                   f"{m.min_replicas}..{m.ceiling}" if m.autoscaling else "fixed")
+        lines.append(f"{m.name}: {m.engine}, {m.initial_replicas} replica(s), {scaling}; "
+                     f"health every {m.health_check.period}s, timeout {m.health_check.timeout}s; "
+                     f"worker args: {' '.join(m.worker_args())}")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,13 +102,7 @@ def main(args: argparse.Namespace) -> int:
         if args.action == "check":
             if not args.file:
                 raise SpecError("check needs -f FILE")
-            spec = load_spec(args.file)
-            for m in spec.models:
-                scaling = (f"autoscaling {m.autoscaling.metric} target {m.autoscaling.target}, "
-                           f"{m.min_replicas}..{m.ceiling}" if m.autoscaling else "fixed")
-                print(f"{m.name}: {m.engine}, {m.initial_replicas} replica(s), {scaling}; "
-                      f"health every {m.health_check.period}s, timeout {m.health_check.timeout}s; "
-                      f"worker args: {' '.join(m.worker_args())}")
+            print(_describe(load_spec(args.file)))
             return 0
         if args.action == "apply":
             if not args.file:

@@ -20,11 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from dynrt.runtime.discovery import ETCD_ERRORS, EtcdClient, EtcdUnavailable
 from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
 from dynrt.runtime.health import fetch_health_json
 from dynrt.runtime.lifecycle import run_main
 from dynrt.runtime.log import get_logger, setup_logging
+from dynrt.status import fetch_healths, read_instances
 
 log = get_logger("up")
 
@@ -85,7 +88,8 @@ class LocalDeployment:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.servers = EmbeddedServers(self.state_dir)
         self.frontend: Child | None = None
-        self.workers: list[Child] = []
+        self.controller: Child | None = None  # it launches and supervises the workers
+        self.etcd: EtcdClient | None = None
         self.stopping = asyncio.Event()
         self._last_table = ""
 
@@ -105,7 +109,13 @@ class LocalDeployment:
         spec_path.write_text(json.dumps(spec, indent=2))  # JSON is YAML
         argv = [python, "-m", "dynrt.cli", "controller", "-f", str(spec_path), *self._common(),
                 "--state-dir", str(self.state_dir), "--stop-replicas-on-exit"]
-        self.workers.append(Child("controller", argv, self.state_dir / "controller.log"))
+        self.controller = Child("controller", argv, self.state_dir / "controller.log")
+
+    @property
+    def children(self) -> list[Child]:
+        """What ``dynrt up`` supervises, in start order."""
+        assert self.controller is not None and self.frontend is not None
+        return [self.controller, self.frontend]
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -114,8 +124,8 @@ class LocalDeployment:
         print(f"dynrt up: starting etcd and NATS (logs in {self.state_dir})", flush=True)
         await asyncio.to_thread(self.servers.start)
         self._build_children()
-        assert self.frontend is not None
-        for child in [*self.workers, self.frontend]:
+        self.etcd = etcd = EtcdClient(self.servers.etcd.endpoint)
+        for child in self.children:
             child.spawn()
         url = f"http://127.0.0.1:{self.args.port}"
         print(f"dynrt up: frontend at {url}/v1  (etcd {self.servers.etcd.endpoint}, NATS {self.servers.nats.url})",
@@ -124,6 +134,7 @@ class LocalDeployment:
             await self._wait_ready(url)
             await self._supervise(url)
         finally:
+            await etcd.close()
             await asyncio.to_thread(self._stop_all)
         return 0
 
@@ -156,9 +167,8 @@ class LocalDeployment:
                 pass
 
     def _restart_crashed(self) -> None:
-        assert self.frontend is not None
         now = time.monotonic()
-        for child in [*self.workers, self.frontend]:
+        for child in self.children:
             code = child.exited()
             if code is None or self.stopping.is_set():
                 continue
@@ -178,7 +188,7 @@ class LocalDeployment:
         for instance in health.get("instances", []):
             rows.append((instance["instance_id"], instance["pid"], instance["model"]))
         lines = [f"{'instance':<14} {'pid':>7} {'model':<20} {'kv used':>12} {'running':>8} {'waiting':>8}"]
-        etcd_workers = await asyncio.to_thread(self._worker_health)
+        etcd_workers = await self._worker_health()
         for instance_id, pid, model in rows:
             w = etcd_workers.get(instance_id, {})
             kv = f"{w.get('kv_blocks_used', '?')}/{w.get('kv_blocks_total', '?')}"
@@ -189,31 +199,23 @@ class LocalDeployment:
             self._last_table = table
             print(table, flush=True)
 
-    def _worker_health(self) -> dict[str, dict]:
-        """Each worker's /health, found through its log's ready line (system port)."""
-        result: dict[str, dict] = {}
-        for log_path in sorted((self.state_dir / "replicas").glob("*.log")):
-            try:
-                ready = [l for l in log_path.read_text(errors="replace").splitlines() if "event=worker_ready" in l]
-            except OSError:
-                continue
-            if not ready:
-                continue
-            fields = dict(part.split("=", 1) for part in ready[-1].split() if "=" in part)
-            health = fetch_health_json(f"http://127.0.0.1:{fields.get('system_port')}/health")
-            if health:
-                result[health.get("instance_id", "")] = health
-        return result
+    async def _worker_health(self) -> dict[str, dict[str, Any]]:
+        """Each worker's /health (instance id → body), at the system port of its
+        instance record in etcd."""
+        assert self.etcd is not None
+        try:
+            instances = await read_instances(self.etcd, self.args.namespace)
+        except (EtcdUnavailable, *ETCD_ERRORS):
+            return {}
+        healths = await fetch_healths(instances, timeout=1.0)
+        return {i.instance_id: h for i, h in zip(instances, healths)}
 
     def _stop_all(self) -> None:
         print("dynrt up: stopping (frontend, controller and its workers, NATS, etcd)", flush=True)
-        if self.frontend is not None:
-            self.frontend.terminate()
-            self.frontend.wait(35)
-        for child in self.workers:
-            child.terminate()
-        for child in self.workers:
-            child.wait(35)
+        for child in (self.frontend, self.controller):
+            if child is not None:
+                child.terminate()
+                child.wait(35)
         self.servers.stop()
         print("dynrt up: stopped", flush=True)
 
