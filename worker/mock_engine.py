@@ -47,17 +47,13 @@ from dynrt.runtime.protocol import (
     KvBlockRemoved,
     KvBlockStored,
     KvEvent,
-    KvEventData,
     LoadReport,
 )
 from dynrt.worker.engine import Engine, EngineError, EngineInfo, RequestRejected, TokenBatch
+from dynrt.worker.kv_events import KvEventLog
 
 _PACK_TOKEN = struct.Struct("<q").pack
 _NO_HASH = -1
-# Events no consumer has taken yet are capped so an engine whose events nobody reads
-# does not grow without bound; the oldest are dropped and the gap in event ids tells a
-# late consumer to resync with dump_cached_blocks().
-_MAX_PENDING_EVENTS = 1 << 16
 # How far the step clock may fall behind real time before it is reset (see _run_step).
 _MAX_CLOCK_LAG_S = 0.005
 
@@ -194,9 +190,7 @@ class MockEngine(Engine):
         self._running: list[_Seq] = []
         self._stop_requested: set[str] = set()
 
-        self._events: list[KvEvent] = []
-        self._last_event_id = 0
-        self._events_waiter: asyncio.Future[None] | None = None
+        self._events = KvEventLog()
 
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -224,7 +218,7 @@ class MockEngine(Engine):
         self._task = None
         self.reset_prefix_cache()
         self._closed = True
-        self._notify_events()
+        self._events.close()
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
         self._validate(request)
@@ -256,22 +250,11 @@ class MockEngine(Engine):
             timestamp=time.time(),
         )
 
-    async def kv_events(self) -> AsyncIterator[list[KvEvent]]:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._events:
-                if self._closed:
-                    return
-                self._events_waiter = loop.create_future()
-                try:
-                    await self._events_waiter
-                finally:
-                    self._events_waiter = None
-            batch, self._events = self._events, []
-            yield batch
+    def kv_events(self) -> AsyncIterator[list[KvEvent]]:
+        return self._events.batches()
 
     def dump_cached_blocks(self) -> tuple[list[int], int]:
-        return list(self._cached), self._last_event_id
+        return list(self._cached), self._events.last_event_id
 
     async def check_health(self) -> None:
         if self.config.fail_health_check:
@@ -302,8 +285,8 @@ class MockEngine(Engine):
             self._free.append(block)
         self._lru.clear()
         self._cached.clear()
-        self._emit(KvAllCleared())
-        self._notify_events()
+        self._events.append(KvAllCleared())
+        self._events.notify()
         return True
 
     # -- requests ----------------------------------------------------------
@@ -420,7 +403,7 @@ class MockEngine(Engine):
             self._ref[block] = 1
             seq.block_ids.append(block)
         if removed:
-            self._emit(KvBlockRemoved(block_hashes=removed))
+            self._events.append(KvBlockRemoved(block_hashes=removed))
 
     def _admit_prefix(self, seq: _Seq) -> list[int]:
         """Blocks of the longest cached prefix of ``seq`` (at most all but its last
@@ -452,7 +435,7 @@ class MockEngine(Engine):
             h = hashes[i]
             if h in cached:
                 if run:
-                    self._emit(KvBlockStored(block_hashes=run, parent_hash=run_parent))
+                    self._events.append(KvBlockStored(block_hashes=run, parent_hash=run_parent))
                     run = []
                 continue
             block = block_ids[i]
@@ -462,20 +445,8 @@ class MockEngine(Engine):
                 run_parent = hashes[i - 1] if i else None
             run.append(h)
         if run:
-            self._emit(KvBlockStored(block_hashes=run, parent_hash=run_parent))
+            self._events.append(KvBlockStored(block_hashes=run, parent_hash=run_parent))
         seq.num_registered = full
-
-    # -- events ------------------------------------------------------------
-    def _emit(self, data: KvEventData) -> None:
-        self._last_event_id += 1
-        self._events.append(KvEvent(event_id=self._last_event_id, data=data))
-        if len(self._events) > _MAX_PENDING_EVENTS:
-            del self._events[: _MAX_PENDING_EVENTS // 2]
-
-    def _notify_events(self) -> None:
-        waiter = self._events_waiter
-        if waiter is not None and not waiter.done() and (self._events or self._closed):
-            waiter.set_result(None)
 
     # -- scheduler ---------------------------------------------------------
     async def _loop(self) -> None:
@@ -584,7 +555,7 @@ class MockEngine(Engine):
         if self._stop_requested:
             for request_id in list(self._stop_requested):
                 self._finish(self._seqs[request_id], "cancelled")
-        self._notify_events()
+        self._events.notify()
         end = time.perf_counter()
         self.num_steps += 1
         self.step_log.append(

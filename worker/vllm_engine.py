@@ -77,6 +77,7 @@ from dynrt.runtime.protocol import (
     TokenizerSpec,
 )
 from dynrt.worker.engine import Engine, EngineError, EngineInfo, RequestRejected, TokenBatch
+from dynrt.worker.kv_events import KvEventLog
 from dynrt.worker.vllm_kv_events import KvEventTranslator
 
 log = get_logger("vllm_engine")
@@ -187,8 +188,8 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._requests: dict[str, _Request] = {}
         self._stats: Any = None  # vLLM SchedulerStats of the last step
-        self._translator = KvEventTranslator()
-        self._events_waiter: asyncio.Future[None] | None = None
+        self._events = KvEventLog()
+        self._translator = KvEventTranslator(self._events)
         self._kv_task: asyncio.Task[None] | None = None
         self._kv_socket: Any = None
         self._kv_ctx: Any = None
@@ -307,7 +308,7 @@ class VllmEngine(Engine):
                 log.warning("vllm_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
         await self._close_kv()
         self._stop_watchdog()
-        self._notify_events()
+        self._events.close()
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
         self._validate(request)
@@ -337,22 +338,11 @@ class VllmEngine(Engine):
                           waiting=int(stats.num_waiting_reqs) + int(getattr(stats, "num_skipped_waiting_reqs", 0)),
                           active_prefill_tokens=prefill, timestamp=time.time())
 
-    async def kv_events(self) -> AsyncIterator[list[KvEvent]]:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._translator.events:
-                if self._closed:
-                    return
-                self._events_waiter = loop.create_future()
-                try:
-                    await self._events_waiter
-                finally:
-                    self._events_waiter = None
-            batch, self._translator.events = self._translator.events, []
-            yield batch
+    def kv_events(self) -> AsyncIterator[list[KvEvent]]:
+        return self._events.batches()
 
     def dump_cached_blocks(self) -> tuple[list[int], int]:
-        return self._translator.cached_hashes(), self._translator.last_event_id
+        return self._translator.cached_hashes(), self._events.last_event_id
 
     async def check_health(self) -> None:
         if self._llm is None:
@@ -547,12 +537,7 @@ class VllmEngine(Engine):
             except Exception as exc:
                 KV_EVENTS_LOST.inc()
                 log.warning("vllm_kv_events_decode_failed", error=f"{type(exc).__name__}: {exc}")
-            self._notify_events()
-
-    def _notify_events(self) -> None:
-        waiter = self._events_waiter
-        if waiter is not None and not waiter.done() and (self._translator.events or self._closed):
-            waiter.set_result(None)
+            self._events.notify()
 
     async def _close_kv(self) -> None:
         if self._kv_task is not None:

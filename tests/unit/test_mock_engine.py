@@ -307,7 +307,7 @@ async def test_stored_events_carry_parent_hash() -> None:
     p = prompt(40, seed=12)
     async with running_engine(block_size=8, max_num_batched_tokens=16) as engine:
         await collect(engine, request("a", p, 1, ignore_eos=True))
-        events = engine._events
+        events = engine._events.pending
         hashes = block_hashes(p, 8)
         stored = [e.data for e in events if isinstance(e.data, KvBlockStored)]
         # Chunks of 16 tokens: blocks are stored two at a time as prefill advances.

@@ -24,18 +24,18 @@ def test_stored_blocks_get_the_routers_hashes() -> None:
     t = KvEventTranslator()
     tokens = list(range(100, 112))
     t.apply(stored([11, 12, 13], tokens))
-    assert [e.event_id for e in t.events] == [1]
-    data = t.events[0].data
+    assert [e.event_id for e in t.log.pending] == [1]
+    data = t.log.pending[0].data
     assert isinstance(data, KvBlockStored)
     assert data.block_hashes == block_hashes(tokens, BS) and data.parent_hash is None
     # A continuation chains from the parent's dynrt hash: same as hashing the whole sequence.
     more = list(range(200, 208))
     t.apply(stored([14, 15], more, parent=13))
-    data = t.events[1].data
+    data = t.log.pending[1].data
     full = block_hashes(tokens + more, BS)
     assert data.block_hashes == full[3:] and data.parent_hash == full[2]
     assert sorted(t.cached_hashes()) == sorted(full)
-    assert t.last_event_id == 2
+    assert t.log.last_event_id == 2
 
 
 def test_removals_map_back_and_ids_stay_contiguous() -> None:
@@ -44,24 +44,24 @@ def test_removals_map_back_and_ids_stay_contiguous() -> None:
     t.apply(stored([b"\x01a", b"\x01b"], tokens))  # vLLM hashes may be bytes
     t.apply(removed([b"\x01b"]))
     t.apply(removed([b"unknown"]))  # nothing known: no event
-    assert [e.event_id for e in t.events] == [1, 2]
-    assert t.events[1].data == KvBlockRemoved(block_hashes=[block_hashes(tokens, BS)[1]])
+    assert [e.event_id for e in t.log.pending] == [1, 2]
+    assert t.log.pending[1].data == KvBlockRemoved(block_hashes=[block_hashes(tokens, BS)[1]])
     assert t.cached_hashes() == block_hashes(tokens, BS)[:1]
 
 
 def test_unknown_parent_is_untranslatable() -> None:
     t = KvEventTranslator()
     t.apply(stored([5], [1, 2, 3, 4], parent=999))
-    assert t.events == [] and t.untranslatable == 1
+    assert t.log.pending == [] and t.untranslatable == 1
 
 
 def test_all_cleared_and_other_groups() -> None:
     t = KvEventTranslator()
     t.apply(stored([1], [1, 2, 3, 4], group_idx=1))  # a sliding-window group: not indexed
-    assert t.events == []
+    assert t.log.pending == []
     t.apply(stored([1], [1, 2, 3, 4]))
     t.apply({"type": "AllBlocksCleared"})
-    assert isinstance(t.events[-1].data, KvAllCleared)
+    assert isinstance(t.log.pending[-1].data, KvAllCleared)
     assert t.cached_hashes() == [] and t.to_dynrt == {}
 
 
@@ -70,11 +70,11 @@ def test_same_tokens_under_two_vllm_hashes_are_stored_once() -> None:
     t = KvEventTranslator()
     t.apply(stored([1], [1, 2, 3, 4]))
     t.apply(stored([2], [1, 2, 3, 4], extra_keys=[("salt",)]))
-    assert len(t.events) == 1
+    assert len(t.log.pending) == 1
     t.apply(removed([1]))
-    assert len(t.events) == 1  # still held under vLLM hash 2
+    assert len(t.log.pending) == 1  # still held under vLLM hash 2
     t.apply(removed([2]))
-    assert isinstance(t.events[-1].data, KvBlockRemoved) and t.cached_hashes() == []
+    assert isinstance(t.log.pending[-1].data, KvBlockRemoved) and t.cached_hashes() == []
 
 
 def test_wire_format_as_vllm_encodes_it() -> None:
@@ -99,4 +99,4 @@ def test_wire_format_as_vllm_encodes_it() -> None:
     t = KvEventTranslator()
     for event in batch[1]:
         t.apply(event)
-    assert t.events[0].data == KvBlockStored(block_hashes=block_hashes(list(range(8)), BS), parent_hash=None)
+    assert t.log.pending[0].data == KvBlockStored(block_hashes=block_hashes(list(range(8)), BS), parent_hash=None)
