@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from dynrt.runtime.block_hash import extend_block_hashes
+from dynrt.runtime.config import WorkerConfig
 from dynrt.runtime.mock_tokenizer import EOS_ID, mock_tokenizer
 from dynrt.runtime.lifecycle import cancel_and_wait
 from dynrt.runtime.protocol import (
@@ -77,6 +78,17 @@ class MockEngineConfig(msgspec.Struct, kw_only=True):
     fail_health_check: bool = False
     # How many recent steps ``MockEngine.step_log`` keeps.
     step_log_size: int = 10000
+
+
+def mock_engine_config(config: WorkerConfig) -> MockEngineConfig:
+    """The worker's flags as mock engine settings; a sizing flag not given (None) keeps
+    the mock's default here."""
+    given = {name: value for name in ("max_num_seqs", "max_num_batched_tokens")
+             if (value := getattr(config, name)) is not None}
+    return MockEngineConfig(
+        model=config.served_model_name or config.model, num_blocks=config.num_blocks, block_size=config.block_size,
+        context_length=config.context_length, speedup=config.speedup, fail_health_check=config.fail_health_check,
+        **given)
 
 
 class StepTiming(msgspec.Struct, frozen=True, kw_only=True):

