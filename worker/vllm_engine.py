@@ -46,18 +46,15 @@ pins every worker to the same core, and 1.2/10 unpinned with OpenMP's default th
 count, which spins against the other processes; on a dedicated many-core host set both
 to use more cores), and forces ``enforce_eager`` (no torch.compile).
 
-vLLM runs its engine core in a child process. So that a SIGKILLed worker does not leave
-it behind (~2 GB), a tiny watchdog process holds a pipe from the worker and kills the
-engine's processes when the pipe closes.
+vLLM may run its engine core in a child process (on GPU hosts). So that a SIGKILLed
+worker does not leave it behind (~2 GB), a tiny watchdog process
+(``dynrt.worker.vllm_watchdog``) holds a pipe from the worker and kills the engine's
+processes when the pipe closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -88,6 +85,7 @@ from dynrt.worker.vllm_config import (
     vllm_engine_config,
 )
 from dynrt.worker.vllm_kv_events import KvEventTranslator
+from dynrt.worker.vllm_watchdog import EngineProcessWatchdog, child_pids
 
 log = get_logger("vllm_engine")
 
@@ -113,31 +111,6 @@ class _Request:
         self.stop_timer: asyncio.TimerHandle | None = None
 
 
-_WATCHDOG = r"""
-import os, signal, sys
-pids = []
-for line in sys.stdin:
-    parts = line.split()
-    if len(parts) == 2:
-        pids.append((int(parts[0]), parts[1]))
-for pid, start in pids:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[19] == start:
-                os.kill(pid, signal.SIGKILL)
-    except (OSError, IndexError, ValueError):
-        pass
-"""
-
-
-def _proc_start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 class VllmEngine(Engine):
     def __init__(self, config: VllmEngineConfig) -> None:
         self.config = config
@@ -151,12 +124,13 @@ class VllmEngine(Engine):
         self._events = KvEventLog()
         self._translator = KvEventTranslator(self._events)
         self._kv_task: asyncio.Task[None] | None = None
+        self._grace_kills: set[asyncio.Task[None]] = set()
         self._kv_socket: Any = None
         self._kv_ctx: Any = None
         self._kv_endpoint = config.kv_events_endpoint
         self._kv_dir: str | None = None
         self._last_seq: int | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = EngineProcessWatchdog()
         self._closed = False
         self._eos_ids: frozenset[int] = frozenset()
         self.start_seconds = 0.0
@@ -197,7 +171,7 @@ class VllmEngine(Engine):
         kwargs.setdefault("kv_events_config", KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                              endpoint=self._kv_endpoint))
 
-        children_before = self._children()
+        children_before = child_pids()
         engine = self
 
         def stat_logger_factory(vllm_config: Any, engine_index: int = 0) -> Any:
@@ -210,7 +184,7 @@ class VllmEngine(Engine):
             await self._close_kv()
             raise
         finally:
-            self._start_watchdog(children_before)
+            self._watchdog.start(child_pids() - children_before)
         vc = self._llm.vllm_config
         self._info = self._make_info(
             block_size=int(vc.cache_config.block_size), kv_blocks=int(vc.cache_config.num_gpu_blocks or 0),
@@ -238,7 +212,7 @@ class VllmEngine(Engine):
             except Exception as exc:
                 log.warning("vllm_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
         await self._close_kv()
-        self._stop_watchdog()
+        self._watchdog.stop()
         self._events.close()
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
@@ -254,8 +228,7 @@ class VllmEngine(Engine):
             return
         if not req.stop:
             req.stop = True
-            loop = asyncio.get_running_loop()
-            req.stop_timer = loop.call_later(STOP_GRACE_S, lambda: loop.create_task(self._kill_vllm(req)))
+            req.stop_timer = asyncio.get_running_loop().call_later(STOP_GRACE_S, self._kill_after_grace, req)
 
     def load(self) -> LoadReport:
         total = self._info.kv_blocks_total
@@ -288,14 +261,6 @@ class VllmEngine(Engine):
             raise EngineError("vLLM KV event relay stopped")
 
     # -- extras --------------------------------------------------------------
-    @property
-    def kv_translator(self) -> KvEventTranslator:
-        return self._translator
-
-    @property
-    def vllm_config(self) -> Any:
-        return None if self._llm is None else self._llm.vllm_config
-
     def record_stats(self, scheduler_stats: Any) -> None:
         """Called by the stat logger for every engine step."""
         self._stats = scheduler_stats
@@ -417,6 +382,13 @@ class VllmEngine(Engine):
             except Exception:
                 pass
 
+    def _kill_after_grace(self, req: _Request) -> None:
+        """A stopped request got no step within ``STOP_GRACE_S``: abort it in vLLM. The
+        task is kept until it ends (the event loop holds only a weak reference)."""
+        task = asyncio.get_running_loop().create_task(self._kill_vllm(req))
+        self._grace_kills.add(task)
+        task.add_done_callback(self._grace_kills.discard)
+
     async def _kill_vllm(self, req: _Request) -> None:
         if self._llm is not None:
             await self._llm.abort(req.vllm_id)
@@ -490,55 +462,6 @@ class VllmEngine(Engine):
             shutil.rmtree(self._kv_dir, ignore_errors=True)
             self._kv_dir = None
 
-    # -- child processes -----------------------------------------------------
-    @staticmethod
-    def _children() -> set[int]:
-        try:
-            import psutil
-
-            return {p.pid for p in psutil.Process().children(recursive=True)}
-        except Exception:
-            return set()
-
-    def _start_watchdog(self, before: set[int]) -> None:
-        """Kill vLLM's engine processes if this process dies without shutting down."""
-        if not sys.platform.startswith("linux"):
-            return
-        import psutil
-
-        lines = []
-        for pid in sorted(self._children() - before):
-            try:
-                if "resource_tracker" in " ".join(psutil.Process(pid).cmdline()):
-                    continue  # exits by itself once its pipe closes
-            except psutil.Error:
-                continue
-            start = _proc_start_time(pid)
-            if start is not None:
-                lines.append(f"{pid} {start}\n")
-        if not lines:
-            return
-        try:
-            self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                              start_new_session=True)
-            assert self._watchdog.stdin is not None
-            self._watchdog.stdin.write("".join(lines).encode())
-            self._watchdog.stdin.flush()
-        except Exception as exc:
-            log.warning("vllm_watchdog_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def _stop_watchdog(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None:
-            return
-        try:
-            assert watchdog.stdin is not None
-            watchdog.stdin.close()  # EOF: it kills whatever engine process is left
-            watchdog.wait(5)
-        except Exception:
-            watchdog.kill()
-
 
 def _finish_reason(reason: Any, stop_requested: bool) -> FinishReason:
     text = str(reason) if reason is not None else "abort"
@@ -577,5 +500,4 @@ def _make_stat_logger(engine: VllmEngine) -> Any:
     return DynrtStatLogger()
 
 
-__all__ = ["VllmEngine", "VllmEngineConfig", "KvEventTranslator", "apply_cpu_env", "is_cpu_build",
-           "CPU_ENV_DEFAULTS"]
+__all__ = ["VllmEngine", "VllmEngineConfig", "apply_cpu_env", "is_cpu_build", "CPU_ENV_DEFAULTS"]
