@@ -68,27 +68,27 @@ async def collect(engine: MockEngine, req: GenerateRequest) -> tuple[list[int], 
 def assert_all_blocks_free(engine: MockEngine) -> None:
     total = engine.config.num_blocks
     assert engine.kv_blocks_used == 0
-    assert len(engine._free) + len(engine._lru) == total
-    assert sorted(engine._free + list(engine._lru.values())) == list(range(total))
-    assert engine._ref == [0] * total
+    assert len(engine.kv_cache.free) + len(engine.kv_cache.lru) == total
+    assert sorted(engine.kv_cache.free + list(engine.kv_cache.lru.values())) == list(range(total))
+    assert engine.kv_cache.ref == [0] * total
     assert engine.load().running == 0 and engine.load().waiting == 0
 
 
 def assert_cache_consistent(engine: MockEngine) -> None:
     """Every block is free, cached-free or held; reference counts equal holders."""
     holders = [0] * engine.config.num_blocks
-    for seq in engine._running:
+    for seq in engine.scheduler.running:
         assert len(seq.block_ids) * engine.config.block_size >= seq.num_computed
         for block in seq.block_ids:
             holders[block] += 1
-    for seq in engine._waiting:
+    for seq in engine.scheduler.waiting:
         assert seq.block_ids == []
-    assert holders == engine._ref
-    assert all(engine._ref[b] == 0 and engine._block_hash[b] == -1 for b in engine._free)
-    assert all(engine._ref[b] == 0 and engine._cached[h] == b for h, b in engine._lru.items())
-    assert all(engine._block_hash[b] == h for h, b in engine._cached.items())
-    in_use = sum(1 for r in engine._ref if r)
-    assert in_use + len(engine._free) + len(engine._lru) == engine.config.num_blocks
+    assert holders == engine.kv_cache.ref
+    assert all(engine.kv_cache.ref[b] == 0 and engine.kv_cache.block_hash[b] == -1 for b in engine.kv_cache.free)
+    assert all(engine.kv_cache.ref[b] == 0 and engine.kv_cache.cached[h] == b for h, b in engine.kv_cache.lru.items())
+    assert all(engine.kv_cache.block_hash[b] == h for h, b in engine.kv_cache.cached.items())
+    in_use = sum(1 for r in engine.kv_cache.ref if r)
+    assert in_use + len(engine.kv_cache.free) + len(engine.kv_cache.lru) == engine.config.num_blocks
 
 
 # -- basic generation -------------------------------------------------------
@@ -236,7 +236,7 @@ async def test_prefix_hit_reuses_blocks() -> None:
         assert [s.prefill_tokens for s in list(engine.step_log)[steps_before:]] == [16]
         assert engine.num_cached_blocks == 5
         # All 4 cached blocks were reused: only 1 block was taken from the free pool.
-        assert len(engine._free) == engine.config.num_blocks - 5
+        assert len(engine.kv_cache.free) == engine.config.num_blocks - 5
         # An identical prompt cannot reuse its last block (its last token must be computed).
         _, _, b3 = await collect(engine, request("c", extended, 1, ignore_eos=True))
         assert b3[0].cached_tokens == 64
@@ -479,7 +479,7 @@ async def test_block_accounting_random_mix(seed: int) -> None:
         assert engine.num_preemptions > 0
         assert_all_blocks_free(engine)
         cached, _ = engine.dump_cached_blocks()
-        assert set(cached) == set(engine._lru)
+        assert set(cached) == set(engine.kv_cache.lru)
 
 
 # -- timing model -----------------------------------------------------------------------
