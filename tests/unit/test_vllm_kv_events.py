@@ -1,4 +1,5 @@
-"""vLLM KV events → dynrt KV events: the translated hashes are the router's own."""
+"""vLLM KV events → dynrt KV events: the translated hashes are the router's own, and
+the relay counts what it loses."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import msgspec
 
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import KvAllCleared, KvBlockRemoved, KvBlockStored
+from dynrt.worker.kv_events import KvEventLog
 from dynrt.worker.vllm_kv_events import KvEventTranslator
+from dynrt.worker.vllm_kv_relay import KV_EVENTS_LOST, VllmKvEventRelay
 
 BS = 4
 
@@ -100,3 +103,28 @@ def test_wire_format_as_vllm_encodes_it() -> None:
     for event in batch[1]:
         t.apply(event)
     assert t.log.pending[0].data == KvBlockStored(block_hashes=block_hashes(list(range(8)), BS), parent_hash=None)
+
+
+def test_relay_messages_gaps_and_bad_batches() -> None:
+    """What the relay does with each ZMQ message of vLLM's publisher ([topic,] seq, batch)."""
+
+    def message(seq: int, events: list) -> list[bytes]:
+        return [b"", seq.to_bytes(8, "big"), msgspec.msgpack.encode([1.0, events, None])]
+
+    def lost() -> float:
+        return sum(s.value for m in KV_EVENTS_LOST.collect() for s in m.samples if s.name.endswith("_total"))
+
+    log = KvEventLog()
+    relay = VllmKvEventRelay(log)
+    start = lost()
+    relay.on_message(message(0, [stored([1], [1, 2, 3, 4])]))
+    relay.on_message(message(1, [stored([2], [5, 6, 7, 8], parent=1)]))
+    assert [e.event_id for e in log.pending] == [1, 2] and lost() == start
+    relay.on_message(message(4, [removed([2])]))  # seqs 2 and 3 never arrived
+    assert lost() == start + 2
+    assert log.pending[-1].data == KvBlockRemoved(block_hashes=[block_hashes([1, 2, 3, 4, 5, 6, 7, 8], BS)[1]])
+    relay.on_message(message(5, [stored([9], [1, 2, 3, 4], parent=777)]))  # unknown parent
+    relay.on_message([b"", (6).to_bytes(8, "big"), b"\xc1"])  # not msgpack
+    assert lost() == start + 4
+    assert relay.translator.cached_hashes() == block_hashes([1, 2, 3, 4], BS)
+    assert log.last_event_id == 3
