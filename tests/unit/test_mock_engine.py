@@ -67,15 +67,17 @@ async def collect(engine: MockEngine, req: GenerateRequest) -> tuple[list[int], 
 
 def assert_all_blocks_free(engine: MockEngine) -> None:
     total = engine.config.num_blocks
+    cache = engine.kv_cache
     assert engine.kv_blocks_used == 0
-    assert len(engine.kv_cache.free) + len(engine.kv_cache.lru) == total
-    assert sorted(engine.kv_cache.free + list(engine.kv_cache.lru.values())) == list(range(total))
-    assert engine.kv_cache.ref == [0] * total
+    assert len(cache.free) + len(cache.lru) == total
+    assert sorted(cache.free + list(cache.lru.values())) == list(range(total))
+    assert cache.ref == [0] * total
     assert engine.load().running == 0 and engine.load().waiting == 0
 
 
 def assert_cache_consistent(engine: MockEngine) -> None:
     """Every block is free, cached-free or held; reference counts equal holders."""
+    cache = engine.kv_cache
     holders = [0] * engine.config.num_blocks
     for seq in engine.scheduler.running:
         assert len(seq.block_ids) * engine.config.block_size >= seq.num_computed
@@ -83,12 +85,12 @@ def assert_cache_consistent(engine: MockEngine) -> None:
             holders[block] += 1
     for seq in engine.scheduler.waiting:
         assert seq.block_ids == []
-    assert holders == engine.kv_cache.ref
-    assert all(engine.kv_cache.ref[b] == 0 and engine.kv_cache.block_hash[b] == -1 for b in engine.kv_cache.free)
-    assert all(engine.kv_cache.ref[b] == 0 and engine.kv_cache.cached[h] == b for h, b in engine.kv_cache.lru.items())
-    assert all(engine.kv_cache.block_hash[b] == h for h, b in engine.kv_cache.cached.items())
-    in_use = sum(1 for r in engine.kv_cache.ref if r)
-    assert in_use + len(engine.kv_cache.free) + len(engine.kv_cache.lru) == engine.config.num_blocks
+    assert holders == cache.ref
+    assert all(cache.ref[b] == 0 and cache.block_hash[b] == -1 for b in cache.free)
+    assert all(cache.ref[b] == 0 and cache.cached[h] == b for h, b in cache.lru.items())
+    assert all(cache.block_hash[b] == h for h, b in cache.cached.items())
+    in_use = sum(1 for r in cache.ref if r)
+    assert in_use + len(cache.free) + len(cache.lru) == engine.config.num_blocks
 
 
 # -- basic generation -------------------------------------------------------
