@@ -57,8 +57,9 @@ class WorkerConfig(CommonConfig, kw_only=True):
     # mock engine
     num_blocks: Annotated[int, _doc("KV cache blocks")] = 16384
     block_size: Annotated[int, _doc("tokens per KV block (vllm on CPU: multiple of 32)")] = 16
-    max_num_seqs: Annotated[int, _doc("max running sequences")] = 256
-    max_num_batched_tokens: Annotated[int, _doc("token budget per engine step")] = 8192
+    # None = not given: the engine keeps its own default; a given value always reaches it
+    max_num_seqs: Annotated[int | None, _doc("max running sequences (None = the engine's default: 256 on mock, vLLM's on vllm)")] = None
+    max_num_batched_tokens: Annotated[int | None, _doc("token budget per engine step (None = the engine's default: 8192 on mock, vLLM's on vllm)")] = None
     context_length: Annotated[int, _doc("max prompt + output tokens")] = 8192
     speedup: Annotated[float, _doc("mock engine speed-up over its timing model (inf = no sleeping)")] = 1.0
     fail_health_check: Annotated[bool, _doc("mock: check_health raises (for tests)")] = False

@@ -5,8 +5,12 @@ component on every line and the request id on every line about a request.
     log.info("request_started", request_id=rid, prompt_tokens=12)
     -> ts=2026-11-22T00:00:00.123Z level=info component=worker event=request_started request_id=r1 prompt_tokens=12
 
+The request id comes from the event's ``request_id`` field or, when it has none, from
+``request_id_var`` (for code that sets it around a request); it is written right after
+the event name. The component is the one given to ``setup_logging``.
+
 Built on the standard ``logging`` module so libraries' records (nats, aiohttp) go to
-the same stream; only the formatting is ours.
+the same stream, as ``logger=NAME msg=TEXT``; only the formatting is ours.
 """
 
 from __future__ import annotations
@@ -76,9 +80,6 @@ class StructLogger:
 
     def exception(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, True, fields)
-
-    def is_debug(self) -> bool:
-        return self._logger.isEnabledFor(logging.DEBUG)
 
 
 def get_logger(name: str) -> StructLogger:

@@ -20,13 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_engine(config: WorkerConfig) -> Engine:
     if config.engine == "mock":
-        from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
+        from dynrt.worker.mock_engine import MockEngine, mock_engine_config
 
-        return MockEngine(MockEngineConfig(
-            model=config.served_model_name or config.model, num_blocks=config.num_blocks,
-            block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, context_length=config.context_length,
-            speedup=config.speedup, fail_health_check=config.fail_health_check))
+        return MockEngine(mock_engine_config(config))
     try:
         from dynrt.worker.vllm_engine import VllmEngine
     except ImportError as exc:

@@ -1,17 +1,21 @@
 """A worker: one engine behind a NATS endpoint, registered in etcd under a lease.
 
 Lifecycle
-- start: engine → NATS endpoint (subscribed) → system server → instance record put
-  under the lease → ``ready``. Until then ``/health`` is 503.
+- start: engine → NATS endpoint (subscribed) → system server → frontend watcher → load
+  reports, KV events and health checks → ``ready`` → lease and instance record put. The
+  worker is ready just before its record appears, since a frontend may send a request
+  the moment it sees it; until then ``/health`` is 503.
 - serve: each generate request streams ``TokenFrame``s; a ``Cancel`` stops or kills it;
   KV events and load reports go out for routers; ``DumpCachedBlocks`` answers router resyncs.
 - dead frontends: frontends hold leases too; when one's key disappears, every request
   it sent is aborted and its KV freed (the caller can no longer read the answer).
-- SIGTERM/SIGINT: delete the registration and unsubscribe (no new requests), let
-  in-flight requests finish for up to ``drain_timeout``, send the rest a ``MigrateFrame``
-  so frontends continue them elsewhere, revoke the lease, exit 0.
-- unhealthy (canary or ``check_health`` failure): deregister and exit 1 so a supervisor
-  restarts it.
+- SIGTERM/SIGINT: the record is re-put marked ``draining`` (routers send no new
+  requests) and the endpoint stops accepting; in-flight requests finish for up to
+  ``drain_timeout``, the rest get a ``MigrateFrame`` so frontends continue them
+  elsewhere; then the lease is revoked (the record goes), the engine shut down, exit 0.
+- unhealthy (``check_health`` or a canary request failed or timed out): the same stop
+  without waiting for in-flight requests (they migrate at once), exit 1 so a supervisor
+  restarts the worker.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class WorkerService:
         self.received_total = 0
         self.last_request_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
+        self._aborts: set[asyncio.Task[None]] = set()
         self.completed = 0
         self.record: InstanceRecord | None = None
 
@@ -221,7 +226,10 @@ class WorkerService:
 
     def _cancel(self, request_id: str, mode: Literal["stop", "kill"]) -> None:
         log.info("request_cancelled", request_id=request_id, mode=mode)
-        asyncio.get_running_loop().create_task(self.engine.abort(request_id, mode))
+        # Kept until it ends: the event loop holds only a weak reference to a task.
+        task = asyncio.get_running_loop().create_task(self.engine.abort(request_id, mode))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
 
     async def _handle_control(self, message: Control) -> ControlReply | None:
         if isinstance(message, DumpCachedBlocks):

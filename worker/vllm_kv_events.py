@@ -12,11 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from dynrt.runtime.block_hash import ROOT_PARENT_HASH, hash_block
-from dynrt.runtime.protocol import KvAllCleared, KvBlockRemoved, KvBlockStored, KvEvent, KvEventData
-
-# Events no consumer has taken yet are capped, as in the mock engine: a late consumer sees
-# the gap in event ids and resyncs with dump_cached_blocks().
-_MAX_PENDING_EVENTS = 1 << 16
+from dynrt.runtime.protocol import KvAllCleared, KvBlockRemoved, KvBlockStored
+from dynrt.worker.kv_events import KvEventLog
 
 
 class KvEventTranslator:
@@ -26,20 +23,13 @@ class KvEventTranslator:
     a router computes for a prompt with ``block_hashes(prompt, block_size)``. vLLM hashes
     are mapped to dynrt hashes for removals; a dynrt hash held by several vLLM blocks
     (only possible with extra keys such as LoRA or cache salts) is reported stored once
-    and removed when the last one goes."""
+    and removed when the last one goes. Translated events go to ``log``."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: KvEventLog | None = None) -> None:
         self.to_dynrt: dict[Any, int] = {}
         self.refs: dict[int, int] = {}
-        self.last_event_id = 0
-        self.events: list[KvEvent] = []
+        self.log = log if log is not None else KvEventLog()
         self.untranslatable = 0
-
-    def _emit(self, data: KvEventData) -> None:
-        self.last_event_id += 1
-        self.events.append(KvEvent(event_id=self.last_event_id, data=data))
-        if len(self.events) > _MAX_PENDING_EVENTS:
-            del self.events[: _MAX_PENDING_EVENTS // 2]
 
     def cached_hashes(self) -> list[int]:
         return list(self.refs)
@@ -64,7 +54,7 @@ class KvEventTranslator:
         elif kind == "AllBlocksCleared":
             self.to_dynrt.clear()
             self.refs.clear()
-            self._emit(KvAllCleared())
+            self.log.append(KvAllCleared())
         else:
             self.untranslatable += 1
 
@@ -91,7 +81,7 @@ class KvEventTranslator:
             h = hash_block(prev, tokens[i * block_size : (i + 1) * block_size])
             old = self.to_dynrt.get(vllm_hash)
             if old is not None:  # stored twice without removal: keep one reference
-                self._unref(old, emit=False)
+                self._unref(old)
             self.to_dynrt[vllm_hash] = h
             count = self.refs.get(h, 0)
             self.refs[h] = count + 1
@@ -100,29 +90,28 @@ class KvEventTranslator:
                     run_parent = None if (i == 0 and vllm_parent is None) else prev
                 run.append(h)
             elif run:
-                self._emit(KvBlockStored(block_hashes=run, parent_hash=run_parent))
+                self.log.append(KvBlockStored(block_hashes=run, parent_hash=run_parent))
                 run = []
             prev = h
         if run:
-            self._emit(KvBlockStored(block_hashes=run, parent_hash=run_parent))
+            self.log.append(KvBlockStored(block_hashes=run, parent_hash=run_parent))
 
     def _removed(self, fields: dict[str, Any]) -> None:
         gone: list[int] = []
         for vllm_hash in fields.get("block_hashes") or []:
             h = self.to_dynrt.pop(_hashable(vllm_hash), None)
-            if h is not None and self._unref(h, emit=False):
+            if h is not None and self._unref(h):
                 gone.append(h)
         if gone:
-            self._emit(KvBlockRemoved(block_hashes=gone))
+            self.log.append(KvBlockRemoved(block_hashes=gone))
 
-    def _unref(self, h: int, *, emit: bool) -> bool:
+    def _unref(self, h: int) -> bool:
+        """Drop one vLLM block's reference to ``h``; True when it was the last."""
         count = self.refs.get(h, 0) - 1
         if count > 0:
             self.refs[h] = count
             return False
         self.refs.pop(h, None)
-        if emit:
-            self._emit(KvBlockRemoved(block_hashes=[h]))
         return True
 
 

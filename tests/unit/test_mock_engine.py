@@ -67,28 +67,30 @@ async def collect(engine: MockEngine, req: GenerateRequest) -> tuple[list[int], 
 
 def assert_all_blocks_free(engine: MockEngine) -> None:
     total = engine.config.num_blocks
+    cache = engine.kv_cache
     assert engine.kv_blocks_used == 0
-    assert len(engine._free) + len(engine._lru) == total
-    assert sorted(engine._free + list(engine._lru.values())) == list(range(total))
-    assert engine._ref == [0] * total
+    assert len(cache.free) + len(cache.lru) == total
+    assert sorted(cache.free + list(cache.lru.values())) == list(range(total))
+    assert cache.ref == [0] * total
     assert engine.load().running == 0 and engine.load().waiting == 0
 
 
 def assert_cache_consistent(engine: MockEngine) -> None:
     """Every block is free, cached-free or held; reference counts equal holders."""
+    cache = engine.kv_cache
     holders = [0] * engine.config.num_blocks
-    for seq in engine._running:
+    for seq in engine.scheduler.running:
         assert len(seq.block_ids) * engine.config.block_size >= seq.num_computed
         for block in seq.block_ids:
             holders[block] += 1
-    for seq in engine._waiting:
+    for seq in engine.scheduler.waiting:
         assert seq.block_ids == []
-    assert holders == engine._ref
-    assert all(engine._ref[b] == 0 and engine._block_hash[b] == -1 for b in engine._free)
-    assert all(engine._ref[b] == 0 and engine._cached[h] == b for h, b in engine._lru.items())
-    assert all(engine._block_hash[b] == h for h, b in engine._cached.items())
-    in_use = sum(1 for r in engine._ref if r)
-    assert in_use + len(engine._free) + len(engine._lru) == engine.config.num_blocks
+    assert holders == cache.ref
+    assert all(cache.ref[b] == 0 and cache.block_hash[b] == -1 for b in cache.free)
+    assert all(cache.ref[b] == 0 and cache.cached[h] == b for h, b in cache.lru.items())
+    assert all(cache.block_hash[b] == h for h, b in cache.cached.items())
+    in_use = sum(1 for r in cache.ref if r)
+    assert in_use + len(cache.free) + len(cache.lru) == engine.config.num_blocks
 
 
 # -- basic generation -------------------------------------------------------
@@ -236,7 +238,7 @@ async def test_prefix_hit_reuses_blocks() -> None:
         assert [s.prefill_tokens for s in list(engine.step_log)[steps_before:]] == [16]
         assert engine.num_cached_blocks == 5
         # All 4 cached blocks were reused: only 1 block was taken from the free pool.
-        assert len(engine._free) == engine.config.num_blocks - 5
+        assert len(engine.kv_cache.free) == engine.config.num_blocks - 5
         # An identical prompt cannot reuse its last block (its last token must be computed).
         _, _, b3 = await collect(engine, request("c", extended, 1, ignore_eos=True))
         assert b3[0].cached_tokens == 64
@@ -307,7 +309,7 @@ async def test_stored_events_carry_parent_hash() -> None:
     p = prompt(40, seed=12)
     async with running_engine(block_size=8, max_num_batched_tokens=16) as engine:
         await collect(engine, request("a", p, 1, ignore_eos=True))
-        events = engine._events
+        events = engine._events.pending
         hashes = block_hashes(p, 8)
         stored = [e.data for e in events if isinstance(e.data, KvBlockStored)]
         # Chunks of 16 tokens: blocks are stored two at a time as prefill advances.
@@ -479,7 +481,7 @@ async def test_block_accounting_random_mix(seed: int) -> None:
         assert engine.num_preemptions > 0
         assert_all_blocks_free(engine)
         cached, _ = engine.dump_cached_blocks()
-        assert set(cached) == set(engine._lru)
+        assert set(cached) == set(engine.kv_cache.lru)
 
 
 # -- timing model -----------------------------------------------------------------------

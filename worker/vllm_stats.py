@@ -1,0 +1,73 @@
+"""vLLM's per-step scheduler stats, kept for the worker's load reports.
+
+vLLM calls its stat loggers (``StatLoggerBase``) after every engine step; dynrt's keeps
+the last ``SchedulerStats`` (KV usage, running, waiting) and re-exports vLLM's
+prefix-cache counters (queries/hits, in tokens) as ``dynrt_vllm_prefix_cache_*_total``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dynrt.runtime import metrics
+from dynrt.runtime.protocol import LoadReport
+
+PREFIX_QUERIES = metrics.counter("dynrt_vllm_prefix_cache_queries_total",
+                                 "prompt tokens looked up in vLLM's prefix cache (vLLM's own stats)")
+PREFIX_HITS = metrics.counter("dynrt_vllm_prefix_cache_hits_total",
+                              "prompt tokens found in vLLM's prefix cache (vLLM's own stats)")
+
+
+class VllmStepStats:
+    """The scheduler stats of vLLM's last step."""
+
+    def __init__(self) -> None:
+        self.last: Any = None  # vLLM SchedulerStats
+
+    def record(self, scheduler_stats: Any) -> None:
+        """Called by the stat logger for every engine step."""
+        self.last = scheduler_stats
+        prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
+        if prefix is not None and prefix.queries:
+            PREFIX_QUERIES.inc(prefix.queries)
+            PREFIX_HITS.inc(prefix.hits)
+
+    def load_report(self, model: str, kv_blocks_total: int, *, in_flight: int, prefill_tokens: int) -> LoadReport:
+        """The load report for ``in_flight`` requests, ``prefill_tokens`` of whose
+        prompts have no output yet."""
+        stats = self.last
+        if not in_flight or stats is None:
+            # Nothing in flight here: whatever the last step said, vLLM holds nothing.
+            return LoadReport(model=model, kv_blocks_used=0, kv_blocks_total=kv_blocks_total, timestamp=time.time())
+        return LoadReport(model=model, kv_blocks_used=round(stats.kv_cache_usage * kv_blocks_total),
+                          kv_blocks_total=kv_blocks_total, running=int(stats.num_running_reqs),
+                          waiting=int(stats.num_waiting_reqs) + int(getattr(stats, "num_skipped_waiting_reqs", 0)),
+                          active_prefill_tokens=prefill_tokens, timestamp=time.time())
+
+    def stat_logger_factory(self) -> Callable[..., Any]:
+        """What ``AsyncLLM.from_engine_args(stat_loggers=[...])`` takes: a factory of
+        vLLM stat loggers that feed :meth:`record`. Imports vLLM."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class DynrtStatLogger(StatLoggerBase):
+            """Keeps the scheduler's stats of every step for ``VllmEngine.load``."""
+
+            def __init__(self) -> None:  # noqa: D107  (StatLoggerBase.__init__ is abstract only)
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    stats.record(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        def factory(vllm_config: Any, engine_index: int = 0) -> Any:
+            return DynrtStatLogger()
+
+        return factory
