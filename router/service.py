@@ -27,7 +27,9 @@ from dynrt.runtime.protocol import (
     instance_record_decoder,
     instances_prefix,
     kv_event_batch_decoder,
+    kv_events_subject_wildcard,
     load_report_decoder,
+    load_subject_wildcard,
 )
 from dynrt.runtime.transport import NatsTransport, TransportError
 
@@ -63,8 +65,8 @@ class RoutingService:
 
     async def start(self, wait: float | None = 30.0) -> None:
         ns = self.namespace
-        self._subs.append(await self.transport.subscribe(f"dynrt.{ns}.load.*", self._on_load))
-        self._subs.append(await self.transport.subscribe(f"dynrt.{ns}.kv_events.*", self._on_kv_events))
+        self._subs.append(await self.transport.subscribe(load_subject_wildcard(ns), self._on_load))
+        self._subs.append(await self.transport.subscribe(kv_events_subject_wildcard(ns), self._on_kv_events))
         self._resync_task = asyncio.create_task(self._resync_loop(), name="router-resync")
         await self._watcher.start(wait=wait)
 
