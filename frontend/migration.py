@@ -39,7 +39,7 @@ from dynrt.frontend import errors
 from dynrt.router.policies import Busy, Choice, NoInstance
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
-from dynrt.runtime.config import FrontendConfig
+from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     ErrorFrame,
@@ -99,7 +99,7 @@ class Generation:
     the worker is told to abort and frees the request's KV cache)."""
 
     def __init__(self, *, request_id: str, model: str, prompt_ids: list[int], sampling: SamplingParams,
-                 frontend_id: str, config: FrontendConfig, transport: NatsTransport, routing: RoutingService,
+                 frontend_id: str, config: MigrationConfig, transport: NatsTransport, routing: RoutingService,
                  on_instance_stream: Callable[["Generation", str | None], None] | None = None) -> None:
         self.request_id = request_id
         self.model = model

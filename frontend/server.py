@@ -40,7 +40,7 @@ from dynrt.frontend.openai_protocol import (
 from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
 from dynrt.frontend.detokenizer import StopStringMatcher
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
-from dynrt.router.cost import BusyThresholds, BusyThresholdSettings
+from dynrt.router.cost import BusyThresholdSettings
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
 from dynrt.runtime.config import FrontendConfig
@@ -97,8 +97,6 @@ class FrontendService:
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds.from_flags(
-            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.draining = False
         self.shutdown = GracefulShutdown()
         self.known_models: set[str] = set()
@@ -232,7 +230,7 @@ class FrontendService:
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         request_id = prefix + uuid.uuid4().hex[:24]
         generation = Generation(request_id=request_id, model=req.model, prompt_ids=prompt_ids, sampling=sampling,
-                                frontend_id=self.frontend_id, config=self.config, transport=self.transport,
+                                frontend_id=self.frontend_id, config=self.config.migration, transport=self.transport,
                                 routing=self.routing, on_instance_stream=self._track_instance)
         started = time.monotonic()
         status = "200"
@@ -384,12 +382,14 @@ class FrontendService:
         return _json_response(body, status=200 if healthy else 503)
 
     async def get_busy_threshold(self, _: web.Request) -> web.Response:
-        return _json_response(self.thresholds.settings())
+        assert self.routing is not None
+        return _json_response(self.routing.state.thresholds.settings())
 
     async def set_busy_threshold(self, request: web.Request) -> web.Response:
         try:
             settings = msgspec.json.decode(await request.read(), type=BusyThresholdSettings)
-            return _json_response(self.thresholds.update(settings))
+            assert self.routing is not None
+            return _json_response(self.routing.state.thresholds.update(settings))
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             raise errors.bad_request(str(exc)) from None
 
@@ -403,13 +403,11 @@ class FrontendService:
             from dynrt.router.remote import RemoteRoutingService
 
             self.routing = RemoteRoutingService(self.etcd, self.transport, config.namespace,
-                                                timeout=config.remote_router_timeout, thresholds=self.thresholds,
-                                                prefill_weight=config.prefill_weight,
-                                                temperature=config.router_temperature, sender_id=self.frontend_id)
+                                                timeout=config.remote_router_timeout, config=config.routing,
+                                                sender_id=self.frontend_id)
         else:
             self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy=config.router_mode,
-                                          thresholds=self.thresholds, prefill_weight=config.prefill_weight,
-                                          temperature=config.router_temperature, sender_id=self.frontend_id)
+                                          config=config.routing, sender_id=self.frontend_id)
         self.routing.on_removed.append(self._on_instance_removed)
         self.routing.on_added.append(self._on_instance_added)
         await self.registration.start(wait=30)

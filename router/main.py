@@ -38,7 +38,6 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from dynrt.router.cost import BusyThresholds
 from dynrt.router.policies import Busy, Choice
 from dynrt.router.service import RoutingService
 from dynrt.runtime import config as config_flags
@@ -86,8 +85,6 @@ class StandaloneRouter:
         self.etcd = EtcdClient.from_config(config)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds.from_flags(
-            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
         self.shutdown = GracefulShutdown()
         self.serving = False
@@ -105,8 +102,7 @@ class StandaloneRouter:
                                                      heartbeat_interval=config.heartbeat_interval,
                                                      creds_file=config.nats_creds)
         self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy="kv",
-                                      thresholds=self.thresholds, prefill_weight=config.prefill_weight,
-                                      temperature=config.router_temperature, sender_id=self.router_id)
+                                      config=config.routing, sender_id=self.router_id)
         started = time.monotonic()
         await self.routing.start(wait=30)
         # Every instance found in etcd has a dump requested (``RoutingService._on_put``);

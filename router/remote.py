@@ -29,10 +29,10 @@ from collections.abc import Collection, Sequence
 
 import nats.errors
 
-from dynrt.router.cost import BusyThresholds
 from dynrt.router.policies import Busy, Choice, NoInstance, Outcome
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
+from dynrt.runtime.config import RoutingConfig
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
@@ -62,14 +62,12 @@ _PROBE = encode(RouteRequest(model="", token_ids=[]))
 class RemoteRoutingService(RoutingService):
     def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *,
                  timeout: float = 0.05, probe_interval: float = 0.5, probe_timeout: float = 0.25,
-                 thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
-                 temperature: float = 0.0, sender_id: str | None = None) -> None:
-        """The local fallback uses the ``kv`` policy with ``thresholds``, ``prefill_weight``
-        and ``temperature`` (the router's own settings decide remote answers).
-        ``sender_id``: the frontend's id (workers count every request it sends under it,
-        remote-routed or not, and the local state records both)."""
-        super().__init__(etcd, transport, namespace, policy="kv", thresholds=thresholds,
-                         prefill_weight=prefill_weight, temperature=temperature, sender_id=sender_id)
+                 config: RoutingConfig | None = None, sender_id: str | None = None) -> None:
+        """The local fallback uses the ``kv`` policy with ``config`` (the router's own
+        settings decide remote answers). ``sender_id``: the frontend's id (workers count
+        every request it sends under it, remote-routed or not, and the local state records
+        both)."""
+        super().__init__(etcd, transport, namespace, policy="kv", config=config, sender_id=sender_id)
         self.timeout = timeout
         self.probe_interval = probe_interval
         self.probe_timeout = max(probe_timeout, timeout)

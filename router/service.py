@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 from dynrt.router.cost import BusyThresholds
 from dynrt.router.policies import Busy, Outcome, Router, RouterState
 from dynrt.runtime import metrics
+from dynrt.runtime.config import RoutingConfig
 from dynrt.runtime.discovery import EtcdClient, PrefixWatcher
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
@@ -43,14 +44,19 @@ InstanceListener = Callable[[InstanceRecord], None]
 
 class RoutingService:
     def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *, policy: str = "kv",
-                 thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
-                 temperature: float = 0.0, sender_id: str | None = None) -> None:
-        """``sender_id``: how workers count this router's requests (``RouterState``)."""
+                 config: RoutingConfig | None = None, sender_id: str | None = None) -> None:
+        """``config``: thresholds (changeable at runtime through ``state.thresholds``),
+        prefill weight and temperature. ``sender_id``: how workers count this router's
+        requests (``RouterState``)."""
+        config = config or RoutingConfig()
         self.etcd = etcd
         self.transport = transport
         self.namespace = namespace
+        thresholds = BusyThresholds.from_flags(
+            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.state = RouterState(thresholds=thresholds, sender_id=sender_id)
-        self.router = Router(self.state, policy, prefill_weight=prefill_weight, temperature=temperature,
+        self.router = Router(self.state, policy, prefill_weight=config.prefill_weight,
+                             temperature=config.router_temperature,
                              on_reject=lambda reason: REJECTIONS.labels(reason).inc())
         self.records: dict[str, InstanceRecord] = {}
         self.draining: dict[str, InstanceRecord] = {}
