@@ -55,7 +55,7 @@ from dynrt.runtime.protocol import (
     router_complete_subject,
     router_subject,
 )
-from dynrt.runtime.transport import NatsTransport
+from dynrt.runtime.transport import NatsTransport, TransportError
 
 log = get_logger("router")
 
@@ -110,11 +110,10 @@ class StandaloneRouter:
         self.synced = await self.routing.wait_synced(SYNC_TIMEOUT)
         if not self.synced:
             log.warning("router_sync_incomplete", stale=self.routing.state.index.stale_instances())
-        nc = self.transport.nc
         ns = config.namespace
-        self._subs.append(await nc.subscribe(router_complete_subject(ns), cb=self._on_complete))
-        self._subs.append(await nc.subscribe(router_subject(ns), queue=QUEUE_GROUP, cb=self._on_route))
-        await nc.flush()
+        self._subs.append(await self.transport.subscribe(router_complete_subject(ns), self._on_complete))
+        self._subs.append(await self.transport.subscribe(router_subject(ns), self._on_route, queue=QUEUE_GROUP))
+        await self.transport.flush()
         self.serving = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="router-housekeeping"))
         self.shutdown.add("stop_serving", self._stop_serving, timeout=5)
@@ -189,8 +188,8 @@ class StandaloneRouter:
     async def _respond(self, msg: Msg, payload: bytes) -> None:
         assert self.transport is not None
         try:
-            await self.transport.nc.publish(msg.reply, payload)
-        except Exception as exc:  # NATS reconnecting: the frontend times out and bypasses
+            await self.transport.publish(msg.reply, payload)
+        except TransportError as exc:  # NATS reconnecting: the frontend times out and bypasses
             log.debug("route_reply_failed", error=str(exc))
 
     async def _on_complete(self, msg: Msg) -> None:
@@ -208,7 +207,7 @@ class StandaloneRouter:
         assert self.routing is not None
         while True:
             await asyncio.sleep(1.0)
-            self.routing.expire_assignments(ASSIGNMENT_TTL)
+            self.routing.state.expire_assignments(ASSIGNMENT_TTL)
             INSTANCES.set(len(self.routing.records))
             INDEXED_BLOCKS.set(len(self.routing.state.index))
 
