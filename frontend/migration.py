@@ -216,11 +216,8 @@ class Generation:
             outcome = await self.routing.route_async(self.model, self.prompt_ids + self.generated, self.request_id,
                                                      self._exclude)
             if isinstance(outcome, Choice):
-                record = self.routing.records.get(outcome.instance_id)
-                if record is not None:
-                    self._router_id = outcome.router_id
-                    return record
-                self.routing.complete(outcome.instance_id, self.request_id)
+                self._router_id = outcome.router_id
+                return outcome.record
             if isinstance(outcome, Busy) and self.attempts == 0:
                 raise errors.overloaded(outcome.retry_after)
             if self.attempts == 0 and isinstance(outcome, NoInstance) and outcome.reason == "no_instance":

@@ -44,17 +44,22 @@ from dynrt.runtime.protocol import CachedBlocks, InstanceRecord, KvEventBatch, L
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
-    """Send the request to ``instance_id``; it holds ``overlap_blocks`` of the prompt's
-    ``prompt_blocks`` full blocks. ``cost`` is the policy's score (0 for non-KV ones)."""
+    """Send the request to the instance of ``record``; it holds ``overlap_blocks`` of the
+    prompt's ``prompt_blocks`` full blocks. ``cost`` is the policy's score (0 for non-KV
+    ones)."""
 
-    instance_id: str
+    record: InstanceRecord
     overlap_blocks: int = 0
     prompt_blocks: int = 0
     cost: float = 0.0
     router_id: str = ""  # the standalone router that chose ("" = this process's router)
 
+    @property
+    def instance_id(self) -> str:
+        return self.record.instance_id
+
     def to_decision(self) -> RouteDecision:
-        return RouteDecision(instance_id=self.instance_id, overlap_blocks=self.overlap_blocks)
+        return RouteDecision(instance_id=self.record.instance_id, overlap_blocks=self.overlap_blocks)
 
 
 class Busy(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,7 +75,8 @@ class Busy(msgspec.Struct, frozen=True, kw_only=True):
 
 class NoInstance(msgspec.Struct, frozen=True, kw_only=True):
     """No live instance serves the model (``no_instance``), or all are excluded or
-    marked down (``all_excluded``)."""
+    marked down (``all_excluded``), or the standalone router chose one this process
+    does not know (``unknown_instance``)."""
 
     reason: str = "no_instance"
 
@@ -136,6 +142,10 @@ class RouterState:
         self._loads: dict[str, LoadReport] = {}
         self._pending: dict[str, PendingAssignments] = {}
         self._down_until: dict[str, float] = {}
+        # ``InstanceLoad.project`` of each instance, computed when first asked for and
+        # dropped when its record, report or pending assignments change: admission and
+        # the choice that follows it read one computation.
+        self._projected: dict[str, InstanceLoad] = {}
 
     # -- instances -----------------------------------------------------------
 
@@ -151,6 +161,7 @@ class RouterState:
             return False
         if old is not None:
             self._forget(old)
+        self._projected.pop(iid, None)
         self._records[iid] = record
         self._by_model.setdefault(record.model, {})[iid] = record
         self.index.track(iid)
@@ -172,6 +183,7 @@ class RouterState:
             del self._by_model[record.model]
         self._loads.pop(iid, None)
         self._pending.pop(iid, None)
+        self._projected.pop(iid, None)
         self.index.remove_instance(iid)
 
     def instances(self, model: str) -> list[InstanceRecord]:
@@ -192,6 +204,13 @@ class RouterState:
         del self._down_until[instance_id]
         return False
 
+    def down_instances(self) -> list[str]:
+        """Instances marked down right now."""
+        if not self._down_until:
+            return []
+        now = self.clock()
+        return [iid for iid in list(self._down_until) if self.is_down(iid, now)]
+
     # -- inputs from workers -------------------------------------------------
 
     def on_load(self, report: LoadReport) -> None:
@@ -201,6 +220,7 @@ class RouterState:
         if iid not in self._records:
             return
         self._loads[iid] = report
+        self._projected.pop(iid, None)
         pending = self._pending.get(iid)
         if pending is None:
             return
@@ -240,24 +260,41 @@ class RouterState:
         if pending is None:
             pending = self._pending[instance_id] = PendingAssignments()
         pending.add(request_id, self.clock(), prompt_blocks, overlap_blocks)
+        self._projected.pop(instance_id, None)
 
     def on_completed(self, instance_id: str, request_id: str) -> None:
         """A request ended (any way); stop counting it if still pending."""
         pending = self._pending.get(instance_id)
         if pending is not None:
             pending.complete(request_id)
+            self._projected.pop(instance_id, None)
+
+    def expire_assignments(self, max_age: float) -> None:
+        """Stop counting assignments older than ``max_age`` seconds that no load report
+        acknowledged (an instance whose load reports stopped)."""
+        cutoff = self.clock() - max_age
+        for iid, pending in self._pending.items():
+            pending.expire(cutoff)
+            self._projected.pop(iid, None)
 
     # -- view for policies ---------------------------------------------------
 
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Candidate]:
         """Instances of the model that are not excluded or down, with projected loads."""
         now = self.clock()
-        loads, pending, down = self._loads, self._pending, self._down_until
+        down = self._down_until
         return [
-            Candidate(rec, InstanceLoad.project(rec, loads.get(iid), pending.get(iid)))
+            Candidate(rec, self._load(iid, rec))
             for iid, rec in self._by_model.get(model, {}).items()
             if iid not in exclude and not (down and self.is_down(iid, now))
         ]
+
+    def _load(self, instance_id: str, record: InstanceRecord) -> InstanceLoad:
+        load = self._projected.get(instance_id)
+        if load is None:
+            load = self._projected[instance_id] = InstanceLoad.project(
+                record, self._loads.get(instance_id), self._pending.get(instance_id))
+        return load
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +336,7 @@ class RoundRobinPolicy:
         chosen = next((i for i in ids if last is None or i > last), ids[0])
         self._last[model] = chosen
         record = next(c.record for c in candidates if c.record.instance_id == chosen)
-        return Choice(instance_id=chosen, prompt_blocks=_prompt_blocks(token_ids, record))
+        return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record))
 
 
 class RandomPolicy:
@@ -312,7 +349,7 @@ class RandomPolicy:
 
     def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice:
         record = self._rng.choice(candidates).record
-        return Choice(instance_id=record.instance_id, prompt_blocks=_prompt_blocks(token_ids, record))
+        return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record))
 
 
 class LeastLoadedPolicy:
@@ -328,7 +365,7 @@ class LeastLoadedPolicy:
         costs = [load_cost(c.load, self._prefill_weight) for c in candidates]
         i = _argmin(costs, self._rng)
         record = candidates[i].record
-        return Choice(instance_id=record.instance_id, prompt_blocks=_prompt_blocks(token_ids, record), cost=costs[i])
+        return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record), cost=costs[i])
 
 
 class KvPolicy:
@@ -366,7 +403,7 @@ class KvPolicy:
             costs.append(kv_cost(c.load, prompt_blocks, overlap, self._prefill_weight))
         i = self._sample(costs) if self._temperature > 0 else _argmin(costs, self._rng)
         return Choice(
-            instance_id=candidates[i].record.instance_id,
+            record=candidates[i].record,
             overlap_blocks=overlaps[i],
             prompt_blocks=blocks[i],
             cost=costs[i],

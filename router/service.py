@@ -184,13 +184,6 @@ class RoutingService:
     def complete(self, instance_id: str, request_id: str) -> None:
         self.state.on_completed(instance_id, request_id)
 
-    def expire_assignments(self, max_age: float) -> None:
-        """Stop counting assignments older than ``max_age`` seconds that no load report
-        acknowledged (an instance whose load reports stopped)."""
-        cutoff = self.state.clock() - max_age
-        for pending in self.state._pending.values():
-            pending.expire(cutoff)
-
     async def wait_synced(self, timeout: float) -> bool:
         """Wait until every known instance's KV entries came from a dump (or its events
         since); False if some are still awaiting one after ``timeout`` seconds."""
