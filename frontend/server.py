@@ -416,9 +416,7 @@ class FrontendService:
         await self.runner.setup()
         site = web.TCPSite(self.runner, config.http_host, config.http_port, reuse_address=True)
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self.runner.addresses[0][1]  # the port bound (config.http_port may be 0)
         record = FrontendRecord(frontend_id=self.frontend_id, host=socket.gethostname(), http_port=self.port,
                                 pid=os.getpid(), started_at=time.time())
         await self.registration.put(frontend_key(config.namespace, self.frontend_id), encode_json(record))
