@@ -16,7 +16,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from dynrt.router.cost import BusyThresholds
-from dynrt.router.policies import Busy, Outcome, Router, RouterState
+from dynrt.router.policies import Busy, Outcome, Router
+from dynrt.router.state import RouterState
 from dynrt.runtime import metrics
 from dynrt.runtime.config import RoutingConfig
 from dynrt.runtime.discovery import EtcdClient, PrefixWatcher

@@ -1,4 +1,4 @@
-"""Router policies, KV cost, pending assignments and load shedding on constructed states."""
+"""Router state, policies, KV cost, pending assignments and load shedding on constructed states."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 from dynrt.router.cost import BusyThresholds, BusyThresholdSettings, InstanceLoad
-from dynrt.router.policies import Busy, Choice, NoInstance, Router, RouterState
+from dynrt.router.policies import Busy, Choice, NoInstance, Router
+from dynrt.router.state import RouterState
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import (
     CachedBlocks,
