@@ -3,6 +3,11 @@
 Every failure the frontend reports to a client is an :class:`OpenAIError` built by one
 of the constructors below, so statuses, types and codes stay consistent. Messages are
 written for the client; they never carry a traceback or internal detail.
+
+Admission and the migration layer do not speak HTTP: they raise a
+:class:`GenerationError` (``Overloaded``, ``NoLiveInstance``, ``InvalidRequest``,
+``MigrationExhausted``), and :func:`to_openai` is the one place that says which OpenAI
+error each one is.
 """
 
 from __future__ import annotations
@@ -63,6 +68,15 @@ class OpenAIError(Exception):
 def _retry_after(seconds: float) -> dict[str, str]:
     """``Retry-After`` takes whole seconds; round up and never say 0."""
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def not_found(path: str) -> OpenAIError:
+    return OpenAIError(404, f"Unknown path {path}", "invalid_request_error", code="not_found")
+
+
+def method_not_allowed(method: str, path: str) -> OpenAIError:
+    return OpenAIError(405, f"Method {method} not allowed on {path}", "invalid_request_error",
+                       code="method_not_allowed")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -138,6 +152,16 @@ def no_instances(model: str, retry_after: float) -> OpenAIError:
     )
 
 
+def draining() -> OpenAIError:
+    return OpenAIError(503, "This frontend is shutting down; retry on another.", "service_unavailable",
+                       code="draining", headers={"Retry-After": "1"})
+
+
+def worker_failed(reason: str) -> OpenAIError:
+    return OpenAIError(503, f"The request could not be completed: {reason}", "service_unavailable",
+                       code="worker_failed", headers={"Retry-After": "1"})
+
+
 def context_length_exceeded(
     context_length: int, prompt_tokens: int, max_tokens: int | None, param: str
 ) -> OpenAIError:
@@ -160,3 +184,61 @@ def internal() -> OpenAIError:
     return OpenAIError(
         500, "The server had an internal error while processing the request.", "server_error", None, "internal_error"
     )
+
+
+# ---------------------------------------------------------------------------
+# Why a generation failed, in the serving layer's terms (no HTTP)
+# ---------------------------------------------------------------------------
+
+
+class GenerationError(Exception):
+    """A request that cannot be served; :func:`to_openai` turns it into its response."""
+
+
+class Overloaded(GenerationError):
+    """Every instance of the model is busy; the client may retry in ``retry_after`` s."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"overloaded; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class NoLiveInstance(GenerationError):
+    """The model is known but has no live instance right now."""
+
+    # What ``Retry-After`` says: about how long a replacement takes to register.
+    RETRY_AFTER = 2
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"no live instance of {model!r}")
+        self.model = model
+
+
+class InvalidRequest(GenerationError):
+    """The worker refused the request as invalid (its ``bad_request`` error frame)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class MigrationExhausted(GenerationError):
+    """The request's worker failed and it could not continue on another; ``reason``
+    says why (the migration limit, the sequence length, no live instance left)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def to_openai(error: GenerationError) -> OpenAIError:
+    """The client's answer to a failed generation."""
+    if isinstance(error, Overloaded):
+        return overloaded(error.retry_after)
+    if isinstance(error, NoLiveInstance):
+        return no_instances(error.model, NoLiveInstance.RETRY_AFTER)
+    if isinstance(error, InvalidRequest):
+        return bad_request(error.message)
+    if isinstance(error, MigrationExhausted):
+        return worker_failed(error.reason)
+    raise TypeError(f"no OpenAI error for {type(error).__name__}")

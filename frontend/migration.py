@@ -21,7 +21,7 @@ What counts as broken (the ``cause`` label of ``dynrt_frontend_migrations_total`
 - ``engine_error`` / ``busy``: the worker answered with that error frame.
 
 Not migrated: client cancellation (the caller closes the stream), and the request's own
-errors (``bad_request``), which surface to the client. A failed instance is excluded from
+errors (``bad_request``), which surface to the client (``InvalidRequest``). A failed instance is excluded from
 this request's later attempts and marked down for routing for ``down_seconds`` (or until
 it re-registers), so no other request is sent to it meanwhile.
 """
@@ -32,14 +32,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import msgspec
 
-from dynrt.frontend import errors
+from dynrt.frontend.errors import InvalidRequest, MigrationExhausted, NoLiveInstance, Overloaded
 from dynrt.router.policies import Busy, Choice, NoInstance
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
-from dynrt.runtime.config import FrontendConfig
+from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     ErrorFrame,
@@ -99,7 +100,7 @@ class Generation:
     the worker is told to abort and frees the request's KV cache)."""
 
     def __init__(self, *, request_id: str, model: str, prompt_ids: list[int], sampling: SamplingParams,
-                 frontend_id: str, config: FrontendConfig, transport: NatsTransport, routing: RoutingService,
+                 frontend_id: str, config: MigrationConfig, transport: NatsTransport, routing: RoutingService,
                  on_instance_stream: Callable[["Generation", str | None], None] | None = None) -> None:
         self.request_id = request_id
         self.model = model
@@ -118,6 +119,7 @@ class Generation:
         self._stream: ResponseStream | None = None
         self._exclude: set[str] = set()
         self._stashed: Frame | None = None
+        self._last_token_at = 0.0  # time.monotonic() of the latest token (or of the send)
         self._on_instance_stream = on_instance_stream
         self.finished = False
 
@@ -150,11 +152,13 @@ class Generation:
 
     # -- the loop ------------------------------------------------------------------
     async def start(self) -> None:
-        """Route and send the first attempt. Raises the client's error (503 busy or no
-        instance) before any response has started."""
+        """Route and send the first attempt. Raises ``Overloaded`` or ``NoLiveInstance``
+        (before any response has started), or ``MigrationExhausted``."""
         await self._send()
 
     async def tokens(self) -> AsyncIterator[TokenDelta]:
+        """The generated ids, across migrations. Raises ``InvalidRequest`` (the worker
+        refused the request) or ``MigrationExhausted``."""
         failure_at: float | None = None
         while True:
             if self._stream is None:
@@ -216,15 +220,12 @@ class Generation:
             outcome = await self.routing.route_async(self.model, self.prompt_ids + self.generated, self.request_id,
                                                      self._exclude)
             if isinstance(outcome, Choice):
-                record = self.routing.records.get(outcome.instance_id)
-                if record is not None:
-                    self._router_id = outcome.router_id
-                    return record
-                self.routing.complete(outcome.instance_id, self.request_id)
+                self._router_id = outcome.router_id
+                return outcome.record
             if isinstance(outcome, Busy) and self.attempts == 0:
-                raise errors.overloaded(outcome.retry_after)
+                raise Overloaded(outcome.retry_after)
             if self.attempts == 0 and isinstance(outcome, NoInstance) and outcome.reason == "no_instance":
-                raise errors.no_instances(self.model, 2)
+                raise NoLiveInstance(self.model)
             # Mid-request (or every instance excluded/down): a replacement may be
             # registering right now; keep looking briefly before giving up.
             if time.monotonic() > deadline:
@@ -245,7 +246,7 @@ class Generation:
                 raise StreamInterrupted("drained")
             if isinstance(frame, ErrorFrame):
                 if frame.code == "bad_request":
-                    raise errors.bad_request(frame.message)
+                    raise InvalidRequest(frame.message)
                 raise StreamInterrupted(frame.code)
             if not isinstance(frame, TokenFrame):
                 continue
@@ -342,11 +343,8 @@ class Generation:
         log.warning("migrating", request_id=self.request_id, cause=cause, generated=len(self.generated),
                     from_instance=failed.instance_id if failed else None, migration=self.migrations)
 
-    def _exhausted(self, message: str) -> None:
+    def _exhausted(self, reason: str) -> NoReturn:
         MIGRATIONS_EXHAUSTED.inc()
-        log.error("migration_exhausted", request_id=self.request_id, reason=message, generated=len(self.generated))
-        raise errors.OpenAIError(503, f"The request could not be completed: {message}", "service_unavailable",
-                                 code="worker_failed", headers={"Retry-After": "1"})
-
-    _last_token_at: float = 0.0
+        log.error("migration_exhausted", request_id=self.request_id, reason=reason, generated=len(self.generated))
+        raise MigrationExhausted(reason)
 

@@ -38,7 +38,6 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from dynrt.router.cost import BusyThresholds
 from dynrt.router.policies import Busy, Choice
 from dynrt.router.service import RoutingService
 from dynrt.runtime import config as config_flags
@@ -56,7 +55,7 @@ from dynrt.runtime.protocol import (
     router_complete_subject,
     router_subject,
 )
-from dynrt.runtime.transport import NatsTransport
+from dynrt.runtime.transport import NatsTransport, TransportError
 
 log = get_logger("router")
 
@@ -86,8 +85,6 @@ class StandaloneRouter:
         self.etcd = EtcdClient.from_config(config)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.thresholds = BusyThresholds.from_flags(
-            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
         self.shutdown = GracefulShutdown()
         self.serving = False
@@ -105,8 +102,7 @@ class StandaloneRouter:
                                                      heartbeat_interval=config.heartbeat_interval,
                                                      creds_file=config.nats_creds)
         self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy="kv",
-                                      thresholds=self.thresholds, prefill_weight=config.prefill_weight,
-                                      temperature=config.router_temperature, sender_id=self.router_id)
+                                      config=config.routing, sender_id=self.router_id)
         started = time.monotonic()
         await self.routing.start(wait=30)
         # Every instance found in etcd has a dump requested (``RoutingService._on_put``);
@@ -114,11 +110,10 @@ class StandaloneRouter:
         self.synced = await self.routing.wait_synced(SYNC_TIMEOUT)
         if not self.synced:
             log.warning("router_sync_incomplete", stale=self.routing.state.index.stale_instances())
-        nc = self.transport.nc
         ns = config.namespace
-        self._subs.append(await nc.subscribe(router_complete_subject(ns), cb=self._on_complete))
-        self._subs.append(await nc.subscribe(router_subject(ns), queue=QUEUE_GROUP, cb=self._on_route))
-        await nc.flush()
+        self._subs.append(await self.transport.subscribe(router_complete_subject(ns), self._on_complete))
+        self._subs.append(await self.transport.subscribe(router_subject(ns), self._on_route, queue=QUEUE_GROUP))
+        await self.transport.flush()
         self.serving = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="router-housekeeping"))
         self.shutdown.add("stop_serving", self._stop_serving, timeout=5)
@@ -193,8 +188,8 @@ class StandaloneRouter:
     async def _respond(self, msg: Msg, payload: bytes) -> None:
         assert self.transport is not None
         try:
-            await self.transport.nc.publish(msg.reply, payload)
-        except Exception as exc:  # NATS reconnecting: the frontend times out and bypasses
+            await self.transport.publish(msg.reply, payload)
+        except TransportError as exc:  # NATS reconnecting: the frontend times out and bypasses
             log.debug("route_reply_failed", error=str(exc))
 
     async def _on_complete(self, msg: Msg) -> None:
@@ -212,7 +207,7 @@ class StandaloneRouter:
         assert self.routing is not None
         while True:
             await asyncio.sleep(1.0)
-            self.routing.expire_assignments(ASSIGNMENT_TTL)
+            self.routing.state.expire_assignments(ASSIGNMENT_TTL)
             INSTANCES.set(len(self.routing.records))
             INDEXED_BLOCKS.set(len(self.routing.state.index))
 

@@ -1,6 +1,7 @@
-"""Routing decisions: the router's view of the pool (``RouterState``), the policies that
-pick an instance (``round-robin``, ``random``, ``least-loaded``, ``kv``), and the
-``Router`` that puts them together with load shedding.
+"""Routing decisions: the outcomes (``Choice``, ``Busy``, ``NoInstance``), the policies
+that pick an instance (``round-robin``, ``random``, ``least-loaded``, ``kv``), and the
+``Router`` that puts them together with load shedding, on the pool as ``RouterState``
+(``dynrt.router.state``) sees it.
 
 Pure logic with no I/O: the NATS/etcd wiring feeds ``RouterState`` (instances, load
 reports, KV events, dumps, assignments, completions) and asks ``Router.choose``.
@@ -19,24 +20,16 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Collection, Sequence
 from typing import ClassVar, Protocol
 
 import msgspec
 
-from dynrt.router.cost import (
-    BusyThresholds,
-    InstanceLoad,
-    PendingAssignments,
-    busy_reason,
-    kv_cost,
-    load_cost,
-    retry_after,
-)
+from dynrt.router.cost import busy_reason, kv_cost, load_cost, retry_after
 from dynrt.router.kv_index import KvIndex
+from dynrt.router.state import Candidate, RouterState
 from dynrt.runtime.block_hash import block_hashes
-from dynrt.runtime.protocol import CachedBlocks, InstanceRecord, KvEventBatch, LoadReport, RouteDecision
+from dynrt.runtime.protocol import InstanceRecord, RouteDecision
 
 # ---------------------------------------------------------------------------
 # Outcomes
@@ -44,17 +37,22 @@ from dynrt.runtime.protocol import CachedBlocks, InstanceRecord, KvEventBatch, L
 
 
 class Choice(msgspec.Struct, frozen=True, kw_only=True):
-    """Send the request to ``instance_id``; it holds ``overlap_blocks`` of the prompt's
-    ``prompt_blocks`` full blocks. ``cost`` is the policy's score (0 for non-KV ones)."""
+    """Send the request to the instance of ``record``; it holds ``overlap_blocks`` of the
+    prompt's ``prompt_blocks`` full blocks. ``cost`` is the policy's score (0 for non-KV
+    ones)."""
 
-    instance_id: str
+    record: InstanceRecord
     overlap_blocks: int = 0
     prompt_blocks: int = 0
     cost: float = 0.0
     router_id: str = ""  # the standalone router that chose ("" = this process's router)
 
+    @property
+    def instance_id(self) -> str:
+        return self.record.instance_id
+
     def to_decision(self) -> RouteDecision:
-        return RouteDecision(instance_id=self.instance_id, overlap_blocks=self.overlap_blocks)
+        return RouteDecision(instance_id=self.record.instance_id, overlap_blocks=self.overlap_blocks)
 
 
 class Busy(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,7 +68,8 @@ class Busy(msgspec.Struct, frozen=True, kw_only=True):
 
 class NoInstance(msgspec.Struct, frozen=True, kw_only=True):
     """No live instance serves the model (``no_instance``), or all are excluded or
-    marked down (``all_excluded``)."""
+    marked down (``all_excluded``), or the standalone router chose one this process
+    does not know (``unknown_instance``)."""
 
     reason: str = "no_instance"
 
@@ -79,185 +78,6 @@ class NoInstance(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Outcome = Choice | Busy | NoInstance
-
-
-class Candidate:
-    """An instance eligible for a request, with its projected load."""
-
-    __slots__ = ("record", "load")
-
-    def __init__(self, record: InstanceRecord, load: InstanceLoad) -> None:
-        self.record = record
-        self.load = load
-
-
-# ---------------------------------------------------------------------------
-# State
-# ---------------------------------------------------------------------------
-
-
-class RouterState:
-    """What one router knows about the pool. Feed it from discovery and NATS; not
-    thread-safe (one event loop). Times come from ``clock`` (monotonic seconds by
-    default; injectable for tests)."""
-
-    def __init__(
-        self,
-        *,
-        thresholds: BusyThresholds | None = None,
-        sender_id: str | None = None,
-        ack_timeout: float = 5.0,
-        absorb_delay: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        index: KvIndex | None = None,
-    ) -> None:
-        """``sender_id``: who this router's requests come from in the workers' eyes —
-        the frontend's id for a frontend's own router, the standalone router's id
-        (``GenerateRequest.router_id``) for it. A load report whose ``received`` count
-        for ``sender_id`` is ``n`` covers this router's first ``n`` assignments to that
-        instance, which stop counting as pending (``cost.PendingAssignments``); one not
-        covered by a report received ``ack_timeout`` seconds after it was made is taken
-        as lost and dropped.
-
-        ``absorb_delay``: the fallback when acknowledgements are not available (no
-        ``sender_id``, or a worker whose reports carry no counts): a report received at
-        local time ``t`` is taken to reflect the assignments made up to
-        ``t − absorb_delay``. Too short lets a burst slip through between reports (the
-        request and the report that reflects it take longer than that under load); too
-        long double-counts (sheds early)."""
-        self.thresholds = thresholds or BusyThresholds()
-        self.index = index or KvIndex()
-        self.sender_id = sender_id
-        self.ack_timeout = ack_timeout
-        self.absorb_delay = absorb_delay
-        self.clock = clock
-        self._records: dict[str, InstanceRecord] = {}
-        self._by_model: dict[str, dict[str, InstanceRecord]] = {}
-        self._loads: dict[str, LoadReport] = {}
-        self._pending: dict[str, PendingAssignments] = {}
-        self._down_until: dict[str, float] = {}
-
-    # -- instances -----------------------------------------------------------
-
-    def add_instance(self, record: InstanceRecord) -> bool:
-        """Add or refresh an instance (clears a ``mark_down``). Returns True when its KV
-        entries are unknown — a new instance, or one whose record changed (a restarted
-        worker reusing its id) — and the caller should ask it for ``dump_cached_blocks``
-        and pass the answer to ``on_resync``."""
-        iid = record.instance_id
-        self._down_until.pop(iid, None)
-        old = self._records.get(iid)
-        if old == record:
-            return False
-        if old is not None:
-            self._forget(old)
-        self._records[iid] = record
-        self._by_model.setdefault(record.model, {})[iid] = record
-        self.index.track(iid)
-        return True
-
-    def remove_instance(self, instance_id: str) -> None:
-        """Drop an instance with its load, pending assignments and KV entries."""
-        record = self._records.get(instance_id)
-        if record is not None:
-            self._forget(record)
-        self._down_until.pop(instance_id, None)
-
-    def _forget(self, record: InstanceRecord) -> None:
-        iid = record.instance_id
-        del self._records[iid]
-        models = self._by_model[record.model]
-        del models[iid]
-        if not models:
-            del self._by_model[record.model]
-        self._loads.pop(iid, None)
-        self._pending.pop(iid, None)
-        self.index.remove_instance(iid)
-
-    def instances(self, model: str) -> list[InstanceRecord]:
-        """Live instances of a model (including ones marked down)."""
-        return list(self._by_model.get(model, {}).values())
-
-    def mark_down(self, instance_id: str, seconds: float) -> None:
-        """Exclude an instance from choices for ``seconds`` (e.g. after NATS
-        no-responders) or until it is added again."""
-        self._down_until[instance_id] = self.clock() + seconds
-
-    def is_down(self, instance_id: str, now: float | None = None) -> bool:
-        until = self._down_until.get(instance_id)
-        if until is None:
-            return False
-        if (self.clock() if now is None else now) < until:
-            return True
-        del self._down_until[instance_id]
-        return False
-
-    # -- inputs from workers -------------------------------------------------
-
-    def on_load(self, report: LoadReport) -> None:
-        """Take a load report; it absorbs the assignments it acknowledges (``__init__``).
-        Reports of unknown instances are ignored (the next one after discovery counts)."""
-        iid = report.instance_id
-        if iid not in self._records:
-            return
-        self._loads[iid] = report
-        pending = self._pending.get(iid)
-        if pending is None:
-            return
-        if self.sender_id is not None and report.received is not None:
-            pending.ack(report.received.get(self.sender_id, 0))
-            if pending.unacknowledged:
-                pending.expire(self.clock() - self.ack_timeout)
-        else:
-            pending.absorb(self.clock() - self.absorb_delay)
-
-    def on_kv_events(self, batch: KvEventBatch) -> bool:
-        """Apply a worker's KV events. True when the caller should now ask the worker for
-        a dump (a gap in its event ids); while that dump is awaited, later batches are
-        buffered and return False. ``index.stale_instances()`` lists instances still
-        awaiting one, for retrying failed dump requests. Unknown instances are ignored."""
-        if batch.instance_id not in self._records:
-            return False
-        return self.index.apply(batch.instance_id, batch.events).request_dump
-
-    def on_resync(self, dump: CachedBlocks) -> bool:
-        """Replace an instance's KV entries with its dump. True if events buffered since
-        do not follow on from the dump, so another dump is needed."""
-        if dump.instance_id not in self._records:
-            return False
-        return self.index.resync(dump).request_dump
-
-    # -- assignments ---------------------------------------------------------
-
-    def on_assigned(self, instance_id: str, request_id: str, prompt_blocks: int, overlap_blocks: int = 0) -> None:
-        """A request was sent to the instance, which holds ``overlap_blocks`` of its
-        ``prompt_blocks``: count its new blocks (``cost.PendingAssignments``) as load
-        until a load report acknowledges it or it completes. Call in the order the
-        requests are sent (assignments are numbered)."""
-        if instance_id not in self._records:
-            return
-        pending = self._pending.get(instance_id)
-        if pending is None:
-            pending = self._pending[instance_id] = PendingAssignments()
-        pending.add(request_id, self.clock(), prompt_blocks, overlap_blocks)
-
-    def on_completed(self, instance_id: str, request_id: str) -> None:
-        """A request ended (any way); stop counting it if still pending."""
-        pending = self._pending.get(instance_id)
-        if pending is not None:
-            pending.complete(request_id)
-
-    # -- view for policies ---------------------------------------------------
-
-    def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Candidate]:
-        """Instances of the model that are not excluded or down, with projected loads."""
-        now = self.clock()
-        loads, pending, down = self._loads, self._pending, self._down_until
-        return [
-            Candidate(rec, InstanceLoad.project(rec, loads.get(iid), pending.get(iid)))
-            for iid, rec in self._by_model.get(model, {}).items()
-            if iid not in exclude and not (down and self.is_down(iid, now))
-        ]
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +119,7 @@ class RoundRobinPolicy:
         chosen = next((i for i in ids if last is None or i > last), ids[0])
         self._last[model] = chosen
         record = next(c.record for c in candidates if c.record.instance_id == chosen)
-        return Choice(instance_id=chosen, prompt_blocks=_prompt_blocks(token_ids, record))
+        return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record))
 
 
 class RandomPolicy:
@@ -312,7 +132,7 @@ class RandomPolicy:
 
     def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice:
         record = self._rng.choice(candidates).record
-        return Choice(instance_id=record.instance_id, prompt_blocks=_prompt_blocks(token_ids, record))
+        return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record))
 
 
 class LeastLoadedPolicy:
@@ -328,7 +148,7 @@ class LeastLoadedPolicy:
         costs = [load_cost(c.load, self._prefill_weight) for c in candidates]
         i = _argmin(costs, self._rng)
         record = candidates[i].record
-        return Choice(instance_id=record.instance_id, prompt_blocks=_prompt_blocks(token_ids, record), cost=costs[i])
+        return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record), cost=costs[i])
 
 
 class KvPolicy:
@@ -366,7 +186,7 @@ class KvPolicy:
             costs.append(kv_cost(c.load, prompt_blocks, overlap, self._prefill_weight))
         i = self._sample(costs) if self._temperature > 0 else _argmin(costs, self._rng)
         return Choice(
-            instance_id=candidates[i].record.instance_id,
+            record=candidates[i].record,
             overlap_blocks=overlaps[i],
             prompt_blocks=blocks[i],
             cost=costs[i],

@@ -27,12 +27,12 @@ import math
 import time
 from collections.abc import Collection, Sequence
 
-import nats.errors
+import msgspec
 
-from dynrt.router.cost import BusyThresholds
 from dynrt.router.policies import Busy, Choice, NoInstance, Outcome
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
+from dynrt.runtime.config import RoutingConfig
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
@@ -44,7 +44,12 @@ from dynrt.runtime.protocol import (
     router_complete_subject,
     router_subject,
 )
-from dynrt.runtime.transport import NatsTransport
+from dynrt.runtime.transport import (
+    NatsTransport,
+    NoRespondersError,
+    RequestTimeoutError,
+    TransportError,
+)
 
 log = get_logger("router")
 
@@ -62,14 +67,12 @@ _PROBE = encode(RouteRequest(model="", token_ids=[]))
 class RemoteRoutingService(RoutingService):
     def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *,
                  timeout: float = 0.05, probe_interval: float = 0.5, probe_timeout: float = 0.25,
-                 thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
-                 temperature: float = 0.0, sender_id: str | None = None) -> None:
-        """The local fallback uses the ``kv`` policy with ``thresholds``, ``prefill_weight``
-        and ``temperature`` (the router's own settings decide remote answers).
-        ``sender_id``: the frontend's id (workers count every request it sends under it,
-        remote-routed or not, and the local state records both)."""
-        super().__init__(etcd, transport, namespace, policy="kv", thresholds=thresholds,
-                         prefill_weight=prefill_weight, temperature=temperature, sender_id=sender_id)
+                 config: RoutingConfig | None = None, sender_id: str | None = None) -> None:
+        """The local fallback uses the ``kv`` policy with ``config`` (the router's own
+        settings decide remote answers). ``sender_id``: the frontend's id (workers count
+        every request it sends under it, remote-routed or not, and the local state records
+        both)."""
+        super().__init__(etcd, transport, namespace, policy="kv", config=config, sender_id=sender_id)
         self.timeout = timeout
         self.probe_interval = probe_interval
         self.probe_timeout = max(probe_timeout, timeout)
@@ -124,23 +127,22 @@ class RemoteRoutingService(RoutingService):
     async def _ask(self, model: str, token_ids: Sequence[int], request_id: str,
                    exclude: Collection[str]) -> tuple[RouteDecision | None, str]:
         excluded = set(exclude)
-        if self.state._down_until:
-            excluded.update(iid for iid in list(self.state._down_until) if self.state.is_down(iid))
+        excluded.update(self.state.down_instances())
         payload = encode(RouteRequest(model=model, token_ids=list(token_ids), exclude=sorted(excluded),
                                       request_id=request_id))
         started = time.perf_counter()
         try:
-            reply = await self.transport.nc.request(self.remote_subject, payload, timeout=self.timeout)
-        except nats.errors.NoRespondersError:
+            reply = await self.transport.request(self.remote_subject, payload, timeout=self.timeout)
+        except NoRespondersError:
             return None, "no_responders"
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except RequestTimeoutError:
             return None, "timeout"
-        except nats.errors.Error:
+        except TransportError:
             return None, "nats_error"
         REMOTE_SECONDS.observe(time.perf_counter() - started)
         try:
-            return route_decision_decoder.decode(reply.data), ""
-        except Exception:
+            return route_decision_decoder.decode(reply), ""
+        except msgspec.DecodeError:
             log.warning("bad_route_decision")
             return None, "bad_reply"
 
@@ -148,12 +150,17 @@ class RemoteRoutingService(RoutingService):
         """The router's answer as an ``Outcome``; None to decide locally instead."""
         if decision.instance_id:
             record = self.records.get(decision.instance_id)
-            prompt_blocks = len(token_ids) // record.block_size if record is not None else 0
+            if record is None:
+                # Not in this frontend's view (yet, or any more): the router counts the
+                # request as its load until told it ended; the caller tries again.
+                self._report_complete(decision.instance_id, request_id)
+                return NoInstance(reason="unknown_instance")
+            prompt_blocks = len(token_ids) // record.block_size
             # Local state learns of the assignment too: the fallback stays load-aware.
             self.state.on_assigned(decision.instance_id, request_id, prompt_blocks, decision.overlap_blocks)
             self._remote_requests[request_id] = decision.instance_id
-            return Choice(instance_id=decision.instance_id, overlap_blocks=decision.overlap_blocks,
-                          prompt_blocks=prompt_blocks, router_id=decision.router_id)
+            return Choice(record=record, overlap_blocks=decision.overlap_blocks, prompt_blocks=prompt_blocks,
+                          router_id=decision.router_id)
         if decision.busy:
             return Busy(retry_after=max(1, math.ceil(decision.retry_after)), reason=decision.reason or "mixed")
         # The router knows no instance: if this frontend's view differs (a worker
@@ -166,15 +173,19 @@ class RemoteRoutingService(RoutingService):
         super().complete(instance_id, request_id)
         if self._remote_requests.get(request_id) == instance_id:
             del self._remote_requests[request_id]
-            task = asyncio.get_running_loop().create_task(self._send_complete(instance_id, request_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._report_complete(instance_id, request_id)
+
+    def _report_complete(self, instance_id: str, request_id: str) -> None:
+        """Tell the standalone router a request it routed has ended (in the background)."""
+        task = asyncio.get_running_loop().create_task(self._send_complete(instance_id, request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send_complete(self, instance_id: str, request_id: str) -> None:
         try:
-            await self.transport.nc.publish(self.complete_subject,
-                                            encode(RouteComplete(instance_id=instance_id, request_id=request_id)))
-        except Exception as exc:  # the router's load reports absorb it anyway
+            await self.transport.publish(self.complete_subject,
+                                         encode(RouteComplete(instance_id=instance_id, request_id=request_id)))
+        except TransportError as exc:  # the router's load reports absorb it anyway
             log.debug("route_complete_failed", error=str(exc))
 
     # -- bypass -------------------------------------------------------------------
@@ -204,7 +215,7 @@ class RemoteRoutingService(RoutingService):
     async def probe(self) -> bool:
         """True if the standalone router answers a probe right now."""
         try:
-            reply = await self.transport.nc.request(self.remote_subject, _PROBE, timeout=self.probe_timeout)
-            return route_decision_decoder.decode(reply.data).reason == "pong"
-        except Exception:  # no responders, timeout, NATS reconnecting, bad reply
+            reply = await self.transport.request(self.remote_subject, _PROBE, timeout=self.probe_timeout)
+            return route_decision_decoder.decode(reply).reason == "pong"
+        except (TransportError, msgspec.DecodeError):  # no responders, timeout, NATS reconnecting, bad reply
             return False

@@ -16,8 +16,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from dynrt.router.cost import BusyThresholds
-from dynrt.router.policies import Busy, Outcome, Router, RouterState
+from dynrt.router.policies import Busy, Outcome, Router
+from dynrt.router.state import RouterState
 from dynrt.runtime import metrics
+from dynrt.runtime.config import RoutingConfig
 from dynrt.runtime.discovery import EtcdClient, PrefixWatcher
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
@@ -27,7 +29,9 @@ from dynrt.runtime.protocol import (
     instance_record_decoder,
     instances_prefix,
     kv_event_batch_decoder,
+    kv_events_subject_wildcard,
     load_report_decoder,
+    load_subject_wildcard,
 )
 from dynrt.runtime.transport import NatsTransport, TransportError
 
@@ -41,14 +45,19 @@ InstanceListener = Callable[[InstanceRecord], None]
 
 class RoutingService:
     def __init__(self, etcd: EtcdClient, transport: NatsTransport, namespace: str, *, policy: str = "kv",
-                 thresholds: BusyThresholds | None = None, prefill_weight: float = 1.0,
-                 temperature: float = 0.0, sender_id: str | None = None) -> None:
-        """``sender_id``: how workers count this router's requests (``RouterState``)."""
+                 config: RoutingConfig | None = None, sender_id: str | None = None) -> None:
+        """``config``: thresholds (changeable at runtime through ``state.thresholds``),
+        prefill weight and temperature. ``sender_id``: how workers count this router's
+        requests (``RouterState``)."""
+        config = config or RoutingConfig()
         self.etcd = etcd
         self.transport = transport
         self.namespace = namespace
+        thresholds = BusyThresholds.from_flags(
+            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
         self.state = RouterState(thresholds=thresholds, sender_id=sender_id)
-        self.router = Router(self.state, policy, prefill_weight=prefill_weight, temperature=temperature,
+        self.router = Router(self.state, policy, prefill_weight=config.prefill_weight,
+                             temperature=config.router_temperature,
                              on_reject=lambda reason: REJECTIONS.labels(reason).inc())
         self.records: dict[str, InstanceRecord] = {}
         self.draining: dict[str, InstanceRecord] = {}
@@ -63,8 +72,8 @@ class RoutingService:
 
     async def start(self, wait: float | None = 30.0) -> None:
         ns = self.namespace
-        self._subs.append(await self.transport.subscribe(f"dynrt.{ns}.load.*", self._on_load))
-        self._subs.append(await self.transport.subscribe(f"dynrt.{ns}.kv_events.*", self._on_kv_events))
+        self._subs.append(await self.transport.subscribe(load_subject_wildcard(ns), self._on_load))
+        self._subs.append(await self.transport.subscribe(kv_events_subject_wildcard(ns), self._on_kv_events))
         self._resync_task = asyncio.create_task(self._resync_loop(), name="router-resync")
         await self._watcher.start(wait=wait)
 
@@ -175,13 +184,6 @@ class RoutingService:
 
     def complete(self, instance_id: str, request_id: str) -> None:
         self.state.on_completed(instance_id, request_id)
-
-    def expire_assignments(self, max_age: float) -> None:
-        """Stop counting assignments older than ``max_age`` seconds that no load report
-        acknowledged (an instance whose load reports stopped)."""
-        cutoff = self.state.clock() - max_age
-        for pending in self.state._pending.values():
-            pending.expire(cutoff)
 
     async def wait_synced(self, timeout: float) -> bool:
         """Wait until every known instance's KV entries came from a dump (or its events

@@ -5,6 +5,10 @@ argparse flags (``--drain-timeout``) and ``from_args`` fills it: a flag given on
 command line wins, then the environment variable (``DYNRT_DRAIN_TIMEOUT``), then the
 default written here. ``msgspec.convert`` validates and coerces the values, so a bad
 value fails at start-up with the setting's name.
+
+Settings that several components share (``RoutingConfig``) are a Struct of their own,
+held in a field of each component's Struct; their flags and environment variables are
+top-level all the same (``--prefill-weight``, ``DYNRT_PREFILL_WEIGHT``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import typing
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -21,8 +26,17 @@ ENV_PREFIX = "DYNRT_"
 T = TypeVar("T", bound=msgspec.Struct)
 
 
-def _doc(text: str) -> msgspec.Meta:
-    return msgspec.Meta(description=text)
+def _doc(text: str, *, policy: str = "") -> msgspec.Meta:
+    """A setting's help text; ``policy``: only that routing policy reads it."""
+    return msgspec.Meta(description=text, extra={"policy": policy} if policy else None)
+
+
+def _group(*, name_policy: bool = False) -> msgspec.Meta:
+    """Marks a field holding a Struct of settings shared by several components: its
+    settings are flags and environment variables of their own, as if written in place
+    (``routing.prefill_weight`` is ``--prefill-weight``, ``DYNRT_PREFILL_WEIGHT``).
+    ``name_policy``: prefix the help of a setting that one policy reads with the policy."""
+    return msgspec.Meta(extra={"group": True, "name_policy": name_policy})
 
 
 class CommonConfig(msgspec.Struct, kw_only=True):
@@ -73,6 +87,30 @@ class WorkerConfig(CommonConfig, kw_only=True):
     tokenizer: Annotated[str, _doc("tokenizer path for the instance record (default: model)")] = ""
 
 
+class RoutingConfig(msgspec.Struct, kw_only=True):
+    """How a router picks an instance and when it sheds load: the same settings for a
+    frontend's own router and for the standalone ``dynrt router``."""
+
+    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
+    busy_queue_threshold: Annotated[int, _doc("instance busy when a request sent now would make its waiting queue longer than this (0: whenever it would wait; -1 disables)")] = -1
+    busy_prefill_threshold: Annotated[int, _doc("instance busy above this many tokens of queued prefill work (0: while any prompt prefills; -1 disables)")] = -1
+    # 4, not 1: on benchmarks/routing.py's conversations kv@4 beat kv@1 in every run
+    # (TTFT p50 ~45 vs 55-62 ms, hit rate ~0.8 vs ~0.6, same throughput; results/routing.json).
+    prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks", policy="kv")] = 4.0
+    router_temperature: Annotated[float, _doc("softmax temperature (0 = best)", policy="kv")] = 0.0
+
+
+class MigrationConfig(msgspec.Struct, kw_only=True):
+    """When a frontend's request counts as broken, and how far it may migrate."""
+
+    migration_limit: Annotated[int, _doc("times one request may move to another worker (0 disables)")] = 3
+    migration_max_seq_len: Annotated[int, _doc("no migration past this many prompt+output tokens (0 = no limit)")] = 0
+    stream_stall_timeout: Annotated[float, _doc("seconds without frames or heartbeats before a stream counts as broken")] = 2.0
+    ping_timeout: Annotated[float, _doc("seconds a silent worker has to answer a ping")] = 0.05
+    silence_floor: Annotated[float, _doc("a stream silent this long (s, at least) gets its worker pinged")] = 0.05
+    down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
+
+
 class FrontendConfig(CommonConfig, kw_only=True):
     http_host: Annotated[str, _doc("HTTP bind address")] = "127.0.0.1"
     http_port: Annotated[int, _doc("HTTP port")] = 8000
@@ -83,19 +121,9 @@ class FrontendConfig(CommonConfig, kw_only=True):
     default_max_tokens: Annotated[int, _doc("max_tokens when the client gives none")] = 4096
     router_mode: Annotated[Literal["kv", "round-robin", "random", "least-loaded", "remote"], _doc("routing policy, or 'remote' for the standalone router")] = "kv"
     remote_router_timeout: Annotated[float, _doc("seconds to wait for the standalone router before bypassing it")] = 0.05
-    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
-    busy_queue_threshold: Annotated[int, _doc("instance busy when a request sent now would make its waiting queue longer than this (0: whenever it would wait; -1 disables)")] = -1
-    busy_prefill_threshold: Annotated[int, _doc("instance busy above this many tokens of queued prefill work (0: while any prompt prefills; -1 disables)")] = -1
-    # 4, not 1: on benchmarks/routing.py's conversations kv@4 beat kv@1 in every run
-    # (TTFT p50 ~45 vs 55-62 ms, hit rate ~0.8 vs ~0.6, same throughput; results/routing.json).
-    prefill_weight: Annotated[float, _doc("kv router: weight of uncached prompt blocks vs decode blocks")] = 4.0
-    router_temperature: Annotated[float, _doc("kv router: softmax temperature (0 = best)")] = 0.0
-    migration_limit: Annotated[int, _doc("times one request may move to another worker (0 disables)")] = 3
-    migration_max_seq_len: Annotated[int, _doc("no migration past this many prompt+output tokens (0 = no limit)")] = 0
-    stream_stall_timeout: Annotated[float, _doc("seconds without frames or heartbeats before a stream counts as broken")] = 2.0
-    ping_timeout: Annotated[float, _doc("seconds a silent worker has to answer a ping")] = 0.05
-    silence_floor: Annotated[float, _doc("a stream silent this long (s, at least) gets its worker pinged")] = 0.05
-    down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
+    # The policy is a choice here (--router-mode): the help names the policy a setting is for.
+    routing: Annotated[RoutingConfig, _group(name_policy=True)] = msgspec.field(default_factory=RoutingConfig)
+    migration: Annotated[MigrationConfig, _group()] = msgspec.field(default_factory=MigrationConfig)
 
 
 class ControllerConfig(CommonConfig, kw_only=True):
@@ -107,11 +135,7 @@ class ControllerConfig(CommonConfig, kw_only=True):
 
 class RouterConfig(CommonConfig, kw_only=True):
     host: Annotated[str, _doc("address the system (health/metrics) server binds")] = "127.0.0.1"
-    busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
-    busy_queue_threshold: Annotated[int, _doc("instance busy when a request sent now would make its waiting queue longer than this (0: whenever it would wait; -1 disables)")] = -1
-    busy_prefill_threshold: Annotated[int, _doc("instance busy above this many tokens of queued prefill work (0: while any prompt prefills; -1 disables)")] = -1
-    prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks")] = 4.0  # as FrontendConfig
-    router_temperature: Annotated[float, _doc("softmax temperature (0 = best)")] = 0.0
+    routing: Annotated[RoutingConfig, _group()] = msgspec.field(default_factory=RoutingConfig)
     system_port: Annotated[int, _doc("health/metrics port (0 = pick a free one)")] = 0
 
 
@@ -123,23 +147,43 @@ def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Struct]) -> None:
-    """One flag per field. Defaults stay None so ``from_args`` can tell a flag the
-    user gave from one they did not (and fall back to the environment)."""
+class _Setting(NamedTuple):
+    """One flag: a field of the config Struct, or of one of its groups (``group``)."""
+
+    group: str | None
+    field: msgspec.structs.FieldInfo
+    type: Any  # the field's type without its ``Annotated`` metadata
+    description: str
+
+
+def _settings(config_type: type[msgspec.Struct], group: str | None = None,
+              name_policy: bool = False) -> Iterator[_Setting]:
     hints = typing.get_type_hints(config_type, include_extras=True)
     for field in msgspec.structs.fields(config_type):
         hint = hints[field.name]
-        description = ""
-        for meta in getattr(hint, "__metadata__", ()):
-            if isinstance(meta, msgspec.Meta) and meta.description:
-                description = meta.description
-        help_text = f"{description} (default {field.default!r}; env {_env_name(field.name)})"
+        meta = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, msgspec.Meta)), None)
+        extra = (meta.extra if meta is not None else None) or {}
         base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
-        if base is bool:
+        if extra.get("group"):
+            yield from _settings(base, field.name, extra["name_policy"])
+            continue
+        description = (meta.description if meta is not None else None) or ""
+        if name_policy and extra.get("policy"):
+            description = f"{extra['policy']} router: {description}"
+        yield _Setting(group, field, base, description)
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Struct]) -> None:
+    """One flag per setting. Defaults stay None so ``from_args`` can tell a flag the
+    user gave from one they did not (and fall back to the environment)."""
+    for setting in _settings(config_type):
+        field = setting.field
+        help_text = f"{setting.description} (default {field.default!r}; env {_env_name(field.name)})"
+        if setting.type is bool:
             parser.add_argument(_flag(field.name), dest=field.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            choices = list(typing.get_args(base)) if typing.get_origin(base) is Literal else None
+            choices = list(typing.get_args(setting.type)) if typing.get_origin(setting.type) is Literal else None
             parser.add_argument(_flag(field.name), dest=field.name, default=None,
                                 choices=choices, help=help_text)
 
@@ -147,15 +191,17 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Str
 def from_args(config_type: type[T], args: argparse.Namespace | None = None, **overrides: Any) -> T:
     """Build a config: ``overrides`` > flags > ``DYNRT_*`` environment > defaults."""
     values: dict[str, Any] = {}
-    for field in msgspec.structs.fields(config_type):
-        env_value = os.environ.get(_env_name(field.name))
+    for setting in _settings(config_type):
+        name = setting.field.name
+        target = values if setting.group is None else values.setdefault(setting.group, {})
+        env_value = os.environ.get(_env_name(name))
         if env_value is not None:
-            values[field.name] = env_value
-        flag_value = getattr(args, field.name, None) if args is not None else None
+            target[name] = env_value
+        flag_value = getattr(args, name, None) if args is not None else None
         if flag_value is not None:
-            values[field.name] = flag_value
-        if field.name in overrides:
-            values[field.name] = overrides[field.name]
+            target[name] = flag_value
+        if name in overrides:
+            target[name] = overrides[name]
     try:
         return msgspec.convert(values, config_type, strict=False)
     except msgspec.ValidationError as exc:

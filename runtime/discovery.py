@@ -168,7 +168,9 @@ class EtcdClient:
             self._client = self._new_client()
         return self._client
 
-    async def _rotate(self, failed: aetcd.Client) -> None:
+    async def rotate(self, failed: aetcd.Client) -> None:
+        """Replace ``failed`` (the client a call or watch broke on) with a fresh client
+        on the next endpoint, and close it; a no-op if another task already did."""
         async with self._lock:
             if self._client is not failed:
                 return  # another task rotated already
@@ -200,7 +202,7 @@ class EtcdClient:
                 last_error = exc
                 # A fresh client re-authenticates (an expired etcd auth token fails every
                 # call on the old one) and, with several members, moves to the next.
-                await self._rotate(client)
+                await self.rotate(client)
         raise EtcdUnavailable(str(last_error))
 
     async def get_prefix(self, prefix: str) -> tuple[int, dict[str, bytes]]:
@@ -440,7 +442,7 @@ class PrefixWatcher:
                 log.warning("etcd_watch_broken", prefix=self.prefix, error=error)
             if self._client is not None:
                 # Move off the client this watch used (a no-op if another task already did).
-                await self.etcd._rotate(self._client)
+                await self.etcd.rotate(self._client)
                 self._client = None
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 1.0)

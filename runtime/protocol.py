@@ -334,17 +334,29 @@ def control_subject(request_subject_: str) -> str:
     return f"{request_subject_}.control"
 
 
-def _subject_token(name: str) -> str:
-    """Model names hold '/', '.', ':' — none allowed inside one NATS subject token."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+def safe_token(name: str, keep: str = "-_") -> str:
+    """``name`` as one token of a name: every character that is neither alphanumeric nor
+    in ``keep`` becomes '_'. Model names hold '/', '.', ':'; none may stand inside one
+    NATS subject token (the default ``keep``)."""
+    return "".join(c if c.isalnum() or c in keep else "_" for c in name)
 
 
 def kv_events_subject(namespace: str, model: str) -> str:
-    return f"dynrt.{namespace}.kv_events.{_subject_token(model)}"
+    return f"dynrt.{namespace}.kv_events.{safe_token(model)}"
+
+
+def kv_events_subject_wildcard(namespace: str) -> str:
+    """Every model's ``kv_events_subject`` (what routers subscribe to)."""
+    return f"dynrt.{namespace}.kv_events.*"
 
 
 def load_subject(namespace: str, model: str) -> str:
-    return f"dynrt.{namespace}.load.{_subject_token(model)}"
+    return f"dynrt.{namespace}.load.{safe_token(model)}"
+
+
+def load_subject_wildcard(namespace: str) -> str:
+    """Every model's ``load_subject`` (what routers and the controller subscribe to)."""
+    return f"dynrt.{namespace}.load.*"
 
 
 def router_subject(namespace: str) -> str:

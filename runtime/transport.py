@@ -19,6 +19,10 @@ mux) and are dispatched by the last subject token. Typed errors:
   dropped (frames may have been lost), or ``StreamStalledError`` when nothing, not even a
   heartbeat, arrived for ``stall_timeout``.
 
+One-reply requests (``request``, ``request_control``, ``ping``) and ``publish`` raise the
+same typed errors (``RequestTimeoutError``, ``PingTimeoutError`` for a ping), never
+nats-py's.
+
 Closing a stream before its end (``aclose()``, or leaving ``async for`` early) sends a
 ``Cancel(kill)`` to the server so the request stops and frees its KV cache.
 """
@@ -36,6 +40,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.nuid import NUID
 
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
@@ -87,7 +92,11 @@ class StreamStalledError(StreamBrokenError):
         super().__init__("stalled", f"no frame or heartbeat for {seconds:.2f}s")
 
 
-class PingTimeoutError(TransportError):
+class RequestTimeoutError(TransportError):
+    """No reply to a request within its timeout."""
+
+
+class PingTimeoutError(RequestTimeoutError):
     """The instance did not answer a ping in time."""
 
 
@@ -419,6 +428,7 @@ class NatsTransport:
         self.nc = nc
         self.heartbeat_interval = heartbeat_interval
         self._streams: dict[str, ResponseStream] = {}
+        self._reply_tokens = NUID()
         self._reply_prefix = ""
         self._reply_sub: Subscription | None = None
         self.endpoints: list[Endpoint] = []
@@ -535,7 +545,7 @@ class NatsTransport:
         up as ``NoRespondersError`` on the first read."""
         if not self.connected.is_set():
             raise StreamBrokenError("nats_disconnected", "not connected to NATS")
-        token = self.nc._nuid.next().decode()
+        token = self._reply_tokens.next().decode()
         stream = ResponseStream(self, subject, request_id, token, stall_timeout)
         self._streams[token] = stream
         try:
@@ -546,35 +556,47 @@ class NatsTransport:
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
         return stream
 
-    async def request_control(self, subject: str, message: Control, timeout: float) -> ControlReply:
+    async def request(self, subject: str, payload: bytes, timeout: float) -> bytes:
+        """One request, one reply (its payload). Raises ``NoRespondersError`` (nobody
+        subscribes), ``RequestTimeoutError``, or ``StreamBrokenError`` (NATS error)."""
         try:
-            reply = await self.nc.request(subject, encode(message), timeout=timeout)
+            reply = await self.nc.request(subject, payload, timeout=timeout)
         except nats.errors.NoRespondersError:
             raise NoRespondersError(subject) from None
-        except nats.errors.TimeoutError:
-            raise PingTimeoutError(subject) from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise RequestTimeoutError(subject) from None
         except nats.errors.Error as exc:
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
-        return control_reply_decoder.decode(reply.data)
+        return reply.data
+
+    async def request_control(self, subject: str, message: Control, timeout: float) -> ControlReply:
+        """A control message and its reply; the errors of ``request``."""
+        return control_reply_decoder.decode(await self.request(subject, encode(message), timeout))
 
     async def ping(self, instance_subject: str, timeout: float = 0.1) -> Pong:
         """Ask the instance's event loop to answer. ``NoRespondersError`` means the
         process is gone; ``PingTimeoutError`` that it is hung or far away."""
-        reply = await self.request_control(control_subject(instance_subject), Ping(), timeout)
+        subject = control_subject(instance_subject)
+        try:
+            reply = await self.request_control(subject, Ping(), timeout)
+        except RequestTimeoutError:
+            raise PingTimeoutError(subject) from None
         assert isinstance(reply, Pong)
         return reply
 
     async def send_control(self, subject: str, message: Control) -> None:
+        await self.publish(subject, encode(message))
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        """Publish; ``StreamBrokenError`` if NATS refuses (e.g. reconnecting, closed)."""
         try:
-            await self.nc.publish(subject, encode(message))
+            await self.nc.publish(subject, payload)
         except nats.errors.Error as exc:
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
 
-    async def publish(self, subject: str, payload: bytes) -> None:
-        await self.nc.publish(subject, payload)
-
-    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
-        return await self.nc.subscribe(subject, cb=cb)
+    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str = "") -> Subscription:
+        """``queue``: a queue group (each message goes to one of its members)."""
+        return await self.nc.subscribe(subject, queue=queue, cb=cb)
 
     async def flush(self, timeout: float = 2.0) -> None:
         try:

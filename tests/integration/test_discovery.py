@@ -144,7 +144,7 @@ async def test_call_survives_its_client_being_closed_by_another_task(private_etc
     try:
         in_flight = asyncio.create_task(etcd.get(key))
         await asyncio.sleep(0.3)
-        await etcd._rotate(await etcd.client())  # what a broken watch does
+        await etcd.rotate(await etcd.client())  # what a broken watch does
     finally:
         private_etcd.process.signal(signal.SIGCONT)
     assert await asyncio.wait_for(in_flight, 10) == b"v"

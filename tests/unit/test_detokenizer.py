@@ -1,12 +1,15 @@
-"""Incremental detokenization (no broken UTF-8) and stop-string matching."""
+"""Incremental detokenization (no broken UTF-8), stop-string matching, and the text stream
+that puts them together for both response paths."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from dynrt.frontend.detokenizer import ByteDetokenizer, StopStringMatcher, WindowDetokenizer
+from dynrt.frontend.migration import TokenDelta
+from dynrt.frontend.text_stream import TextDelta, TextStream
 from dynrt.frontend.tokenizer import load_tokenizer
 from dynrt.runtime.mock_tokenizer import BYTE_BASE, mock_tokenizer
 from dynrt.runtime.protocol import TokenizerSpec
@@ -165,3 +168,75 @@ def test_no_match_returns_everything() -> None:
 
 def test_stop_with_non_ascii() -> None:
     assert run(StopStringMatcher(["日本"]), ["héllo 日", "本 🙂"]) == ("héllo ", True)
+
+
+# --- text stream: the one loop both response paths read -----------------------------
+
+
+class FakeGeneration:
+    """Token deltas as a generation yields them; counts how far they were read."""
+
+    def __init__(self, deltas: list[TokenDelta], prompt_ids: Sequence[int] = (1, 2, 3)) -> None:
+        self.deltas = deltas
+        self.prompt_ids = list(prompt_ids)
+        self.generated: list[int] = []
+        self.cached_tokens = 0
+        self.read = 0
+
+    async def tokens(self) -> AsyncIterator[TokenDelta]:
+        for delta in self.deltas:
+            self.read += 1
+            self.generated.extend(delta.token_ids)
+            yield delta
+
+
+def ids_of(text: str) -> list[int]:
+    return mock_tokenizer().encode(text)
+
+
+def text_stream(deltas: list[TokenDelta], stops: Sequence[str] = ()) -> tuple[TextStream, FakeGeneration]:
+    source = FakeGeneration(deltas)
+    return TextStream(source, ByteDetokenizer(mock_tokenizer().token_bytes), stops), source
+
+
+async def read_all(stream: TextStream) -> list[TextDelta]:
+    return [delta async for delta in stream]
+
+
+async def test_text_stream_cuts_at_a_stop_string_split_across_deltas() -> None:
+    ids = ids_of("one two END three")
+    half = len(ids_of("one two E"))
+    stream, source = text_stream([TokenDelta(ids[:half]), TokenDelta(ids[half:]), TokenDelta([5], "length")],
+                                 stops=["END"])
+    deltas = await read_all(stream)
+    assert "".join(d.text for d in deltas) == "one two "
+    assert [d.finish_reason for d in deltas] == [None, "stop"]
+    assert stream.finish_reason == "stop"
+    assert source.read == 2  # nothing read past the stop string
+
+
+async def test_text_stream_flushes_held_text_at_the_finish() -> None:
+    ids = ids_of("ends with EN")  # "EN" might have begun "END": held back until the end
+    stream, source = text_stream([TokenDelta(ids[:-1]), TokenDelta(ids[-1:], "length")], stops=["END"])
+    deltas = await read_all(stream)
+    assert deltas[0].text == "ends with "  # the mock model's last two ids are "E", "N"
+    assert "".join(d.text for d in deltas) == "ends with EN"
+    assert (deltas[-1].finish_reason, stream.finish_reason) == ("length", "length")
+    assert [d.token_count for d in deltas] == [len(ids) - 1, 1]
+    assert stream.usage().completion_tokens == len(ids) == len(source.generated)
+    assert stream.usage().prompt_tokens == 3
+
+
+async def test_text_stream_never_splits_a_character() -> None:
+    ids = ids_of(MULTIBYTE)
+    stream, _ = text_stream([TokenDelta([i]) for i in ids[:-1]] + [TokenDelta(ids[-1:], "stop")])
+    deltas = await read_all(stream)
+    assert "".join(d.text for d in deltas) == MULTIBYTE
+    assert not any("\ufffd" in d.text for d in deltas)
+    assert stream.finish_reason == "stop"
+
+
+async def test_text_stream_without_a_finish_reason_ends_as_length() -> None:
+    stream, _ = text_stream([TokenDelta(ids_of("abc"))])
+    assert [d.finish_reason for d in await read_all(stream)] == [None]
+    assert stream.finish_reason == "length"

@@ -291,6 +291,22 @@ def test_completion_bad_prompt(prompt: Any) -> None:
             {},
         ),
         (errors.internal(), 500, "server_error", None, "internal_error", {}),
+        (errors.not_found("/x"), 404, "invalid_request_error", None, "not_found", {}),
+        (errors.method_not_allowed("GET", "/x"), 405, "invalid_request_error", None, "method_not_allowed", {}),
+        (errors.draining(), 503, "service_unavailable", None, "draining", {"Retry-After": "1"}),
+        (errors.worker_failed("gone"), 503, "service_unavailable", None, "worker_failed", {"Retry-After": "1"}),
+        # What admission and the migration layer raise, as the client sees it.
+        (errors.to_openai(errors.Overloaded(2.5)), 503, "server_error", None, "overloaded", {"Retry-After": "3"}),
+        (errors.to_openai(errors.NoLiveInstance("m")), 503, "server_error", None, "no_instances", {"Retry-After": "2"}),
+        (errors.to_openai(errors.InvalidRequest("bad ids")), 400, "invalid_request_error", None, None, {}),
+        (
+            errors.to_openai(errors.MigrationExhausted("the migration limit (3) is reached")),
+            503,
+            "service_unavailable",
+            None,
+            "worker_failed",
+            {"Retry-After": "1"},
+        ),
     ],
 )
 def test_error_constructors(
@@ -309,6 +325,8 @@ def test_error_messages() -> None:
     message = errors.context_length_exceeded(100, 90, 20, "max_tokens").message
     assert "100" in message and "110" in message
     assert "Traceback" not in errors.internal().message
+    assert errors.to_openai(errors.InvalidRequest("bad ids")).message == "bad ids"
+    assert errors.worker_failed("gone").message == "The request could not be completed: gone"
 
 
 # --- sampling params ----------------------------------------------------------------

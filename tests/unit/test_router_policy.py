@@ -1,4 +1,4 @@
-"""Router policies, KV cost, pending assignments and load shedding on constructed states."""
+"""Router state, policies, KV cost, pending assignments and load shedding on constructed states."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections import Counter
 import msgspec
 import pytest
 
-from dynrt.router.cost import BusyThresholds, BusyThresholdSettings
-from dynrt.router.policies import Busy, Choice, NoInstance, Router, RouterState
+from dynrt.router.cost import BusyThresholds, BusyThresholdSettings, InstanceLoad
+from dynrt.router.policies import Busy, Choice, NoInstance, Router
+from dynrt.router.state import RouterState
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import (
     CachedBlocks,
@@ -62,6 +63,11 @@ def make_state(ids: str = "abcd", thresholds: BusyThresholds | None = None, send
     return state, clock
 
 
+def chose(state: RouterState, iid: str, **fields: float) -> Choice:
+    """The ``Choice`` of instance ``iid`` (with its record as the state holds it)."""
+    return Choice(record=next(r for r in state.instances(MODEL) if r.instance_id == iid), **fields)  # type: ignore[arg-type]
+
+
 def store(state: RouterState, iid: str, tokens: list[int]) -> None:
     """The worker caches the full blocks of ``tokens``."""
     last = state.index._instances[iid].last_event_id
@@ -94,7 +100,7 @@ def test_prefix_cached_on_b_goes_to_b() -> None:
     for iid in "abcd":
         load(state, iid, used=100)
     choice = Router(state, rng=random.Random(0)).choose(MODEL, prompt(1))
-    assert choice == Choice(instance_id="b", overlap_blocks=20, prompt_blocks=20, cost=100.0)
+    assert choice == chose(state, "b", overlap_blocks=20, prompt_blocks=20, cost=100.0)
 
 
 def test_eviction_on_b_is_reflected() -> None:
@@ -107,7 +113,7 @@ def test_eviction_on_b_is_reflected() -> None:
     evict = KvEvent(event_id=2, data=KvBlockRemoved(block_hashes=block_hashes(prompt(1), BS)[2:]))
     state.on_kv_events(KvEventBatch(instance_id="b", model=MODEL, events=[evict]))
     choice = router.choose(MODEL, prompt(1))
-    assert choice == Choice(instance_id="a", overlap_blocks=0, prompt_blocks=20, cost=30.0)  # b: 18 + 20
+    assert choice == chose(state, "a", overlap_blocks=0, prompt_blocks=20, cost=30.0)  # b: 18 + 20
 
 
 def test_gap_needs_resync_and_resync_fixes_routing() -> None:
@@ -123,7 +129,7 @@ def test_gap_needs_resync_and_resync_fixes_routing() -> None:
     later = KvEventBatch(instance_id="b", model=MODEL, events=[KvEvent(event_id=4, data=KvBlockStored(block_hashes=[7]))])
     assert state.on_kv_events(later) is False  # dump already asked for
     assert state.on_resync(CachedBlocks(instance_id="b", block_hashes=hashes, last_event_id=3)) is False
-    assert router.choose(MODEL, prompt(1)) == Choice(instance_id="b", overlap_blocks=20, prompt_blocks=20, cost=10.0)
+    assert router.choose(MODEL, prompt(1)) == chose(state, "b", overlap_blocks=20, prompt_blocks=20, cost=10.0)
 
 
 def test_removed_instance_is_never_chosen_and_its_entries_are_dropped() -> None:
@@ -148,7 +154,7 @@ def test_shared_system_prompt_does_not_pin_a_busier_worker() -> None:
     load(state, "b", used=100)
     assert router.choose(MODEL, prompt(1)).instance_id == "a"  # 4 + 115 < 20 + 100
     load(state, "a", used=117)
-    assert router.choose(MODEL, prompt(1)) == Choice(instance_id="b", overlap_blocks=0, prompt_blocks=20, cost=120.0)
+    assert router.choose(MODEL, prompt(1)) == chose(state, "b", overlap_blocks=0, prompt_blocks=20, cost=120.0)
 
 
 def test_shared_system_prompt_traffic_spreads_as_workers_cache_it() -> None:
@@ -472,6 +478,53 @@ def test_exclude_and_mark_down_are_respected() -> None:
     assert router.choose(MODEL, prompt(1), exclude={"a"}).instance_id == "b"  # type: ignore[union-attr]
 
 
+def test_down_instances_lists_the_marks_still_running() -> None:
+    state, clock = make_state("abc")
+    assert state.down_instances() == []
+    state.mark_down("a", 1.0)
+    state.mark_down("b", 5.0)
+    assert sorted(state.down_instances()) == ["a", "b"]
+    clock.now += 1.0
+    assert state.down_instances() == ["b"]
+
+
+def test_expire_assignments_drops_only_unacknowledged_old_ones() -> None:
+    state, clock = make_state("ab", sender_id="fe")
+    state.on_assigned("a", "old", prompt_blocks=10)
+    clock.now += 30.0
+    state.on_assigned("b", "new", prompt_blocks=10)
+    state.expire_assignments(20.0)
+    assert pending(state, "a") == (0, 0, 0) and pending(state, "b") == (1, 10, 11)
+    a, b = state.candidates(MODEL)
+    assert (a.load.blocks_used, b.load.blocks_used) == (0, 11)
+
+
+def test_admission_and_the_choice_after_it_read_one_load_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads are projected once and reused until a report, an assignment or a completion
+    changes them: admission then choose cost one projection per instance."""
+    state, _ = make_state("ab", thresholds=BusyThresholds(kv_usage=0.9))
+    router = Router(state, rng=random.Random(0))
+    projected: list[str] = []
+    project = InstanceLoad.project
+
+    def counting(record: InstanceRecord, *args: object) -> InstanceLoad:
+        projected.append(record.instance_id)
+        return project(record, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InstanceLoad, "project", staticmethod(counting))
+    assert router.admission(MODEL) is None
+    choice = router.route(MODEL, prompt(1), "r1")
+    assert sorted(projected) == ["a", "b"]
+    assert isinstance(choice, Choice)
+    router.admission(MODEL)  # the assignment changed the chosen instance's load only
+    assert sorted(projected) == sorted(["a", "b", choice.instance_id])
+    load(state, "a", used=950)
+    state.on_completed(choice.instance_id, "r1")
+    assert router.admission(MODEL) is None
+    (a, _) = state.candidates(MODEL)
+    assert a.load.blocks_used == 950
+
+
 def test_restarted_instance_with_new_record_needs_resync() -> None:
     state, _ = make_state("a")
     store(state, "a", prompt(1))
@@ -520,7 +573,7 @@ def test_least_loaded_ignores_prefixes() -> None:
     load(state, "b", used=20)
     load(state, "c", used=25)
     router = Router(state, "least-loaded")
-    assert router.choose(MODEL, prompt(1)) == Choice(instance_id="b", prompt_blocks=20, cost=20.0)
+    assert router.choose(MODEL, prompt(1)) == chose(state, "b", prompt_blocks=20, cost=20.0)
 
 
 def test_unknown_policy_is_rejected() -> None:
