@@ -61,7 +61,14 @@ from dynrt.runtime.config import ControllerConfig
 from dynrt.runtime.discovery import ETCD_ERRORS, EtcdClient, EtcdUnavailable, PrefixWatcher
 from dynrt.runtime.lifecycle import GracefulShutdown, cancel_and_wait
 from dynrt.runtime.log import get_logger
-from dynrt.runtime.protocol import InstanceRecord, LoadReport, instance_record_decoder, instances_prefix, load_report_decoder
+from dynrt.runtime.protocol import (
+    InstanceRecord,
+    LoadReport,
+    instance_record_decoder,
+    instances_prefix,
+    load_report_decoder,
+    load_subject_wildcard,
+)
 from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("controller")
@@ -137,7 +144,7 @@ class Controller:
     async def _start(self) -> None:
         self.transport = await NatsTransport.connect(self.config.nats_url, name=f"controller-{self.controller_id}",
                                                      creds_file=self.config.nats_creds)
-        await self.transport.subscribe(f"dynrt.{self.ns}.load.*", self._on_load)
+        await self.transport.subscribe(load_subject_wildcard(self.ns), self._on_load)
         self.http = aiohttp.ClientSession()
         if self.seed is not None:
             await self._seed_spec(*self.seed)

@@ -24,7 +24,7 @@ import msgspec
 
 from dynrt.controller.spec import DeploymentSpec
 from dynrt.runtime.discovery import EtcdClient
-from dynrt.runtime.protocol import controller_prefix
+from dynrt.runtime.protocol import controller_prefix, safe_token
 
 ReplicaStatus = Literal["pending", "starting", "ready", "unhealthy", "draining"]
 
@@ -120,8 +120,9 @@ def autoscaler_key(ns: str, model: str) -> str:
 
 
 def key_token(name: str) -> str:
-    """A model name as one etcd key segment (and the start of its replica ids)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """A model name as one etcd key segment (and the start of its replica ids): unlike a
+    NATS subject token, an etcd key segment may hold '.'."""
+    return safe_token(name, keep="-_.")
 
 
 # -- encoding -----------------------------------------------------------------------

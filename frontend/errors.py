@@ -119,17 +119,6 @@ def body_too_large(limit_bytes: int) -> OpenAIError:
     )
 
 
-def rate_limited(retry_after: float) -> OpenAIError:
-    return OpenAIError(
-        429,
-        "Too many requests; retry later.",
-        "rate_limit_error",
-        None,
-        "rate_limit_exceeded",
-        _retry_after(retry_after),
-    )
-
-
 def overloaded(retry_after: float) -> OpenAIError:
     return OpenAIError(
         503,

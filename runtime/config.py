@@ -178,7 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Str
     user gave from one they did not (and fall back to the environment)."""
     for setting in _settings(config_type):
         field = setting.field
-        help_text = f"{setting.description} (default {field.default!r}; env {_env_name(field.name)})"
+        default = "unset" if field.default is None else repr(field.default)
+        help_text = f"{setting.description} (default {default}; env {_env_name(field.name)})"
         if setting.type is bool:
             parser.add_argument(_flag(field.name), dest=field.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)

@@ -5,8 +5,7 @@ component on every line and the request id on every line about a request.
     log.info("request_started", request_id=rid, prompt_tokens=12)
     -> ts=2026-11-22T00:00:00.123Z level=info component=worker event=request_started request_id=r1 prompt_tokens=12
 
-The request id comes from the event's ``request_id`` field or, when it has none, from
-``request_id_var`` (for code that sets it around a request); it is written right after
+The request id comes from the event's ``request_id`` field; it is written right after
 the event name. The component is the one given to ``setup_logging``.
 
 Built on the standard ``logging`` module so libraries' records (nats, aiohttp) go to
@@ -15,13 +14,10 @@ the same stream, as ``logger=NAME msg=TEXT``; only the formatting is ours.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import sys
 import time
 from typing import Any
-
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("dynrt_request_id", default=None)
 
 _component = "dynrt"
 
@@ -43,7 +39,7 @@ class LogfmtFormatter(logging.Formatter):
         else:
             parts.append(f"logger={record.name}")
             parts.append(f"msg={_quote(record.getMessage())}")
-        request_id = fields.get("request_id") or request_id_var.get()
+        request_id = fields.get("request_id")
         if request_id:
             parts.append(f"request_id={_quote(request_id)}")
         for key, value in fields.items():

@@ -279,7 +279,6 @@ def test_completion_bad_prompt(prompt: Any) -> None:
         (errors.unauthorized(), 401, "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}),
         (errors.model_not_found("gpt"), 404, "invalid_request_error", "model", "model_not_found", {}),
         (errors.body_too_large(4 << 20), 413, "invalid_request_error", None, "request_too_large", {}),
-        (errors.rate_limited(0.2), 429, "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"}),
         (errors.overloaded(2.5), 503, "server_error", None, "overloaded", {"Retry-After": "3"}),
         (errors.no_instances("m", 1), 503, "server_error", None, "no_instances", {"Retry-After": "1"}),
         (
