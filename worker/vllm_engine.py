@@ -71,6 +71,7 @@ from dynrt.runtime.protocol import (
     FinishReason,
     GenerateRequest,
     KvEvent,
+    LoadReport,
     TokenizerSpec,
 )
 from dynrt.worker.engine import Engine, EngineError, EngineInfo, RequestRejected, TokenBatch
