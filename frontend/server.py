@@ -207,18 +207,9 @@ class FrontendService:
                  router_mode=config.router_mode, instances=len(self.routing.records))
 
     async def run(self) -> int:
-        self.shutdown.install_signal_handlers()
-        try:
-            started = await self.shutdown.start_unless_stopped(self.start())
-        except Exception:
-            log.exception("frontend_start_failed")
-            await self._release()
-            return 1
-        if not started:
-            await self._release()
-            return 0
-        await self.shutdown.wait()
-        await self.shutdown.run()
+        outcome = await self.shutdown.serve(self.start(), self._release, "frontend")
+        if outcome != "stopped":
+            return 1 if outcome == "start_failed" else 0
         log.info("frontend_stopped", frontend_id=self.frontend_id)
         return 0
 

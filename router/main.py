@@ -123,15 +123,9 @@ class StandaloneRouter:
                  synced=self.synced, startup_seconds=round(time.monotonic() - started, 3))
 
     async def run(self) -> int:
-        self.shutdown.install_signal_handlers()
-        try:
-            await self.start()
-        except Exception:
-            log.exception("router_start_failed")
-            await self._release()
-            return 1
-        await self.shutdown.wait()
-        await self.shutdown.run()
+        outcome = await self.shutdown.serve(self.start(), self._release, "router")
+        if outcome != "stopped":
+            return 1 if outcome == "start_failed" else 0
         log.info("router_stopped", decisions=self.decisions)
         return 0
 

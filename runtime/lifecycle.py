@@ -14,7 +14,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 from dynrt.runtime.log import get_logger
 
@@ -69,6 +69,26 @@ class GracefulShutdown:
         stop_requested.cancel()
         starting.result()
         return True
+
+    async def serve(self, start: Coroutine[Any, Any, None], release: StopCallback, component: str,
+                    **log_fields: Any) -> Literal["start_failed", "stopped_while_starting", "stopped"]:
+        """The life of a long-running component: signal handlers, its start-up (abandoned
+        when a stop is requested meanwhile), serving until a stop is requested, then the
+        stop steps in order. A start-up that raises is logged (``{component}_start_failed``)
+        and ``release`` frees what it had acquired; so it is after a stop during start-up."""
+        self.install_signal_handlers()
+        try:
+            started = await self.start_unless_stopped(start)
+        except Exception:
+            log.exception(f"{component}_start_failed", **log_fields)
+            await release()
+            return "start_failed"
+        if not started:
+            await release()
+            return "stopped_while_starting"
+        await self.wait()
+        await self.run()
+        return "stopped"
 
     async def run(self) -> None:
         for name, callback, timeout in self._steps:

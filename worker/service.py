@@ -138,19 +138,12 @@ class WorkerService:
 
     async def run(self) -> int:
         """Serve until a signal or an unhealthy verdict; returns the exit code."""
-        self.shutdown.install_signal_handlers()
-        try:
-            started = await self.shutdown.start_unless_stopped(self.start())
-        except Exception:
-            log.exception("worker_start_failed", instance_id=self.instance_id)
-            await self._release()
+        outcome = await self.shutdown.serve(self.start(), self._release, "worker", instance_id=self.instance_id)
+        if outcome == "start_failed":
             return 1
-        if not started:
+        if outcome == "stopped_while_starting":
             log.info("worker_stopped_while_starting", instance_id=self.instance_id)
-            await self._release()
             return 0
-        await self.shutdown.wait()
-        await self.shutdown.run()
         self.state = "stopped"
         log.info("worker_stopped", instance_id=self.instance_id, exit_code=self.exit_code, completed=self.completed)
         return self.exit_code
