@@ -32,7 +32,7 @@ import aiohttp
 
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.protocol import InstanceRecord, instance_key, instance_record_decoder, instances_prefix
-from tests.helpers.procs import DynrtProcess, spawn_dynrt
+from harness.processes import DynrtProcess, spawn_dynrt
 
 _counter = itertools.count()
 
@@ -128,6 +128,11 @@ class WorkerProcess(DynrtProcess):
         return None
 
     # -- what tests use --------------------------------------------------------
+    @property
+    def registered(self) -> bool:
+        """Its instance record was seen in etcd when it started."""
+        return self._record is not None
+
     @property
     def record(self) -> InstanceRecord:
         if self._record is None:

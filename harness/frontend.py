@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from dynrt.runtime.embedded import free_port
-from tests.helpers.procs import DynrtProcess, spawn_dynrt
+from harness.processes import DynrtProcess, spawn_dynrt
 
 _counter = itertools.count()
 _PORT_TAKEN = ("address already in use", "errno 98")
@@ -145,7 +145,6 @@ class FrontendProcess(DynrtProcess):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return {**headers, **extra}
 
-
     async def health(self) -> tuple[int, dict[str, Any]]:
         """``GET /health``: (status, JSON body)."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -171,6 +170,15 @@ class FrontendProcess(DynrtProcess):
                                      f"last: {last!r}")
             await asyncio.sleep(0.05)
 
+    async def set_busy_thresholds(self, **settings: Any) -> dict[str, Any]:
+        """``POST /busy_threshold`` with ``settings``; the thresholds now in force."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.post(f"{self.url}/busy_threshold", json=settings, headers=self.headers()) as response:
+            body = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"POST /busy_threshold {settings}: {response.status} {body}")
+            return body  # type: ignore[no-any-return]
+
     async def metrics_text(self) -> str:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             async with session.get(f"{self.url}/metrics") as response:
@@ -181,15 +189,3 @@ class FrontendProcess(DynrtProcess):
 class _PortTaken(Exception):
     """The frontend lost its port to another process before binding it."""
 
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Prometheus text format → ``{(sample name, frozenset(labels.items())): value}``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    """One sample's value (0 when absent, as an unincremented labelled counter is)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
