@@ -37,6 +37,11 @@ def add_results_dir_argument(parser: argparse.ArgumentParser) -> None:
                         help="where the JSON (and PNG) results go (default benchmarks/results)")
 
 
+def options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line options as the results record them: all but where they are written."""
+    return {k: v for k, v in vars(args).items() if k != "results_dir"}
+
+
 def write_results(name: str, results: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
     """``results`` with this machine's facts as ``results_dir/NAME.json``; returns its path."""
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,6 @@ SIGCONT + SIGTERM, SIGKILL after a timeout, a no-op on a process that already ex
 from __future__ import annotations
 
 import asyncio
-import itertools
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +32,12 @@ from typing import Any
 import aiohttp
 
 from dynrt.runtime.embedded import free_port
-from harness.processes import DynrtProcess, spawn_dynrt
+from harness.processes import ComponentProcess
 
-_counter = itertools.count()
 _PORT_TAKEN = ("address already in use", "errno 98")
 
 
-class FrontendProcess(DynrtProcess):
+class FrontendProcess(ComponentProcess):
     def __init__(
         self,
         log_dir: Path,
@@ -59,46 +56,29 @@ class FrontendProcess(DynrtProcess):
         ``start()`` returns (None: any number, as soon as ``/live`` answers). ``api_key``
         is passed as ``--api-key`` and remembered for :meth:`headers`. ``args`` come last,
         so they win over everything set here."""
-        self.namespace = namespace
-        self.etcd_endpoints = etcd_endpoints
-        self.nats_url = nats_url
+        super().__init__(log_dir, "frontend", namespace=namespace, etcd_endpoints=etcd_endpoints, nats_url=nats_url,
+                         env=env, name=name, start_timeout=start_timeout)
         self.expect_instances = expect_instances
         self.extra_args = list(args)
-        self.env = env
         self.api_key = api_key
-        self.name = name or f"frontend{next(_counter)}"
-        self.log_path = Path(log_dir) / f"{self.name}.log"
-        self.start_timeout = start_timeout
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.ready_after = 0.0
 
     def argv(self) -> list[str]:
-        argv = ["frontend", "--namespace", self.namespace, "--etcd-endpoints", self.etcd_endpoints,
-                "--nats-url", self.nats_url, "--http-host", "127.0.0.1", "--http-port", str(self.port)]
+        argv = ["frontend", *self.connection_args(), "--http-host", "127.0.0.1", "--http-port", str(self.port)]
         if self.api_key:
             argv += ["--api-key", self.api_key]
         return [*argv, *self.extra_args]
 
     # -- start ----------------------------------------------------------------
     async def start(self) -> "FrontendProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             self.port = free_port()
-            self.started_at = time.monotonic()
-            self.proc = spawn_dynrt(self.argv(), self.log_path, self.env)
             try:
-                await self._wait_ready()
+                await self.spawn_until_ready(self.argv(), self._wait_ready)
+                return self
             except _PortTaken:
                 if attempt == 2:
                     raise AssertionError(f"frontend {self.name}: no free port after 3 tries; log:\n{self.log_tail()}")
-                continue
-            except BaseException:
-                await self.stop()
-                raise
-            self.ready_after = time.monotonic() - self.started_at
-            return self
         raise AssertionError("unreachable")
 
     async def _wait_ready(self) -> None:

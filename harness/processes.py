@@ -9,14 +9,16 @@ thread).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -25,6 +27,7 @@ from dynrt.runtime.procs import send_signal, spawn, stop_process, wait_process
 from harness.http import get_json
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 # Child processes (workers, frontends) must find the venv's binaries.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
@@ -43,14 +46,32 @@ def spawn_dynrt(args: list[str], log_path: Path, env: dict[str, str] | None = No
 class DynrtProcess:
     """What tests do with any ``dynrt`` child process: signal it, wait for its exit
     code, read its log, stop it for sure. Subclasses set ``proc``, ``name`` and
-    ``log_path`` and implement ``start()``."""
+    ``log_path`` (and ``env``, added to ours) and implement ``start()``, usually with
+    ``spawn_until_ready``."""
 
     proc: subprocess.Popen[bytes] | None
     name: str
     log_path: Path
+    env: dict[str, str] | None = None
+    started_at = 0.0  # monotonic, when the process was last spawned
+    ready_after = 0.0  # seconds from that spawn until it was ready
 
     async def start(self) -> Any:
         raise NotImplementedError
+
+    async def spawn_until_ready(self, argv: list[str], ready: Callable[[], Awaitable[T]]) -> T:
+        """Spawn ``dynrt ARGV`` and return what ``await ready()`` returns; if that fails,
+        the process is stopped and the error raised."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
+        self.proc = spawn_dynrt(argv, self.log_path, self.env)
+        try:
+            result = await ready()
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready_after = time.monotonic() - self.started_at
+        return result
 
     @property
     def pid(self) -> int:
@@ -103,6 +124,28 @@ class DynrtProcess:
         await self.stop()
 
 
+class ComponentProcess(DynrtProcess):
+    """A ``dynrt`` component of a deployment: it joins ``namespace`` through the etcd at
+    ``etcd_endpoints`` and the NATS at ``nats_url``; ``name`` (default KIND and a number)
+    names its log file in ``log_dir``."""
+
+    _numbers = itertools.count()
+
+    def __init__(self, log_dir: Path, kind: str, *, namespace: str, etcd_endpoints: str, nats_url: str,
+                 env: dict[str, str] | None, name: str, start_timeout: float) -> None:
+        self.namespace = namespace
+        self.etcd_endpoints = etcd_endpoints
+        self.nats_url = nats_url
+        self.env = env
+        self.name = name or f"{kind}{next(self._numbers)}"
+        self.log_path = Path(log_dir) / f"{self.name}.log"
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def connection_args(self) -> list[str]:
+        return ["--namespace", self.namespace, "--etcd-endpoints", self.etcd_endpoints, "--nats-url", self.nats_url]
+
+
 class SystemPortProcess(DynrtProcess):
     """A ``dynrt`` subcommand with ``--system-port`` (``/health`` there), e.g. the
     router; or, with ``ready_line``, one without (the controller): ready once its log
@@ -125,19 +168,22 @@ class SystemPortProcess(DynrtProcess):
         return f"http://{LOOPBACK}:{self.port}/metrics"
 
     async def start(self, timeout: float = 30.0) -> "SystemPortProcess":
-        self.proc = spawn_dynrt(self.argv, self.log_path)
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"{self.name} exited ({self.proc.returncode}); log:\n{self.log_tail()}")
-                if self.ready_line:
-                    if f"event={self.ready_line}" in self.log_text():
-                        return self
-                else:
-                    answer = await get_json(session, self.health_url, timeout=1.0)
-                    if answer is not None and answer[0] == 200:
-                        return self
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{self.name} not healthy after {timeout}s; log:\n{self.log_tail()}")
-                await asyncio.sleep(0.05)
+        async def ready() -> SystemPortProcess:
+            assert self.proc is not None
+            deadline = time.monotonic() + timeout
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    if self.proc.poll() is not None:
+                        raise AssertionError(f"{self.name} exited ({self.proc.returncode}); log:\n{self.log_tail()}")
+                    if self.ready_line:
+                        if f"event={self.ready_line}" in self.log_text():
+                            return self
+                    else:
+                        answer = await get_json(session, self.health_url, timeout=1.0)
+                        if answer is not None and answer[0] == 200:
+                            return self
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{self.name} not healthy after {timeout}s; log:\n{self.log_tail()}")
+                    await asyncio.sleep(0.05)
+
+        return await self.spawn_until_ready(self.argv, ready)
