@@ -25,7 +25,7 @@ from pathlib import Path
 from dynrt.runtime.procs import die_with_parent_argv, send_signal, spawn, stop_process
 
 __all__ = ["BinaryNotFound", "EmbeddedServers", "EtcdServer", "ManagedProcess", "NatsServer", "die_with_parent_argv",
-           "find_etcd", "find_nats_server", "free_port", "port_accepts"]
+           "find_etcd", "find_nats_server", "free_port"]
 
 _LOOPBACK = "127.0.0.1"
 
@@ -227,7 +227,7 @@ class NatsServer:
                     info = None
                 if info and info.get("nats"):
                     self.port = int(info["nats"][0].rsplit(":", 1)[1])
-                    if port_accepts(self.port):
+                    if _port_accepts(self.port):
                         return
             time.sleep(0.02)
         raise TimeoutError("nats-server not ready in time")
@@ -243,8 +243,7 @@ class NatsServer:
         self.start()
 
 
-def port_accepts(port: int) -> bool:
-    """Something accepts TCP connections on this loopback port."""
+def _port_accepts(port: int) -> bool:
     try:
         with socket.create_connection((_LOOPBACK, port), timeout=0.5):
             return True
