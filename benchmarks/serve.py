@@ -414,14 +414,14 @@ async def main(args: argparse.Namespace) -> int:
         plotted[args.url] = results
     else:
         state = Path(tempfile.mkdtemp(prefix="dynrt-bench-"))
-        for n, speedup in enumerate(args.speedup.split(",")):
+        for speedup in args.speedup.split(","):
             label = f"speedup {speedup}"
             log_dir = state / f"speedup-{speedup}"
             log_dir.mkdir(exist_ok=True)
             print(f"{label}: starting etcd + NATS, 1 frontend + {args.workers} mock workers (logs in {log_dir})",
                   flush=True)
             quiet = ["--log-level", "warning"]
-            async with Deployment(log_dir, workers=args.workers, speedup=speedup, namespace=f"bench{n}",
+            async with Deployment(log_dir, workers=args.workers, speedup=speedup,
                                   worker_self_checks=True, frontend_args=quiet,
                                   worker_args=[*quiet, "--engine", "mock", *args.worker_args]) as deployment:
                 profile_dir = None

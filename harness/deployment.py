@@ -60,9 +60,11 @@ class Deployment(DeploymentView):
         the spec's ``controller_replicas`` workers itself (``workers`` are extra).
         ``worker_self_checks``: the workers run their canary and periodic health check
         (by default both are off, so they cannot interfere with what is measured).
-        ``*_args`` come last on their command lines, so they win."""
+        ``*_args`` come last on their command lines, so they win. ``namespace``: by
+        default a new one; one given must be unique on this host."""
         self.dir = Path(log_dir)
-        self.namespace = namespace or "ft" + uuid.uuid4().hex[:10]
+        # Unique on this host: at stop, any process still naming it is killed.
+        self.namespace = namespace or "ns" + uuid.uuid4().hex[:10]
         self.num_workers = workers
         self.num_frontends = frontends
         self.speedup = speedup
@@ -204,9 +206,10 @@ class Deployment(DeploymentView):
         return {name: p.pid for name, p in self.children().items() if p is not None and p.poll() is None}
 
     def namespace_processes(self) -> list[int]:
-        """Live processes (not zombies) whose command line names this deployment's namespace."""
-        return [pid for pid in all_pids()
-                if pid != os.getpid() and self.namespace in "\0".join(read_cmdline(pid) or [])]
+        """Live processes (not zombies) with this deployment's namespace as a command-line
+        argument (``--namespace NS`` or ``--namespace=NS``)."""
+        wanted = {self.namespace, f"--namespace={self.namespace}"}
+        return [pid for pid in all_pids() if pid != os.getpid() and not wanted.isdisjoint(read_cmdline(pid) or [])]
 
     def namespace_processes_of(self, subcommand: str) -> list[int]:
         """Live ``dynrt SUBCOMMAND`` processes of this deployment (e.g. a controller's replicas)."""
