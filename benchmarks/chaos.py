@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_results_dir_argument, options_of, print_table, write_results
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
 from harness.deployment import FAST_WORKER_ARGS, Deployment
 from harness.load import Load, Stream
 from harness.logs import MigrationEvent
@@ -252,12 +252,8 @@ def attribute(streams: list[Stream], faults: list[Fault], events: list[Migration
 
 def plot(result: dict[str, Any], streams: list[Stream], faults: list[Fault], monitor: Monitor, t0: float,
          path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     end = max((s.ended_at for s in streams if not math.isnan(s.ended_at)), default=t0) - t0
     step = 1.0

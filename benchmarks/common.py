@@ -50,6 +50,18 @@ def write_results(name: str, results: dict[str, Any], results_dir: Path = RESULT
     return path
 
 
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` drawing to files (the Agg backend), or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[str(h) for h in headers]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_results_dir_argument, options_of, print_table, write_results
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
 from harness.deployment import Deployment
 from harness.load import Load, Stream
 from harness.reference import matches, references
@@ -118,12 +118,8 @@ async def run_once(sig: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):

@@ -104,7 +104,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.common import add_results_dir_argument, options_of, print_table, write_results
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
 from harness.deployment import Deployment
 from harness.sse import SseStream
 from harness.stats import percentile
@@ -322,12 +322,10 @@ async def open_loop(url: str, args: argparse.Namespace, rate: float, seconds: fl
 # ---------------------------------------------------------------------------
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     pol = report["conversations"]["policies"]
     names = list(pol)
@@ -367,6 +365,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def _policy_flags(entry: str, args: argparse.Namespace) -> tuple[str, float]:
@@ -506,7 +505,8 @@ def main() -> None:
     report = asyncio.run(run(args))
     report = {"config": config, **report}
     path = write_results(args.output, report, args.results_dir)
-    plot(report, args.results_dir / f"{args.output}.png")
+    png = args.results_dir / f"{args.output}.png"
+    plotted = plot(report, png)
     rows = [[n, s["ttft_p50_ms"], s.get("later_turns_ttft_p50_ms", ""), s["ttft_p99_ms"], s["throughput_req_s"],
              s["throughput_output_tok_s"], s["cache_hit_rate"], s["ok"], s["requests"] - s["ok"]]
             for n, s in report["conversations"]["policies"].items()]
@@ -522,7 +522,7 @@ def main() -> None:
         print(f"accepted TTFT p99 / unloaded {ov['accepted_ttft_p99_over_unloaded']}, "
               f"/ light {ov['accepted_ttft_p99_over_light']}; accepted throughput "
               f"{ov['overload']['accepted_over_capacity']}x capacity")
-    print(f"wrote {path} and {args.results_dir / (args.output + '.png')}")
+    print(f"wrote {path} and {png}" if plotted else f"wrote {path} (no plot: matplotlib not installed)")
 
 
 if __name__ == "__main__":

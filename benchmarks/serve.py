@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from benchmarks.common import RESULTS_DIR, add_results_dir_argument, print_table, write_results
+from benchmarks.common import RESULTS_DIR, add_results_dir_argument, print_table, pyplot, write_results
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 from dynrt.runtime.procs import read_stat, spawn, wait_process
 from harness.deployment import Deployment
@@ -297,12 +297,8 @@ def _short(frame: str) -> str:
 
 
 def plot(runs: dict[str, list[RequestResult]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return False
     fig, axes = plt.subplots(len(runs), 3, figsize=(16, 4.2 * len(runs)), squeeze=False)
