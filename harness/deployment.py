@@ -51,6 +51,10 @@ FAST_WORKER_ARGS = ("--drain-timeout", "1", "--load-interval", "0.05")
 
 
 class Deployment(DeploymentView):
+    """The processes of one deployment: started in dependency order by ``start()`` (or
+    ``async with``), stopped in reverse by ``stop()``; every process ever started stays
+    listed (``workers``, ``frontends``, ``routers``, ``controllers``)."""
+
     def __init__(self, log_dir: Path, *, workers: int = 3, frontends: int = 1, etcd_members: int = 1,
                  router: bool = False, controller_spec: Path | None = None, controller_replicas: int = 0,
                  speedup: float | str = 1.0, frontend_args: Sequence[str] = (), worker_args: Sequence[str] = (),
