@@ -21,7 +21,7 @@ while a member was down; NATS: in flight across the restart), outputs identical 
 reference, tokens lost, the client-visible token gap (p50/p99/max over migrated
 streams, and p99 over every inter-chunk gap), leaked KV blocks on the workers after the
 run. JSON in ``benchmarks/results/chaos.json``, the timeline (throughput, in-flight,
-instances, faults) in ``chaos.png``.
+instances, faults) in ``chaos.png`` (``--results-dir`` for elsewhere).
 
     python -m benchmarks.chaos [--requests 1500] [--concurrency 24] [--max-seconds 600]
 """
@@ -39,11 +39,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
-from tests.fault_tolerance.framework import Deployment
-from tests.fault_tolerance.load import Load, Stream, matches, references
-from tests.helpers.frontend_proc import metric
-from tests.helpers.worker_proc import WorkerProcess
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
+from harness.deployment import FAST_WORKER_ARGS, Deployment
+from harness.load import Load, Stream
+from harness.logs import MigrationEvent
+from harness.metrics import metric
+from harness.reference import matches, references, tokens_lost
+from harness.stats import percentile
+from harness.worker import WorkerProcess
 
 # (fraction of requests finished, fault)
 SCHEDULE: list[tuple[float, str]] = [
@@ -203,7 +206,7 @@ class Monitor:
             await asyncio.sleep(0.25)
 
 
-def attribute(streams: list[Stream], faults: list[Fault], events: list[dict[str, Any]]) -> dict[int, set[str]]:
+def attribute(streams: list[Stream], faults: list[Fault], events: list[MigrationEvent]) -> dict[int, set[str]]:
     """Which kinds of fault touched each request (index -> {"worker", "router", ...}).
 
     worker: the request migrated off a faulted worker while that fault lasted (from the
@@ -212,15 +215,15 @@ def attribute(streams: list[Stream], faults: list[Fault], events: list[dict[str,
     while the router was down (bypass); etcd: it was in flight while a member was down;
     other: it migrated for none of these (a live worker starved of CPU past the stall
     timeout, say)."""
-    by_request: dict[str, list[dict[str, Any]]] = {}
+    by_request: dict[str, list[MigrationEvent]] = {}
     for e in events:
-        by_request.setdefault(e["request_id"], []).append(e)
+        by_request.setdefault(e.request_id, []).append(e)
     worker_faults = [f for f in faults if f.kind == "worker"]
 
-    def worker_fault_of(e: dict[str, Any]) -> Fault | None:
+    def worker_fault_of(e: MigrationEvent) -> Fault | None:
         for f in worker_faults:
             end = f.end if not math.isnan(f.end) else f.start + 10.0
-            if e["from_instance"] == f.instance_id and f.wall - 1.0 <= e["ts"] <= f.wall + (end - f.start) + 5.0:
+            if e.from_instance == f.instance_id and f.wall - 1.0 <= e.ts <= f.wall + (end - f.start) + 5.0:
                 return f
         return None
 
@@ -228,7 +231,7 @@ def attribute(streams: list[Stream], faults: list[Fault], events: list[dict[str,
     for s in streams:
         kinds: set[str] = set()
         for e in by_request.get(s.request_id, []):
-            if e["cause"] == "nats_restart":
+            if e.cause == "nats_restart":
                 kinds.add("nats")
             elif worker_fault_of(e) is not None:
                 kinds.add("worker")
@@ -249,12 +252,8 @@ def attribute(streams: list[Stream], faults: list[Fault], events: list[dict[str,
 
 def plot(result: dict[str, Any], streams: list[Stream], faults: list[Fault], monitor: Monitor, t0: float,
          path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     end = max((s.ended_at for s in streams if not math.isnan(s.ended_at)), default=t0) - t0
     step = 1.0
@@ -313,7 +312,7 @@ async def main(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     max_tokens = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
     async with Deployment(log_dir, workers=WORKERS, frontends=2, etcd_members=3, router=True,
-                          worker_args=["--lease-ttl", "3", "--drain-timeout", "0.5"]) as d:
+                          worker_args=[*FAST_WORKER_ARGS, "--lease-ttl", "3", "--drain-timeout", "0.5"]) as d:
         print(f"deployment up: {len(d.workers)} workers, {len(d.frontends)} frontends, router, "
               f"{len(d.etcd.members)} etcd members, NATS", flush=True)
         load = Load(d.urls, requests=args.requests, concurrency=args.concurrency, max_tokens=max_tokens,
@@ -350,8 +349,7 @@ async def main(args: argparse.Namespace) -> int:
     refs = await references(streams)
     touched = attribute(streams, faults, migration_events)
     identical = {s.index for s in streams if s.ok and matches(s, refs[s.index])}
-    tokens_lost = sum(max(0, refs[s.index].completion_tokens - (s.usage or {}).get("completion_tokens", 0))
-                      for s in streams if s.ok)
+    lost = tokens_lost([s for s in streams if s.ok], refs)
     undelivered = sum(refs[s.index].completion_tokens for s in streams if s.failed)
     migrated_streams = [s for s in streams if s.request_id in migrated]
     gaps = [s.max_gap * 1000 for s in migrated_streams if s.ok]
@@ -378,7 +376,7 @@ async def main(args: argparse.Namespace) -> int:
         "failed": sum(1 for s in streams if s.failed),
         "identical": len(identical),
         "failed_touched_only_by_worker_router_etcd": sum(1 for s in only_wre if s.failed),
-        "tokens_lost": tokens_lost,
+        "tokens_lost": lost,
         "tokens_undelivered_by_failed_requests": undelivered,
         "leaked_blocks": leaked,
         "kv_after": kv_state,
@@ -398,8 +396,8 @@ async def main(args: argparse.Namespace) -> int:
                     "at_s": round(f.start - t0, 3),
                     "recovered_after_s": None if math.isnan(f.end) else round(f.end - f.start, 3),
                     "migrated_off": sum(1 for e in migration_events
-                                        if f.instance_id and e["from_instance"] == f.instance_id
-                                        and f.wall - 1 <= e["ts"] <= f.wall + (f.end - f.start) + 5)}
+                                        if f.instance_id and e.from_instance == f.instance_id
+                                        and f.wall - 1 <= e.ts <= f.wall + (f.end - f.start) + 5)}
                    for f in faults],
         "logs": str(log_dir),
     }
@@ -411,18 +409,18 @@ async def main(args: argparse.Namespace) -> int:
     print()
     print_table(["tokens lost", "leaked blocks", "migrated", "gap p50 ms", "gap p99 ms", "gap max ms",
                  "ITL p99 ms (all)", "bypassed"],
-                [[tokens_lost, leaked, len(migrated_streams), result["gap_ms_migrated_p50"],
+                [[lost, leaked, len(migrated_streams), result["gap_ms_migrated_p50"],
                   result["gap_ms_migrated_p99"], result["gap_ms_migrated_max"], result["itl_ms_all_p99"],
                   int(bypassed)]])
     print(f"migrations by cause: {migrations}")
-    config = {k: v for k, v in vars(args).items()}
+    config = options_of(args)
     config["schedule"] = SCHEDULE
-    path = write_results(args.name, {"config": config, "result": result})
+    path = write_results(args.name, {"config": config, "result": result}, args.results_dir)
     print(f"wrote {path}")
-    png = RESULTS_DIR / f"{args.name}.png"
+    png = args.results_dir / f"{args.name}.png"
     if plot(result, streams, faults, monitor, t0, png):
         print(f"wrote {png}")
-    ok = (result["failed_touched_only_by_worker_router_etcd"] == 0 and tokens_lost == 0
+    ok = (result["failed_touched_only_by_worker_router_etcd"] == 0 and lost == 0
           and result["identical"] == result["ok"] and leaked == 0)
     return 0 if ok else 1
 
@@ -435,5 +433,6 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=240)
     parser.add_argument("--max-seconds", type=float, default=600, help="stop sending new requests after this")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="chaos", help="results file name (benchmarks/results/NAME.json/.png)")
+    parser.add_argument("--name", default="chaos", help="results file name (RESULTS_DIR/NAME.json/.png)")
+    add_results_dir_argument(parser)
     raise SystemExit(asyncio.run(main(parser.parse_args())))

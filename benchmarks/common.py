@@ -1,17 +1,15 @@
-"""Shared by the benchmark scripts: machine facts, percentiles, writing results."""
+"""Shared by the benchmark scripts: machine facts, the results directory, writing results
+and printing tables. Deployments, clients and statistics come from ``harness``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import aiohttp
+from typing import Any
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -34,19 +32,34 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
+def add_results_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where the JSON (and PNG) results go (default benchmarks/results)")
 
 
-def write_results(name: str, results: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line options as the results record them: all but where they are written."""
+    return {k: v for k, v in vars(args).items() if k != "results_dir"}
+
+
+def write_results(name: str, results: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """``results`` with this machine's facts as ``results_dir/NAME.json``; returns its path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_facts(), **results}, indent=2) + "\n")
     return path
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` drawing to files (the Agg backend), or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -57,23 +70,3 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
-
-class SseStream:
-    """The JSON payloads of one OpenAI streaming (SSE) response, in order, up to
-    ``data: [DONE]``. ``done`` says whether ``[DONE]`` arrived: a stream cut short just
-    ends the iteration without it. Shared by the benchmarks' and tests' clients."""
-
-    def __init__(self, response: "aiohttp.ClientResponse") -> None:
-        self.response = response
-        self.done = False
-
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        async for raw in self.response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:]
-            if data == b"[DONE]":
-                self.done = True
-                return
-            yield json.loads(data)

@@ -4,8 +4,8 @@ killed every few seconds (SIGKILL, then a run with SIGSTOP) and restarted.
 Reports, per run: requests completed/failed, outputs identical to the uninterrupted
 answer (computed by the mock engine in process), and the client-visible token gap of
 every migrated stream (time between the last chunk before the failure and the first
-after it), p50/p99/max, and per kill. JSON in ``benchmarks/results/migration.json``,
-a plot of the gap per kill in ``migration.png``.
+after it), p50/p99/max, and per kill. JSON in ``benchmarks/results/migration.json``, a
+plot of the gap per kill in ``migration.png`` (``--results-dir`` for elsewhere).
 
     python -m benchmarks.migration [--requests 200] [--concurrency 32] [--kill-every 3]
 """
@@ -16,188 +16,110 @@ import argparse
 import asyncio
 import random
 import signal
-import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
+from harness.deployment import Deployment
+from harness.load import Load, Stream
+from harness.reference import matches, references
+from harness.stats import percentile
 
-from benchmarks.common import RESULTS_DIR, SseStream, percentile, print_table, write_results
-from benchmarks.serve import Deployment
-from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
-from dynrt.runtime.mock_tokenizer import mock_tokenizer
-from dynrt.runtime.protocol import GenerateRequest, SamplingParams
-from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
-
-
-@dataclass
-class Stream:
-    index: int
-    seed: int
-    text: str = ""
-    ok: bool = False
-    error: str = ""
-    request_id: str = ""
-    chunk_times: list[float] = field(default_factory=list)
-
-
-def messages(index: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"story number {index}: tell me about the river city and the worker"}]
-
-
-async def references(count: int, max_tokens: int) -> list[str]:
-    tokenizer = mock_tokenizer()
-    engine = MockEngine(MockEngineConfig(speedup=float("inf")))
-    await engine.start()
-    texts = []
-    for i in range(count):
-        ids: list[int] = []
-        request = GenerateRequest(request_id=f"ref{i}", model="mock-model",
-                                  token_ids=tokenizer.apply_chat_template(messages(i)),
-                                  sampling=SamplingParams(max_tokens=max_tokens, seed=i, ignore_eos=True,
-                                                          stop_token_ids=[2, 7]))
-        async for batch in engine.generate(request):
-            ids.extend(batch.token_ids)
-        texts.append(tokenizer.decode(ids))
-    await engine.shutdown()
-    return texts
-
-
-async def one_stream(session: aiohttp.ClientSession, url: str, stream: Stream, max_tokens: int) -> None:
-    body = {"model": "mock-model", "messages": messages(stream.index), "max_tokens": max_tokens, "seed": stream.seed,
-            "ignore_eos": True, "stream": True}
-    # The send time counts as the first "chunk": a stream that fails before its first
-    # token shows its whole wait as the gap.
-    stream.chunk_times.append(time.monotonic())
-    try:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-            if response.status != 200:
-                stream.error = f"HTTP {response.status}"
-                return
-            async for chunk in SseStream(response):
-                if "error" in chunk:
-                    stream.error = chunk["error"].get("code") or "error"
-                    return
-                stream.request_id = chunk.get("id", stream.request_id)
-                for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
-                        stream.text += choice["delta"]["content"]
-                        stream.chunk_times.append(time.monotonic())
-        stream.ok = True
-    except aiohttp.ClientError as exc:
-        stream.error = type(exc).__name__
+STALL_SECONDS = 3.0  # how long a SIGSTOPped worker hangs before it is killed
 
 
 class Chaos:
-    """Every ``every`` seconds: pick a worker with requests in flight, signal it, and
-    replace it (SIGKILL: start a new one; SIGSTOP: SIGCONT after the stall, then
-    SIGTERM it and start a new one)."""
+    """Every ``every`` seconds: pick a running worker, signal it, and replace it (SIGKILL:
+    start a new one; SIGSTOP: after the stall, SIGCONT and SIGKILL it, then start a new
+    one). The replacement registers in the background while the next interval runs."""
 
     def __init__(self, deployment: Deployment, sig: int, every: float) -> None:
         self.deployment = deployment
         self.sig = sig
         self.every = every
         self.kills: list[float] = []
+        self.replacements: list[asyncio.Task[Any]] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         rng = random.Random(1)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.every)
-                return
+                break
             except asyncio.TimeoutError:
                 pass
-            names = [n for n in self.deployment.procs if n.startswith("worker")]
-            victim = rng.choice(names)
-            proc = self.deployment.procs[victim]
+            victim = rng.choice([w for w in self.deployment.workers if w.alive()])
             self.kills.append(time.monotonic())
-            proc.send_signal(self.sig)
+            victim.send_signal(self.sig)
             if self.sig == signal.SIGSTOP:
-                await asyncio.sleep(3.0)
-                proc.send_signal(signal.SIGCONT)
-                proc.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(proc.wait)
-            with open(self.deployment.log_dir / f"{victim}.log", "ab") as log_file:
-                self.deployment.procs[victim] = subprocess.Popen(
-                    die_with_parent_argv(self.deployment.argvs[victim]), stdout=log_file, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True)
+                await asyncio.sleep(STALL_SECONDS)
+                victim.send_signal(signal.SIGCONT)
+                victim.send_signal(signal.SIGKILL)
+            await victim.wait(60)
+            self.replacements.append(asyncio.create_task(self.deployment.new_worker().start()))
+        await asyncio.gather(*self.replacements)
 
 
-async def run_once(sig: int, args: argparse.Namespace, refs: list[str]) -> dict[str, Any]:
-    log_dir = Path(tempfile.mkdtemp(prefix="dynrt-migration-bench-"))
-    servers = EmbeddedServers(log_dir)
-    servers.start()
-    deployment = Deployment(servers, args.workers, "1", "bench", log_dir, ["--drain-timeout", "1"])
-    deployment.start()
-    streams = [Stream(i, i) for i in range(args.requests)]
-    chaos = Chaos(deployment, sig, args.kill_every)
-    stop = asyncio.Event()
-    try:
-        chaos_task = asyncio.create_task(chaos.run(stop))
-        semaphore = asyncio.Semaphore(args.concurrency)
-        timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async def bounded(stream: Stream) -> None:
-                async with semaphore:
-                    await one_stream(session, deployment.url, stream, args.max_tokens)
-
-            started = time.monotonic()
-            await asyncio.gather(*(bounded(s) for s in streams))
-            wall = time.monotonic() - started
-        stop.set()
-        await chaos_task
-    finally:
-        deployment.stop()
-        servers.stop()
-    # Which streams migrated, from the frontend's log (one line per migration).
-    migrated: dict[str, list[str]] = {}
-    for line in (log_dir / "frontend.log").read_text(errors="replace").splitlines():
-        if "event=migrating" in line:
-            fields = dict(p.split("=", 1) for p in line.split() if "=" in p)
-            migrated.setdefault(fields["request_id"], []).append(fields["cause"])
+def gaps_per_kill(streams: list[Stream], migrated: set[str], kills: list[float]) -> tuple[list[float], dict[int, list[float]]]:
+    """The longest client-visible gap (ms) of every migrated stream, and the same gaps by
+    the fault that preceded the gap's end (-1: before the first)."""
     gaps: list[float] = []
     per_kill: dict[int, list[float]] = {}
     for stream in streams:
-        if stream.request_id not in migrated or len(stream.chunk_times) < 2:
+        if stream.request_id not in migrated or not stream.chunk_times:
             continue
-        intervals = list(zip(stream.chunk_times, stream.chunk_times[1:]))
-        start, end = max(intervals, key=lambda ab: ab[1] - ab[0])
-        gap = end - start
-        gaps.append(gap * 1000)
-        kill = max((k for k, t in enumerate(chaos.kills) if t <= end), default=-1)
-        per_kill.setdefault(kill, []).append(gap * 1000)
-    identical = sum(1 for s in streams if s.ok and s.text == refs[s.index])
+        start, end = stream.longest_gap()
+        gap = (end - start) * 1000
+        gaps.append(gap)
+        kill = max((k for k, t in enumerate(kills) if t <= end), default=-1)
+        per_kill.setdefault(kill, []).append(gap)
+    return gaps, per_kill
+
+
+async def run_once(sig: int, args: argparse.Namespace) -> dict[str, Any]:
+    log_dir = Path(tempfile.mkdtemp(prefix="dynrt-migration-bench-"))
+    quiet = ["--log-level", "warning"]
+    async with Deployment(log_dir, workers=args.workers, speedup=1, worker_self_checks=True,
+                          frontend_args=quiet,
+                          worker_args=[*quiet, "--engine", "mock", "--drain-timeout", "1"]) as deployment:
+        load = Load(deployment.urls, requests=args.requests, concurrency=args.concurrency,
+                    max_tokens=args.max_tokens, tag="story", request_timeout=300)
+        chaos = Chaos(deployment, sig, args.kill_every)
+        stop = asyncio.Event()
+        chaos_task = asyncio.create_task(chaos.run(stop))
+        streams = await load.run()
+        stop.set()
+        await chaos_task
+        # Which streams migrated, from the frontend's log (one line per migration).
+        migrated = deployment.migrated_requests()
+    refs = await references(streams)
+    gaps, per_kill = gaps_per_kill(streams, set(migrated), chaos.kills)
+    causes = [cause for moves in migrated.values() for cause, _ in moves]
     return {
         "signal": signal.Signals(sig).name,
         "requests": args.requests,
         "completed": sum(1 for s in streams if s.ok),
-        "failed": sum(1 for s in streams if not s.ok),
-        "errors": sorted({s.error for s in streams if s.error}),
-        "identical": identical,
+        "failed": sum(1 for s in streams if s.failed),
+        "errors": sorted({s.error.split(":")[0] for s in streams if s.error}),
+        "identical": sum(1 for s in streams if s.ok and matches(s, refs[s.index])),
         "faults": len(chaos.kills),
         "migrated_streams": len(gaps),
-        "migration_causes": {c: sum(v.count(c) for v in migrated.values()) for c in
-                             sorted({c for v in migrated.values() for c in v})},
+        "migration_causes": {c: causes.count(c) for c in sorted(set(causes))},
         "gap_ms_p50": percentile(gaps, 50),
         "gap_ms_p99": percentile(gaps, 99),
         "gap_ms_max": max(gaps, default=float("nan")),
         "gap_ms_per_kill": {str(k): {"streams": len(v), "p50": percentile(v, 50), "max": max(v)}
                             for k, v in sorted(per_kill.items())},
-        "wall_seconds": wall,
+        "wall_seconds": load.ended_at - load.started_at,
         "logs": str(log_dir),
     }
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
@@ -217,15 +139,15 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
 
 
 async def main(args: argparse.Namespace) -> None:
-    refs = await references(args.requests, args.max_tokens)
-    runs = [await run_once(sig, args, refs) for sig in (signal.SIGKILL, signal.SIGSTOP)]
+    runs = [await run_once(sig, args) for sig in (signal.SIGKILL, signal.SIGSTOP)]
     print_table(["signal", "faults", "completed", "failed", "identical", "migrated", "gap p50 ms", "gap p99 ms", "gap max ms"],
                 [[r["signal"], r["faults"], r["completed"], r["failed"], r["identical"], r["migrated_streams"],
                   r["gap_ms_p50"], r["gap_ms_p99"], r["gap_ms_max"]] for r in runs])
-    path = write_results("migration", {"config": vars(args), "runs": runs})
+    path = write_results("migration", {"config": options_of(args), "runs": runs}, args.results_dir)
     print(f"wrote {path}")
-    if plot(runs, RESULTS_DIR / "migration.png"):
-        print(f"wrote {RESULTS_DIR / 'migration.png'}")
+    png = args.results_dir / "migration.png"
+    if plot(runs, png):
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":
@@ -235,4 +157,5 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--kill-every", type=float, default=3.0)
+    add_results_dir_argument(parser)
     asyncio.run(main(parser.parse_args()))

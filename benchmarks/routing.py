@@ -1,6 +1,7 @@
-"""Routing benchmark, end to end: embedded etcd + NATS, ``--workers`` plain
-``dynrt worker`` processes (mock engine, speedup 1), one ``dynrt frontend``, an HTTP
-client streaming ``/v1/completions`` with token-id prompts.
+"""Routing benchmark, end to end: pools of ``--workers`` plain ``dynrt worker`` processes
+(mock engine, speedup 1) and one ``dynrt frontend``, each pool with its own etcd and NATS
+(``harness.deployment``), and an HTTP client streaming ``/v1/completions`` with token-id
+prompts.
 
 1. **Long multi-turn conversations**, once per policy on a fresh pool (caches start
    cold, the same conversations and schedule every time). Policies are
@@ -81,7 +82,7 @@ per sender, ``dynrt.router.cost.PendingAssignments``), no longer by a 0.1 s time
   another; ``router/cost.py`` now asks whether a request sent now would wait, and counts
   queued prefill tokens.
 
-Writes ``benchmarks/results/<--output>.json`` and ``.png``.
+Writes ``benchmarks/results/<--output>.json`` and ``.png`` (``--results-dir``).
 
     python -m benchmarks.routing [--quick]
     python -m benchmarks.routing --skip-overload --doc-tokens 4608 --num-blocks 11264 --output routing-long
@@ -94,16 +95,19 @@ import asyncio
 import contextlib
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from benchmarks.common import RESULTS_DIR, SseStream, percentile, print_table, write_results
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
+from harness.deployment import Deployment
+from harness.sse import SseStream
+from harness.stats import percentile
 
 MODEL = "mock-model"
 POLICIES = ("kv", "round-robin", "random")
@@ -115,74 +119,15 @@ TIMEOUT = aiohttp.ClientTimeout(total=300)
 # ---------------------------------------------------------------------------
 
 
-class Deployment:
-    """``workers`` plain ``dynrt worker`` processes + 1 ``dynrt frontend`` in a namespace
-    of the shared etcd/NATS."""
-
-    def __init__(self, servers: Any, log_dir: Path, name: str, worker_args: list[str], frontend_args: list[str],
-                 workers: int) -> None:
-        self.servers = servers
-        self.log_dir = log_dir
-        self.ns = f"bench{name.replace('-', '').replace('@', '').replace('.', '')}{random.randrange(10**6)}"
-        self.name = name
-        self.worker_args = worker_args
-        self.frontend_args = frontend_args
-        self.n_workers = workers
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.url = ""
-
-    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{self.name}-{log_name}.log", "ab")
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "dynrt.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
-        self.procs.append(proc)
-        return proc
-
-    async def start(self) -> None:
-        from dynrt.runtime.embedded import free_port
-
-        common = ["--namespace", self.ns, "--etcd-endpoints", self.servers.etcd.endpoint,
-                  "--nats-url", self.servers.nats.url]
-        for i in range(self.n_workers):
-            self._spawn(["worker", *common, "--canary-after", "0", "--health-period", "0", *self.worker_args],
-                        f"worker{i}")
-        port = free_port()
-        self._spawn(["frontend", *common, "--http-port", str(port), *self.frontend_args], "frontend")
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if any(p.poll() is not None for p in self.procs):
-                    raise RuntimeError(f"{self.name}: a process exited during start-up; logs in {self.log_dir}")
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                    async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                        if r.status == 200 and len((await r.json())["instances"]) == self.n_workers:
-                            break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name}: not ready after 60 s; logs in {self.log_dir}")
-                await asyncio.sleep(0.1)
+@contextlib.asynccontextmanager
+async def pool(args: argparse.Namespace, log_dir: Path, name: str, worker_args: list[str],
+               frontend_args: list[str]) -> AsyncIterator[Deployment]:
+    """``--workers`` plain ``dynrt worker`` processes (canary and health checks off) and 1
+    ``dynrt frontend``, with their own etcd and NATS, logs in ``log_dir/NAME``."""
+    async with Deployment(log_dir / name, workers=args.workers, speedup=args.speedup, frontend_args=frontend_args,
+                          worker_args=worker_args) as deployment:
         await asyncio.sleep(1.0)  # initial dumps and load reports
-
-    async def set_thresholds(self, **settings: Any) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as session, \
-                session.post(f"{self.url}/busy_threshold", json=settings) as response:
-            body = await response.json()
-            if response.status != 200:
-                raise RuntimeError(f"POST /busy_threshold {settings}: {response.status} {body}")
-            return body  # type: ignore[no-any-return]
-
-    async def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                await asyncio.to_thread(p.wait, 15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        yield deployment
 
 
 # ---------------------------------------------------------------------------
@@ -377,12 +322,10 @@ async def open_loop(url: str, args: argparse.Namespace, rate: float, seconds: fl
 # ---------------------------------------------------------------------------
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     pol = report["conversations"]["policies"]
     names = list(pol)
@@ -422,6 +365,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def _policy_flags(entry: str, args: argparse.Namespace) -> tuple[str, float]:
@@ -429,93 +373,86 @@ def _policy_flags(entry: str, args: argparse.Namespace) -> tuple[str, float]:
     return name, float(weight) if weight else args.prefill_weight
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from dynrt.runtime.embedded import EmbeddedServers
+async def conversations(args: argparse.Namespace, log_dir: Path, worker_args: list[str]) -> dict[str, Any]:
+    """Part 1: the multi-turn conversations once per policy, each on a fresh pool."""
+    policies: dict[str, Any] = {}
+    for entry in args.policies:
+        policy, weight = _policy_flags(entry, args)
+        # No load shedding here: the comparison is about placement, not admission.
+        frontend = ["--router-mode", policy, "--prefill-weight", str(weight),
+                    "--busy-kv-threshold", "-1", "--busy-queue-threshold", "-1"]
+        async with pool(args, log_dir, entry, worker_args, frontend) as dep:
+            results, wall = await conversation_workload(dep.urls[0], args)
+        label = entry if "@" in entry or policy != "kv" else f"kv@{weight:g}"
+        policies[label] = summarize(results, wall)
+        print(f"{label}: {policies[label]}", file=sys.stderr)
+    conv: dict[str, Any] = {"working_set": working_set_blocks(args), "policies": policies}
+    rr = policies.get("round-robin")
+    if rr:
+        conv["ttft_p50_speedup_vs_round_robin"] = {
+            name: round(rr["ttft_p50_ms"] / s["ttft_p50_ms"], 2) for name, s in policies.items()
+            if name.startswith("kv") and s["ttft_p50_ms"] > 0}
+    return conv
 
-    servers = EmbeddedServers.in_temp_dir()
-    await servers.start_async()
+
+async def overload(args: argparse.Namespace, log_dir: Path, worker_args: list[str]) -> dict[str, Any]:
+    """Part 3: capacity, then unloaded, light and overloaded phases in one pool."""
+    frontend = ["--router-mode", "kv", "--prefill-weight", str(args.prefill_weight),
+                "--busy-kv-threshold", str(args.busy_kv_threshold), "--busy-queue-threshold", "-1"]
+    async with pool(args, log_dir, "overload", [*worker_args, "--max-num-seqs", str(args.max_num_seqs)],
+                    frontend) as dep:
+        url = dep.urls[0]
+        # Saturation: every slot busy and a queue behind it on every worker.
+        concurrency = args.workers * (args.max_num_seqs + 2)
+        cap_results, cap_wall = await closed_loop(url, args, concurrency, args.phase_seconds, 21)
+        # Discard the first second's worth (cold start) by measuring completions per second
+        # over the run: every request in a closed loop of fixed concurrency.
+        capacity = sum(1 for r in cap_results if r.status == 200) / cap_wall
+        print(f"capacity {capacity:.2f} req/s", file=sys.stderr)
+        await asyncio.sleep(2)
+        unloaded, unloaded_wall = await closed_loop(url, args, 1, args.phase_seconds, 22)
+        await asyncio.sleep(1)
+        light, light_wall, light_rate = await open_loop(url, args, args.light_load * capacity,
+                                                        args.phase_seconds, 23)
+        thresholds = await dep.frontends[0].set_busy_thresholds(
+            queue_depth=args.busy_queue_threshold if args.busy_queue_threshold >= 0 else None,
+            prefill_tokens=args.busy_prefill_threshold if args.busy_prefill_threshold >= 0 else None)
+        await asyncio.sleep(2)
+        over, over_wall, over_rate = await open_loop(url, args, args.overload * capacity,
+                                                     args.phase_seconds, 24)
+    s_unloaded, s_light, s_over = (summarize(unloaded, unloaded_wall), summarize(light, light_wall),
+                                   summarize(over, over_wall))
+    for s in (s_unloaded, s_light, s_over):
+        s["rejection_rate"] = round(s["rejected_503"] / s["requests"], 4) if s["requests"] else 0.0
+    s_light["offered_req_s"] = round(light_rate, 2)
+    s_over["offered_req_s"] = round(over_rate, 2)
+    s_over["offered_over_capacity"] = round(over_rate / capacity, 2)
+    s_over["accepted_over_capacity"] = round(s_over["ok"] / over_wall / capacity, 2)
+    return {
+        "capacity_req_s": round(capacity, 2),
+        "capacity_run": summarize(cap_results, cap_wall) | {"concurrency": concurrency},
+        "max_num_seqs": args.max_num_seqs,
+        "busy_queue_threshold": args.busy_queue_threshold,
+        "busy_prefill_threshold": args.busy_prefill_threshold,
+        "thresholds_during_overload": thresholds,
+        "light_load": args.light_load,
+        "overload_factor": args.overload,
+        "unloaded": s_unloaded,
+        "light": s_light,
+        "overload": s_over,
+        "accepted_ttft_p99_over_unloaded": round(s_over["ttft_p99_ms"] / s_unloaded["ttft_p99_ms"], 2),
+        "accepted_ttft_p99_over_light": round(s_over["ttft_p99_ms"] / s_light["ttft_p99_ms"], 2),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="dynrt-bench-routing-"))
     print(f"logs: {log_dir}", file=sys.stderr)
-    worker_args = ["--speedup", str(args.speedup), "--num-blocks", str(args.num_blocks),
-                   "--block-size", str(args.block_size)]
-    report: dict[str, Any] = {}
-    try:
-        policies: dict[str, Any] = {}
-        for entry in args.policies:
-            policy, weight = _policy_flags(entry, args)
-            # No load shedding here: the comparison is about placement, not admission.
-            frontend = ["--router-mode", policy, "--prefill-weight", str(weight),
-                        "--busy-kv-threshold", "-1", "--busy-queue-threshold", "-1"]
-            dep = Deployment(servers, log_dir, entry, worker_args, frontend, args.workers)
-            await dep.start()
-            try:
-                results, wall = await conversation_workload(dep.url, args)
-            finally:
-                await dep.stop()
-            label = entry if "@" in entry or policy != "kv" else f"kv@{weight:g}"
-            policies[label] = summarize(results, wall)
-            print(f"{label}: {policies[label]}", file=sys.stderr)
-        conv: dict[str, Any] = {"working_set": working_set_blocks(args), "policies": policies}
-        rr = policies.get("round-robin")
-        if rr:
-            conv["ttft_p50_speedup_vs_round_robin"] = {
-                name: round(rr["ttft_p50_ms"] / s["ttft_p50_ms"], 2) for name, s in policies.items()
-                if name.startswith("kv") and s["ttft_p50_ms"] > 0}
-        report["conversations"] = conv
-
-        if not args.skip_overload:
-            frontend = ["--router-mode", "kv", "--prefill-weight", str(args.prefill_weight),
-                        "--busy-kv-threshold", str(args.busy_kv_threshold), "--busy-queue-threshold", "-1"]
-            dep = Deployment(servers, log_dir, "overload",
-                             [*worker_args, "--max-num-seqs", str(args.max_num_seqs)], frontend, args.workers)
-            await dep.start()
-            try:
-                # Saturation: every slot busy and a queue behind it on every worker.
-                concurrency = args.workers * (args.max_num_seqs + 2)
-                cap_results, cap_wall = await closed_loop(dep.url, args, concurrency, args.phase_seconds, 21)
-                # Discard the first second's worth (cold start) by measuring completions per second
-                # over the run: every request in a closed loop of fixed concurrency.
-                capacity = sum(1 for r in cap_results if r.status == 200) / cap_wall
-                print(f"capacity {capacity:.2f} req/s", file=sys.stderr)
-                await asyncio.sleep(2)
-                unloaded, unloaded_wall = await closed_loop(dep.url, args, 1, args.phase_seconds, 22)
-                await asyncio.sleep(1)
-                light, light_wall, light_rate = await open_loop(dep.url, args, args.light_load * capacity,
-                                                                args.phase_seconds, 23)
-                thresholds = await dep.set_thresholds(
-                    queue_depth=args.busy_queue_threshold if args.busy_queue_threshold >= 0 else None,
-                    prefill_tokens=args.busy_prefill_threshold if args.busy_prefill_threshold >= 0 else None)
-                await asyncio.sleep(2)
-                over, over_wall, over_rate = await open_loop(dep.url, args, args.overload * capacity,
-                                                             args.phase_seconds, 24)
-            finally:
-                await dep.stop()
-            s_unloaded, s_light, s_over = (summarize(unloaded, unloaded_wall), summarize(light, light_wall),
-                                           summarize(over, over_wall))
-            for s in (s_unloaded, s_light, s_over):
-                s["rejection_rate"] = round(s["rejected_503"] / s["requests"], 4) if s["requests"] else 0.0
-            s_light["offered_req_s"] = round(light_rate, 2)
-            s_over["offered_req_s"] = round(over_rate, 2)
-            s_over["offered_over_capacity"] = round(over_rate / capacity, 2)
-            s_over["accepted_over_capacity"] = round(s_over["ok"] / over_wall / capacity, 2)
-            report["overload"] = {
-                "capacity_req_s": round(capacity, 2),
-                "capacity_run": summarize(cap_results, cap_wall) | {"concurrency": concurrency},
-                "max_num_seqs": args.max_num_seqs,
-                "busy_queue_threshold": args.busy_queue_threshold,
-                "busy_prefill_threshold": args.busy_prefill_threshold,
-                "thresholds_during_overload": thresholds,
-                "light_load": args.light_load,
-                "overload_factor": args.overload,
-                "unloaded": s_unloaded,
-                "light": s_light,
-                "overload": s_over,
-                "accepted_ttft_p99_over_unloaded": round(s_over["ttft_p99_ms"] / s_unloaded["ttft_p99_ms"], 2),
-                "accepted_ttft_p99_over_light": round(s_over["ttft_p99_ms"] / s_light["ttft_p99_ms"], 2),
-            }
-    finally:
-        await servers.stop_async()
-    decision = RESULTS_DIR / "routing_decision.json"
+    worker_args = ["--num-blocks", str(args.num_blocks), "--block-size", str(args.block_size)]
+    report: dict[str, Any] = {"conversations": await conversations(args, log_dir, worker_args)}
+    if not args.skip_overload:
+        report["overload"] = await overload(args, log_dir, worker_args)
+    decision = args.results_dir / "routing_decision.json"
     if decision.exists():
         with contextlib.suppress(ValueError, KeyError):
             data = json.loads(decision.read_text())
@@ -559,15 +496,17 @@ def main() -> None:
     parser.add_argument("--light-load", type=float, default=0.25)
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="small run for a smoke test")
+    add_results_dir_argument(parser)
     args = parser.parse_args()
     args.policies = [p for p in args.policies.split(",") if p]
     if args.quick:
         args.conversations, args.turns, args.phase_seconds, args.ramp = 16, 3, 4.0, 3.0
-    config = dict(vars(args))
+    config = options_of(args)
     report = asyncio.run(run(args))
     report = {"config": config, **report}
-    path = write_results(args.output, report)
-    plot(report, RESULTS_DIR / f"{args.output}.png")
+    path = write_results(args.output, report, args.results_dir)
+    png = args.results_dir / f"{args.output}.png"
+    plotted = plot(report, png)
     rows = [[n, s["ttft_p50_ms"], s.get("later_turns_ttft_p50_ms", ""), s["ttft_p99_ms"], s["throughput_req_s"],
              s["throughput_output_tok_s"], s["cache_hit_rate"], s["ok"], s["requests"] - s["ok"]]
             for n, s in report["conversations"]["policies"].items()]
@@ -583,7 +522,7 @@ def main() -> None:
         print(f"accepted TTFT p99 / unloaded {ov['accepted_ttft_p99_over_unloaded']}, "
               f"/ light {ov['accepted_ttft_p99_over_light']}; accepted throughput "
               f"{ov['overload']['accepted_over_capacity']}x capacity")
-    print(f"wrote {path} and {RESULTS_DIR / (args.output + '.png')}")
+    print(f"wrote {path} and {png}" if plotted else f"wrote {path} (no plot: matplotlib not installed)")
 
 
 if __name__ == "__main__":

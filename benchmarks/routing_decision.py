@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from benchmarks.common import percentile, print_table, write_results
+from benchmarks.common import add_results_dir_argument, options_of, print_table, write_results
 from dynrt.router.policies import Choice, Router, RouterState
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import (
@@ -49,6 +49,7 @@ from dynrt.runtime.protocol import (
     LoadReport,
     TokenizerSpec,
 )
+from harness.stats import percentile
 
 MODEL = "bench-model"
 VOCAB = 32_000
@@ -228,6 +229,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the (slower) traced memory build")
+    add_results_dir_argument(parser)
     args = parser.parse_args()
 
     layout = Layout(args)
@@ -271,7 +273,7 @@ def main() -> None:
 
     results = {
         "runtime": {"implementation": platform.python_implementation(), "msgspec": msgspec.__version__},
-        "params": vars(args),
+        "params": options_of(args),
         "index": {
             "distinct_blocks": distinct,
             "instance_block_entries": entries,
@@ -292,7 +294,7 @@ def main() -> None:
         "target_p99_us": 1000.0,
         "meets_target": percentiles(all_ns)["p99_us"] < 1000.0,
     }
-    path = write_results("routing_decision", results)
+    path = write_results("routing_decision", results, args.results_dir)
 
     print(f"index: {distinct:,} distinct blocks, {entries:,} (instance, block) entries, {args.instances} instances")
     print(f"  build from events: {build_s:.2f} s ({stored_hashes:,} stored hashes, {stored_hashes / build_s:,.0f}/s)")

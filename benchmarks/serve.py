@@ -4,10 +4,10 @@
 about ``--prompt-tokens`` mock-vocabulary tokens (every prompt starts differently, so prefix
 caching does not make it trivial) and exactly ``--output-tokens`` output tokens
 (``max_tokens`` + ``ignore_eos``). Reports output tok/s, TTFT and ITL p50/p99, request
-latency and errors; writes ``benchmarks/results/serve.json`` and a PNG plot.
+latency and errors; writes ``benchmarks/results/serve.json`` (``--results-dir``) and a PNG plot.
 
-By default it starts its own deployment (embedded etcd + NATS, one frontend, ``--workers``
-mock workers as subprocesses, all stopped at the end) once per ``--speedup`` value
+By default it starts its own deployment (``harness.deployment``: etcd + NATS, one frontend,
+``--workers`` mock workers as subprocesses, all stopped at the end) once per ``--speedup`` value
 (default ``inf,1``: pure runtime overhead, then the mock's modelled GPU timing). With
 ``--url`` it targets a running frontend instead.
 
@@ -42,10 +42,11 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from benchmarks.common import RESULTS_DIR, percentile, print_table, write_results
-from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv, free_port
-from dynrt.runtime.health import fetch_health_json
+from benchmarks.common import RESULTS_DIR, add_results_dir_argument, print_table, pyplot, write_results
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
+from dynrt.runtime.procs import read_stat, spawn, wait_process
+from harness.deployment import Deployment
+from harness.stats import percentile
 
 # ---------------------------------------------------------------------------
 # Workload
@@ -219,75 +220,13 @@ def summarize(wall: float, results: list[RequestResult], output_tokens: int) -> 
 
 
 # ---------------------------------------------------------------------------
-# Deployment
-# ---------------------------------------------------------------------------
-
-
-class Deployment:
-    """One frontend and N mock workers as subprocesses against given etcd + NATS."""
-
-    def __init__(self, servers: EmbeddedServers, workers: int, speedup: str, namespace: str, log_dir: Path,
-                 worker_args: list[str]) -> None:
-        self.servers = servers
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        common = ["--namespace", namespace, "--etcd-endpoints", servers.etcd.endpoint,
-                  "--nats-url", servers.nats.url, "--log-level", "warning"]
-        python = sys.executable
-        self.argvs = {"frontend": [python, "-m", "dynrt.cli", "frontend", *common, "--http-port", str(self.port)]}
-        for i in range(workers):
-            self.argvs[f"worker-{i}"] = [python, "-m", "dynrt.cli", "worker", *common, "--engine", "mock",
-                                         "--speedup", speedup, *worker_args]
-        self.log_dir = log_dir
-        self.workers = workers
-
-    def start(self, timeout: float = 60.0) -> None:
-        for name, argv in self.argvs.items():
-            with open(self.log_dir / f"{name}.log", "ab") as log_file:
-                self.procs[name] = subprocess.Popen(die_with_parent_argv(argv), stdout=log_file,
-                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                    start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / (name + '.log')}")
-            health = fetch_health_json(f"{self.url}/health")
-            if health and health.get("status") == "ready" and len(health.get("instances", [])) >= self.workers:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"deployment not ready after {timeout}s; logs in {self.log_dir}")
-
-    def pids(self) -> dict[str, int]:
-        return {name: proc.pid for name, proc in self.procs.items()}
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-# ---------------------------------------------------------------------------
 # CPU accounting
 # ---------------------------------------------------------------------------
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (threads included) so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return math.nan
+    """User + system CPU seconds of a process (threads included) so far (NaN if gone)."""
+    stat = read_stat(pid)
+    return math.nan if stat is None else stat.cpu_seconds
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
@@ -309,7 +248,7 @@ def start_profilers(pids: dict[str, int], out_dir: Path, duration: int, native: 
                 "--format", "raw", "-o", str(out_dir / f"{name}.txt"), "--nonblocking"]
         if native:
             argv.append("--native")
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(spawn(argv))
     return procs
 
 
@@ -358,12 +297,8 @@ def _short(frame: str) -> str:
 
 
 def plot(runs: dict[str, list[RequestResult]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return False
     fig, axes = plt.subplots(len(runs), 3, figsize=(16, 4.2 * len(runs)), squeeze=False)
@@ -426,12 +361,10 @@ async def bench_target(url: str, args: argparse.Namespace, label: str, pids: dic
         cpu_before = cpu_snapshot(cpu_pids)
         wall, results = await run_load(url, args.model, prompts, args.output_tokens, args.concurrency, args.api_key)
         cpu_after = cpu_snapshot(cpu_pids)
-        for p in profilers:
+        for p in profilers:  # SIGINT: py-spy writes what it sampled and exits
             p.send_signal(signal.SIGINT)
         for p in profilers:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
+            if wait_process(p, 30) is None:
                 p.kill()
         if profilers and profile_dir is not None and pids:
             for name in pids:
@@ -477,38 +410,33 @@ async def main(args: argparse.Namespace) -> int:
         plotted[args.url] = results
     else:
         state = Path(tempfile.mkdtemp(prefix="dynrt-bench-"))
-        servers = EmbeddedServers(state)
-        print(f"starting etcd + NATS (logs in {state})", flush=True)
-        await asyncio.to_thread(servers.start)
-        try:
-            for n, speedup in enumerate(args.speedup.split(",")):
-                label = f"speedup {speedup}"
-                log_dir = state / f"speedup-{speedup}"
-                log_dir.mkdir(exist_ok=True)
-                deployment = Deployment(servers, args.workers, speedup, f"bench{n}", log_dir, args.worker_args)
-                print(f"{label}: starting 1 frontend + {args.workers} mock workers", flush=True)
-                await asyncio.to_thread(deployment.start)
+        for speedup in args.speedup.split(","):
+            label = f"speedup {speedup}"
+            log_dir = state / f"speedup-{speedup}"
+            log_dir.mkdir(exist_ok=True)
+            print(f"{label}: starting etcd + NATS, 1 frontend + {args.workers} mock workers (logs in {log_dir})",
+                  flush=True)
+            quiet = ["--log-level", "warning"]
+            async with Deployment(log_dir, workers=args.workers, speedup=speedup,
+                                  worker_self_checks=True, frontend_args=quiet,
+                                  worker_args=[*quiet, "--engine", "mock", *args.worker_args]) as deployment:
                 profile_dir = None
                 if profile_root is not None:
                     profile_dir = profile_root / f"speedup-{speedup}"
                     profile_dir.mkdir(parents=True, exist_ok=True)
-                try:
-                    summaries, results, profiles = await bench_target(deployment.url, args, label,
-                                                                      deployment.pids(), profile_dir,
-                                                                      {"nats": servers.nats.process.pid}
-                                                                      if servers.nats.process else {})
-                finally:
-                    await asyncio.to_thread(deployment.stop)
-                runs[label] = {"speedup": speedup, "best": _best_and_spread(summaries), "runs": summaries}
-                if profiles:
-                    runs[label]["profile_top"] = profiles
-                    for name, top in profiles.items():
-                        print(f"  profile {name} ({top['samples']} samples), self time:")
-                        for func, pct in top["self"][:12]:
-                            print(f"    {pct:5.1f}%  {func}")
-                plotted[label] = results
-        finally:
-            await asyncio.to_thread(servers.stop)
+                pids = {"frontend": deployment.frontends[0].pid,
+                        **{f"worker-{i}": w.pid for i, w in enumerate(deployment.workers)}}
+                nats = deployment.nats.process
+                summaries, results, profiles = await bench_target(deployment.urls[0], args, label, pids, profile_dir,
+                                                                  {"nats": nats.pid} if nats else {})
+            runs[label] = {"speedup": speedup, "best": _best_and_spread(summaries), "runs": summaries}
+            if profiles:
+                runs[label]["profile_top"] = profiles
+                for name, top in profiles.items():
+                    print(f"  profile {name} ({top['samples']} samples), self time:")
+                    for func, pct in top["self"][:12]:
+                        print(f"    {pct:5.1f}%  {func}")
+            plotted[label] = results
 
     print()
     print(f"{args.requests} requests, concurrency {args.concurrency}, ~{args.prompt_tokens}-token prompts, "
@@ -528,9 +456,9 @@ async def main(args: argparse.Namespace) -> int:
     workload = {"requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                 "output_tokens": args.output_tokens, "workers": args.workers, "repeats": args.repeats,
                 "worker_args": args.worker_args, "client": "aiohttp + msgspec, same machine"}
-    path = write_results(name, {"workload": workload, "results": runs})
+    path = write_results(name, {"workload": workload, "results": runs}, args.results_dir)
     print(f"wrote {path}")
-    png = RESULTS_DIR / f"{name}.png"
+    png = args.results_dir / f"{name}.png"
     if plot(plotted, png):
         print(f"wrote {png}")
     failed = any(run["best"]["errors"] for run in runs.values())
@@ -553,7 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="py-spy the frontend and workers in the first run")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     parser.add_argument("--profile-dir", default=str(RESULTS_DIR / "serve-profiles"))
-    parser.add_argument("--name", default="serve", help="results file name (benchmarks/results/NAME.json/.png)")
+    parser.add_argument("--name", default="serve", help="results file name (RESULTS_DIR/NAME.json/.png)")
+    add_results_dir_argument(parser)
     parser.add_argument("worker_args", nargs="*", help="after --: flags passed to every worker")
     return parser.parse_args(argv)
 

@@ -10,14 +10,16 @@ import argparse
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 from nats.aio.msg import Msg
 
-from benchmarks.common import percentile, print_table, write_results
+from benchmarks.common import add_results_dir_argument, print_table, write_results
 from dynrt.runtime.embedded import EmbeddedServers
 from dynrt.runtime.protocol import Frame, TokenFrame, encode, frame_decoder
 from dynrt.runtime.transport import NatsTransport, RequestContext
+from harness.stats import percentile
 
 
 async def dynrt_stream(url: str, frames: int, pace: float = 0.0) -> tuple[float, list[float]]:
@@ -80,7 +82,7 @@ async def raw_nats(url: str, frames: int, pace: float = 0.0) -> tuple[float, lis
     return frames / elapsed, latencies
 
 
-async def main(frames: int, repeats: int) -> None:
+async def main(frames: int, repeats: int, results_dir: Path) -> None:
     servers = EmbeddedServers.in_temp_dir()
     servers.nats.start()
     try:
@@ -107,7 +109,8 @@ async def main(frames: int, repeats: int) -> None:
                 [[k, round(v["frames_per_s"]), v["paced_latency_ms_p50"], v["paced_latency_ms_p99"]]
                  for k, v in results.items()])
     print(f"dynrt / raw = {ratio:.2f}")
-    path = write_results("transport", {"frames": frames, "repeats": repeats, "results": results, "ratio_dynrt_to_raw": ratio})
+    path = write_results("transport", {"frames": frames, "repeats": repeats, "results": results,
+                                       "ratio_dynrt_to_raw": ratio}, results_dir)
     print(f"wrote {path}")
 
 
@@ -115,10 +118,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
+    add_results_dir_argument(parser)
     options = parser.parse_args()
     try:
         import uvloop
 
-        uvloop.run(main(options.frames, options.repeats))
+        uvloop.run(main(options.frames, options.repeats, options.results_dir))
     except ImportError:
-        asyncio.run(main(options.frames, options.repeats))
+        asyncio.run(main(options.frames, options.repeats, options.results_dir))

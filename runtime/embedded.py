@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,31 +21,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# die_with_parent_argv is re-exported for the modules that still spawn with it directly.
+from dynrt.runtime.procs import die_with_parent_argv, send_signal, spawn, stop_process
+
+__all__ = ["BinaryNotFound", "EmbeddedServers", "EtcdServer", "ManagedProcess", "NatsServer", "die_with_parent_argv",
+           "find_etcd", "find_nats_server", "free_port"]
+
 _LOOPBACK = "127.0.0.1"
-
-
-# Children of ``dynrt up`` and of test runs must die with them, even when they are
-# SIGKILLed: on Linux the kernel does that for a child that set PR_SET_PDEATHSIG (kept
-# across exec). subprocess's ``preexec_fn`` could set it, but only by fork()ing this
-# process, and a fork taken while gRPC's threads run can crash the child before it execs
-# (SIGABRT, "epoll_wait error: Bad file descriptor"). So a tiny launcher sets it and execs
-# the real program; subprocess spawns the launcher without forking us. The "parent" is
-# the spawning *thread*: spawn from the event loop's thread, not from a worker thread.
-_DIE_WITH_PARENT_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    os._exit(1)\n"  # the parent died before the prctl: nothing to serve
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def die_with_parent_argv(argv: list[str]) -> list[str]:
-    """``argv`` (an absolute program path first) behind the PDEATHSIG launcher (Linux;
-    elsewhere unchanged)."""
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT_LAUNCHER, str(os.getpid()), *argv]
 
 
 class BinaryNotFound(RuntimeError):
@@ -117,15 +97,10 @@ class ManagedProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
-        log = open(self.log_path, "ab")
-        try:
-            # New session: Ctrl-C in a terminal reaches dynrt, which stops children in order.
-            self.proc = subprocess.Popen(
-                die_with_parent_argv(self.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        """Start it (dying with this process) from the calling thread, which should be
+        the event loop's (see ``dynrt.runtime.procs``); its own session, so Ctrl-C in a
+        terminal reaches dynrt, which stops children in order."""
+        self.proc = spawn(self.argv, self.log_path, new_session=True)
 
     @property
     def pid(self) -> int:
@@ -136,21 +111,13 @@ class ManagedProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(sig)
+        if self.proc is not None:
+            send_signal(self.proc, sig)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGCONT)  # a SIGSTOPped server cannot exit
-                self.proc.terminate()
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGCONT (a SIGSTOPped server cannot exit) and SIGTERM, SIGKILL after ``timeout``."""
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.proc = None
 
 
@@ -227,15 +194,28 @@ class NatsServer:
         return f"nats://{_LOOPBACK}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start nats-server without waiting for it (``wait_ready``): on ``port``, or on
+        one it picks and reports in its ports file when ``port`` is 0."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        ports_dir = self.work_dir / "nats-ports"
-        ports_dir.mkdir(exist_ok=True)
+        self._ports_dir.mkdir(exist_ok=True)
         port_arg = str(self.port) if self.port else "-1"
-        argv = [find_nats_server(), "-a", _LOOPBACK, "-p", port_arg, "--ports_file_dir", str(ports_dir), *self.extra_args]
+        argv = [find_nats_server(), "-a", _LOOPBACK, "-p", port_arg, "--ports_file_dir", str(self._ports_dir),
+                *self.extra_args]
         self.process = ManagedProcess("nats", argv, self.work_dir / "nats.log")
         self.process.spawn()
-        assert self.process.proc is not None
-        ports_file = ports_dir / f"{Path(argv[0]).name}_{self.process.pid}.ports"
+
+    @property
+    def _ports_dir(self) -> Path:
+        return self.work_dir / "nats-ports"
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until the spawned server has reported its port and accepts connections there."""
+        assert self.process is not None and self.process.proc is not None
+        ports_file = self._ports_dir / f"{Path(self.process.argv[0]).name}_{self.process.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.proc.poll() is not None:

@@ -16,7 +16,7 @@ bounded load of streamed requests through the load balancer while one fault happ
     frontend killed                docker kill frontend1: the other frontend serves on
 
 Every request must complete with the answer of the failure-free run (the mock engine's
-output is a pure function of prompt and seed: ``tests.fault_tolerance.load.references``),
+output is a pure function of prompt and seed: ``harness.reference.references``),
 and afterwards every worker must hold no KV and no request. A killed frontend's own open
 streams are the one case clients see: they are counted, and must be only those.
 
@@ -39,8 +39,10 @@ from typing import Any
 
 import pytest
 
+from harness.load import Load, Stream
+from harness.reference import Report, check
+from harness.stats import percentile
 from tests.deploy.compose_stack import ComposeStack, engine_problem
-from tests.fault_tolerance.load import Load, Report, Stream, check, percentile
 
 PROBLEM = engine_problem()
 if PROBLEM and os.environ.get("DYNRT_REQUIRE_DOCKER") == "1":

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault_tolerance.framework import Deployment, get_json
-from tests.fault_tolerance.load import Load, check
+from harness.http import get_json
+from harness.load import Load
+from harness.reference import check
+from tests.fault_tolerance.framework import Deployment
 
 FRONTEND_LEASE_TTL = 2
 
@@ -83,13 +85,13 @@ async def _router_decisions(d: Deployment) -> float:
     assert d.router is not None
     async with d.session.get(d.router.metrics_url) as response:
         text = await response.text()
-    from tests.helpers.frontend_proc import metric, parse_metrics
+    from harness.metrics import metric, parse_metrics
 
     return metric(parse_metrics(text), "dynrt_router_decisions_total", outcome="chosen")
 
 
 async def _remote_up(d: Deployment) -> list[float]:
-    from tests.helpers.frontend_proc import metric
+    from harness.metrics import metric
 
     return [metric(await d.frontend_metrics(fe), "dynrt_frontend_router_remote_up") for fe in d.frontends]
 

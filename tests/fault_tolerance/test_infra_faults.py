@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.load import Load
+from harness.metrics import metric
+from harness.reference import check
 from tests.fault_tolerance.framework import Deployment
-from tests.fault_tolerance.load import Load, check
-from tests.helpers.frontend_proc import metric
 
 
 class InstanceMonitor:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.load import Load
+from harness.reference import check
 from tests.fault_tolerance.framework import Deployment
-from tests.fault_tolerance.load import Load, check
 
 WAVE = 9  # concurrent streams: 3 per worker
 MAX_TOKENS = 300  # ~2 s per answer at speedup 1: long enough to be hit mid-stream

@@ -37,8 +37,8 @@ from dynrt.controller.records import (
     leader_key,
     read_replicas,
 )
-from tests.helpers.frontend_proc import FrontendProcess
-from tests.helpers.procs import spawn_dynrt
+from harness.frontend import FrontendProcess
+from harness.processes import spawn_dynrt
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

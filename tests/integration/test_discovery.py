@@ -9,7 +9,9 @@ from pathlib import Path
 
 from dynrt.runtime.discovery import EtcdClient, LeasedRegistration, PrefixWatcher
 from dynrt.runtime.embedded import EtcdServer
-from tests.helpers.procs import spawn_python, stop_process, wait_for, wait_line
+from dynrt.runtime.procs import stop_process
+from harness.processes import spawn_python
+from harness.waiting import wait_for, wait_line
 
 LEASE_OWNER = str(Path(__file__).parents[1] / "helpers" / "lease_owner.py")
 

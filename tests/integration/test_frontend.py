@@ -31,8 +31,9 @@ import pytest
 
 from dynrt.runtime.embedded import EtcdServer, NatsServer
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
-from tests.helpers.frontend_proc import FrontendProcess, metric, parse_metrics
-from tests.helpers.worker_proc import WorkerProcess
+from harness.frontend import FrontendProcess
+from harness.metrics import metric, parse_metrics
+from harness.worker import WorkerProcess
 
 pytestmark = pytest.mark.timeout(60)
 

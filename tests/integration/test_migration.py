@@ -19,14 +19,15 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.common import SseStream
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, NatsServer
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 from dynrt.runtime.protocol import GenerateRequest, SamplingParams
 from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
-from tests.helpers.frontend_proc import FrontendProcess, metric, parse_metrics
-from tests.helpers.worker_proc import WorkerProcess
+from harness.frontend import FrontendProcess
+from harness.metrics import metric, parse_metrics
+from harness.sse import SseStream
+from harness.worker import WorkerProcess
 
 MAX_TOKENS = 400
 MESSAGES = [{"role": "user", "content": "tell me a long story about the river and the city"}]

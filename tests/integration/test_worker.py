@@ -27,6 +27,7 @@ from dynrt.runtime import protocol
 from dynrt.runtime.discovery import EtcdClient, LeasedRegistration
 from dynrt.runtime.embedded import EtcdServer, NatsServer
 from dynrt.runtime.mock_tokenizer import EOS_ID, mock_tokenizer
+from dynrt.runtime.procs import stop_process
 from dynrt.runtime.protocol import (
     ErrorFrame,
     GenerateRequest,
@@ -40,8 +41,9 @@ from dynrt.runtime.protocol import (
 )
 from dynrt.runtime.transport import NatsTransport, NoRespondersError, ResponseStream, StreamStalledError
 from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
-from tests.helpers.procs import spawn_dynrt, spawn_python, stop_process, wait_line
-from tests.helpers.worker_proc import WorkerProcess
+from harness.processes import spawn_dynrt, spawn_python
+from harness.waiting import wait_line
+from harness.worker import WorkerProcess
 
 LEASE_OWNER = str(Path(__file__).parents[1] / "helpers" / "lease_owner.py")
 PROMPT = mock_tokenizer().encode("Once upon a time the river ran through the old town")

@@ -24,8 +24,6 @@ SIGCONT + SIGTERM, SIGKILL after a timeout, a no-op on a process that already ex
 from __future__ import annotations
 
 import asyncio
-import itertools
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +32,12 @@ from typing import Any
 import aiohttp
 
 from dynrt.runtime.embedded import free_port
-from tests.helpers.procs import DynrtProcess, spawn_dynrt
+from harness.processes import ComponentProcess
 
-_counter = itertools.count()
 _PORT_TAKEN = ("address already in use", "errno 98")
 
 
-class FrontendProcess(DynrtProcess):
+class FrontendProcess(ComponentProcess):
     def __init__(
         self,
         log_dir: Path,
@@ -59,46 +56,29 @@ class FrontendProcess(DynrtProcess):
         ``start()`` returns (None: any number, as soon as ``/live`` answers). ``api_key``
         is passed as ``--api-key`` and remembered for :meth:`headers`. ``args`` come last,
         so they win over everything set here."""
-        self.namespace = namespace
-        self.etcd_endpoints = etcd_endpoints
-        self.nats_url = nats_url
+        super().__init__(log_dir, "frontend", namespace=namespace, etcd_endpoints=etcd_endpoints, nats_url=nats_url,
+                         env=env, name=name, start_timeout=start_timeout)
         self.expect_instances = expect_instances
         self.extra_args = list(args)
-        self.env = env
         self.api_key = api_key
-        self.name = name or f"frontend{next(_counter)}"
-        self.log_path = Path(log_dir) / f"{self.name}.log"
-        self.start_timeout = start_timeout
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.ready_after = 0.0
 
     def argv(self) -> list[str]:
-        argv = ["frontend", "--namespace", self.namespace, "--etcd-endpoints", self.etcd_endpoints,
-                "--nats-url", self.nats_url, "--http-host", "127.0.0.1", "--http-port", str(self.port)]
+        argv = ["frontend", *self.connection_args(), "--http-host", "127.0.0.1", "--http-port", str(self.port)]
         if self.api_key:
             argv += ["--api-key", self.api_key]
         return [*argv, *self.extra_args]
 
     # -- start ----------------------------------------------------------------
     async def start(self) -> "FrontendProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             self.port = free_port()
-            self.started_at = time.monotonic()
-            self.proc = spawn_dynrt(self.argv(), self.log_path, self.env)
             try:
-                await self._wait_ready()
+                await self.spawn_until_ready(self.argv(), self._wait_ready)
+                return self
             except _PortTaken:
                 if attempt == 2:
                     raise AssertionError(f"frontend {self.name}: no free port after 3 tries; log:\n{self.log_tail()}")
-                continue
-            except BaseException:
-                await self.stop()
-                raise
-            self.ready_after = time.monotonic() - self.started_at
-            return self
         raise AssertionError("unreachable")
 
     async def _wait_ready(self) -> None:
@@ -145,7 +125,6 @@ class FrontendProcess(DynrtProcess):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return {**headers, **extra}
 
-
     async def health(self) -> tuple[int, dict[str, Any]]:
         """``GET /health``: (status, JSON body)."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -171,6 +150,15 @@ class FrontendProcess(DynrtProcess):
                                      f"last: {last!r}")
             await asyncio.sleep(0.05)
 
+    async def set_busy_thresholds(self, **settings: Any) -> dict[str, Any]:
+        """``POST /busy_threshold`` with ``settings``; the thresholds now in force."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.post(f"{self.url}/busy_threshold", json=settings, headers=self.headers()) as response:
+            body = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"POST /busy_threshold {settings}: {response.status} {body}")
+            return body  # type: ignore[no-any-return]
+
     async def metrics_text(self) -> str:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             async with session.get(f"{self.url}/metrics") as response:
@@ -181,15 +169,3 @@ class FrontendProcess(DynrtProcess):
 class _PortTaken(Exception):
     """The frontend lost its port to another process before binding it."""
 
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Prometheus text format → ``{(sample name, frozenset(labels.items())): value}``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    """One sample's value (0 when absent, as an unincremented labelled counter is)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -1,12 +1,12 @@
-"""The bounded load generator and the output checkers of the fault-tolerance suite.
+"""A bounded load of streamed chat completions whose every answer is known in advance.
 
 ``Load`` sends at most ``requests`` streamed chat completions, at most ``concurrency`` at
 a time, over one or more frontends (request ``i`` goes to ``urls[i % len(urls)]``).
 Every request has its own prompt and seed, ``ignore_eos`` and ``max_tokens``, so its
-exact answer is known in advance: ``references`` computes it with the mock engine in this
-process (its output is a pure function of the token ids so far and the seed), and
-``check`` compares every stream with it token for token (as text, and the usage's token
-counts).
+exact answer is known in advance: ``harness.reference.references`` computes it with the
+mock engine in this process (its output is a pure function of the token ids so far and
+the seed), and ``check`` compares every stream with it token for token (as text, and the
+usage's token counts).
 
     load = Load([fe.url], requests=24, concurrency=8, max_tokens=300, tag="kill")
     task = load.start()
@@ -29,17 +29,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from benchmarks.common import SseStream
-from dynrt.frontend.tokenizer import MockModelTokenizer
-from dynrt.runtime.mock_tokenizer import mock_tokenizer
-from dynrt.runtime.protocol import GenerateRequest, SamplingParams
-from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
+from harness.sse import SseStream
 
 MODEL = "mock-model"
 
@@ -83,8 +79,14 @@ class Stream:
     @property
     def max_gap(self) -> float:
         """Longest client-visible pause: from sending to the first chunk, then between chunks."""
+        start, end = self.longest_gap()
+        return end - start
+
+    def longest_gap(self) -> tuple[float, float]:
+        """When the longest client-visible pause (``max_gap``) began and ended (monotonic);
+        (0, 0) before any chunk."""
         times = [self.sent_at, *self.chunk_times]
-        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        return max(zip(times, times[1:]), key=lambda gap: gap[1] - gap[0], default=(0.0, 0.0))
 
     def in_flight_at(self, t: float) -> bool:
         return self.sent and self.sent_at <= t and (math.isnan(self.ended_at) or t <= self.ended_at)
@@ -199,7 +201,7 @@ class Load:
     def finished(self) -> list[Stream]:
         return [s for s in self.streams if s.sent and not math.isnan(s.ended_at)]
 
-    async def wait_until(self, predicate: Any, timeout: float, what: str) -> float:
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> float:
         """Wait (event-driven) until ``predicate()``; returns the seconds it took."""
         start = time.monotonic()
         while not predicate():
@@ -227,96 +229,3 @@ class Load:
 
     async def wait_finished(self, count: int, timeout: float = 60.0) -> None:
         await self.wait_until(lambda: len(self.finished()) >= count, timeout, f"{count} finished requests")
-
-
-# ---------------------------------------------------------------------------
-# references and checks
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reference:
-    text: str
-    finish_reason: str
-    completion_tokens: int
-    prompt_tokens: int
-
-
-async def references(streams: Iterable[Stream]) -> dict[int, Reference]:
-    """The answer an uninterrupted run gives each stream (by index), from the mock
-    engine in process (no sleeping), with the frontend's chat template and stop ids."""
-    tokenizer = MockModelTokenizer(mock_tokenizer())
-    engine = MockEngine(MockEngineConfig(speedup=float("inf")))
-    await engine.start()
-
-    async def one(stream: Stream) -> tuple[int, Reference]:
-        prompt = tokenizer.apply_chat_template(messages(stream.tag, stream.index))
-        request = GenerateRequest(request_id=f"ref-{stream.tag}-{stream.index}", model=MODEL, token_ids=prompt,
-                                  sampling=SamplingParams(max_tokens=stream.max_tokens, seed=stream.seed,
-                                                          ignore_eos=True,
-                                                          stop_token_ids=list(tokenizer.stop_token_ids)))
-        ids: list[int] = []
-        finish = ""
-        async for batch in engine.generate(request):
-            ids.extend(batch.token_ids)
-            finish = batch.finish_reason or finish
-        return stream.index, Reference(tokenizer.decode(ids), finish, len(ids), len(prompt))
-
-    try:
-        return dict(await asyncio.gather(*(one(s) for s in streams)))
-    finally:
-        await engine.shutdown()
-
-
-@dataclass
-class Report:
-    """What happened to a set of streams, against their references."""
-
-    sent: int
-    ok: int
-    failed: int
-    cancelled: int
-    identical: int
-    wrong: list[int]  # completed but different from the reference (indices)
-    errors: dict[int, str]  # failed streams: index -> error
-    tokens_lost: int  # reference tokens missing from completed streams
-    max_gap: float
-
-    def assert_perfect(self, expected: int | None = None) -> None:
-        """Every request sent (``expected`` of them, if given) completed, identical to
-        its reference."""
-        if expected is not None:
-            assert self.sent == expected, f"{self.sent} requests sent, expected {expected}"
-        assert self.failed == 0, f"{self.failed} of {self.sent} requests failed: {dict(list(self.errors.items())[:5])}"
-        assert self.wrong == [], f"{len(self.wrong)} answers differ from the reference: {self.wrong[:10]}"
-        assert self.identical == self.sent - self.cancelled
-        assert self.tokens_lost == 0
-
-
-async def check(streams: Sequence[Stream], refs: dict[int, Reference] | None = None) -> Report:
-    refs = refs if refs is not None else await references(streams)
-    sent = [s for s in streams if s.sent]
-    ok = [s for s in sent if s.ok]
-    wrong = [s.index for s in ok if not matches(s, refs[s.index])]
-    lost = 0
-    for s in ok:
-        got = (s.usage or {}).get("completion_tokens", 0)
-        lost += max(0, refs[s.index].completion_tokens - got)
-    return Report(sent=len(sent), ok=len(ok), failed=sum(1 for s in sent if s.failed),
-                  cancelled=sum(1 for s in sent if s.cancelled), identical=len(ok) - len(wrong), wrong=wrong,
-                  errors={s.index: s.error or "incomplete" for s in sent if s.failed}, tokens_lost=lost,
-                  max_gap=max((s.max_gap for s in ok), default=0.0))
-
-
-def matches(stream: Stream, ref: Reference) -> bool:
-    usage = stream.usage or {}
-    return (stream.text == ref.text and stream.finish_reason == ref.finish_reason
-            and usage.get("completion_tokens") == ref.completion_tokens
-            and usage.get("prompt_tokens") == ref.prompt_tokens)
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]

@@ -13,17 +13,15 @@ or, when the test controls the end itself (signals, exit codes):
     finally:
         await worker.stop()
 
-``start()`` returns once the worker's instance record is in etcd (found by the
-worker's pid under ``dynrt/{ns}/instances/``, so several workers may share a
-namespace) and its ``/health`` answers 200. ``stop()`` is always safe: SIGCONT + SIGTERM, SIGKILL after a timeout, and a
-no-op on a process that already exited.
+``start()`` returns once the worker's instance record is in etcd (found by the worker's
+pid under ``dynrt/{ns}/instances/``, so several workers may share a namespace) and its
+``/health`` answers 200. ``stop()`` is always safe: SIGCONT + SIGTERM, SIGKILL after a
+timeout, and a no-op on a process that already exited.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,12 +30,10 @@ import aiohttp
 
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.protocol import InstanceRecord, instance_key, instance_record_decoder, instances_prefix
-from tests.helpers.procs import DynrtProcess, spawn_dynrt
-
-_counter = itertools.count()
+from harness.processes import ComponentProcess
 
 
-class WorkerProcess(DynrtProcess):
+class WorkerProcess(ComponentProcess):
     def __init__(
         self,
         log_dir: Path,
@@ -58,37 +54,20 @@ class WorkerProcess(DynrtProcess):
         canary / periodic health check so they cannot interfere with a test; None
         leaves the worker's own default. ``args`` are appended last, so they win.
         ``wait_healthy``: ``start()`` also waits for ``/health`` to answer 200."""
-        self.namespace = namespace
-        self.etcd_endpoints = etcd_endpoints
-        self.nats_url = nats_url
-        self.name = name or f"worker{next(_counter)}"
-        self.log_path = Path(log_dir) / f"{self.name}.log"
-        self.env = env
-        self.start_timeout = start_timeout
+        super().__init__(log_dir, "worker", namespace=namespace, etcd_endpoints=etcd_endpoints, nats_url=nats_url,
+                         env=env, name=name, start_timeout=start_timeout)
         self.wait_healthy = wait_healthy
-        argv = ["worker", "--namespace", namespace, "--etcd-endpoints", etcd_endpoints,
-                "--nats-url", nats_url, "--speedup", str(speedup)]
+        argv = ["worker", *self.connection_args(), "--speedup", str(speedup)]
         if canary_after is not None:
             argv += ["--canary-after", str(canary_after)]
         if health_period is not None:
             argv += ["--health-period", str(health_period)]
         self.argv = [*argv, *args]
-        self.proc: subprocess.Popen[bytes] | None = None
         self._record: InstanceRecord | None = None
-        self.started_at = 0.0  # monotonic, when the process was spawned
-        self.ready_after = 0.0  # seconds from spawn to record seen in etcd
 
     # -- start ----------------------------------------------------------------
     async def start(self) -> "WorkerProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.started_at = time.monotonic()
-        self.proc = spawn_dynrt(self.argv, self.log_path, self.env)
-        try:
-            self._record = await self._wait_registered()
-        except BaseException:
-            await self.stop()
-            raise
-        self.ready_after = time.monotonic() - self.started_at
+        self._record = await self.spawn_until_ready(self.argv, self._wait_registered)
         return self
 
     async def _wait_registered(self) -> InstanceRecord:
@@ -128,6 +107,11 @@ class WorkerProcess(DynrtProcess):
         return None
 
     # -- what tests use --------------------------------------------------------
+    @property
+    def registered(self) -> bool:
+        """Its instance record was seen in etcd when it started."""
+        return self._record is not None
+
     @property
     def record(self) -> InstanceRecord:
         if self._record is None:

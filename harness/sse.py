@@ -1,0 +1,30 @@
+"""Reading an OpenAI streaming (server-sent events) response."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+
+class SseStream:
+    """The JSON payloads of one OpenAI streaming (SSE) response, in order, up to
+    ``data: [DONE]``. ``done`` says whether ``[DONE]`` arrived: a stream cut short just
+    ends the iteration without it."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for raw in self.response.content:
+            line = raw.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                self.done = True
+                return
+            yield json.loads(data)
