@@ -16,11 +16,11 @@ import os
 import socket
 import time
 
-from dynrt.controller.launcher import proc_cmdline, proc_state
 from dynrt.controller.records import LeaderRecord, encode, leader_decoder, leader_key
 from dynrt.runtime.discovery import ETCD_ERRORS, EtcdClient, EtcdUnavailable
 from dynrt.runtime.lifecycle import cancel_and_wait
 from dynrt.runtime.log import get_logger
+from dynrt.runtime.procs import is_running, read_cmdline
 
 log = get_logger("controller")
 
@@ -41,10 +41,9 @@ def holder_dead(holder: LeaderRecord) -> bool:
     except PermissionError:
         return False
     # a zombie, or the pid reused by something that is not a controller
-    state = proc_state(holder.pid)
-    if state is None or state in ("Z", "X"):
+    if not is_running(holder.pid):
         return True
-    return not any("controller" in arg for arg in proc_cmdline(holder.pid))
+    return not any("controller" in arg for arg in read_cmdline(holder.pid) or [])
 
 
 class LeaderElection:

@@ -14,7 +14,6 @@ host restart is never mistaken for a replica.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from typing import Protocol
 from dynrt.controller.spec import ModelSpec
 from dynrt.runtime.config import ControllerConfig
 from dynrt.runtime.log import get_logger
+from dynrt.runtime.procs import all_pids, is_running, read_cmdline, send_signal, spawn_detached
 
 log = get_logger("launcher")
 
@@ -70,26 +70,6 @@ def replica_command(config: ControllerConfig, replica_id: str, m: ModelSpec) -> 
     return argv, env
 
 
-def proc_state(pid: int) -> str | None:
-    """The process state letter from /proc (None if there is no such process)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # "pid (comm) S ..." — comm may contain spaces or parentheses: split after the last ')'.
-    return data[data.rfind(b")") + 2:][:1].decode() or None
-
-
-def proc_cmdline(pid: int) -> list[str]:
-    """The arguments ``pid`` runs with ([] if there is no such process)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 class LocalProcessLauncher:
     """``python -m dynrt.cli worker ...`` on this host, logs in ``log_dir``."""
 
@@ -103,20 +83,16 @@ class LocalProcessLauncher:
 
     def launch(self, replica_id: str, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
         log_path = self.log_dir / f"{replica_id}.log"
-        with open(log_path, "ab") as log_file:
-            # Own session, no PDEATHSIG: replicas keep serving when the controller dies.
-            proc = subprocess.Popen([self.python, "-m", "dynrt.cli", *argv], stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env={**os.environ, **env}, close_fds=True)
+        # Own session, no PDEATHSIG: replicas keep serving when the controller dies.
+        proc = spawn_detached([self.python, "-m", "dynrt.cli", *argv], log_path, env=env)
         self._children[proc.pid] = proc
         log.info("replica_launched", replica_id=replica_id, pid=proc.pid, log=str(log_path))
         return proc.pid, str(log_path)
 
     def _is_replica(self, replica_id: str, pid: int) -> bool:
-        state = proc_state(pid)
-        if state is None or state in ("Z", "X"):
+        if not is_running(pid):
             return False
-        argv = proc_cmdline(pid)
+        argv = read_cmdline(pid) or []
         return any(a == replica_id for a in argv) or f"--replica-id={replica_id}" in argv
 
     def adopt(self, replica_id: str, pid: int, host: str) -> bool:
@@ -127,11 +103,11 @@ class LocalProcessLauncher:
     def find(self, replica_id: str) -> int | None:
         """The pid of a live process on this host running ``replica_id`` (a replica
         launched just before the controller died, before its pid was stored)."""
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and self._is_replica(replica_id, int(entry)):
-                argv = proc_cmdline(int(entry))
+        for pid in all_pids():
+            if self._is_replica(replica_id, pid):
+                argv = read_cmdline(pid) or []
                 if "--replica-id" in argv and "worker" in argv:
-                    return int(entry)
+                    return pid
         return None
 
     def alive(self, replica_id: str, pid: int) -> bool:
@@ -153,9 +129,7 @@ class LocalProcessLauncher:
             return
         try:
             if sig in (signal.SIGTERM, signal.SIGKILL):
-                os.kill(pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+                send_signal(pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            send_signal(pid, sig)
         except PermissionError as exc:
             log.warning("replica_signal_denied", pid=pid, error=str(exc))

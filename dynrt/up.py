@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from dynrt.runtime.discovery import ETCD_ERRORS, EtcdClient, EtcdUnavailable
-from dynrt.runtime.embedded import EmbeddedServers, die_with_parent_argv
+from dynrt.runtime.embedded import EmbeddedServers
 from dynrt.runtime.health import fetch_health_json
 from dynrt.runtime.lifecycle import run_main
 from dynrt.runtime.log import get_logger, setup_logging
+from dynrt.runtime.procs import spawn, stop_process
 from dynrt.status import fetch_healths, read_instances
 
 log = get_logger("up")
@@ -58,27 +58,17 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
 
     def spawn(self) -> None:
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(die_with_parent_argv(self.argv), stdout=log_file, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env={**os.environ, **self.env})
+        # Its own session: a terminal's Ctrl-C reaches only `dynrt up`, which stops its
+        # children in order; it dies with `dynrt up` all the same (PDEATHSIG).
+        self.proc = spawn(self.argv, self.log_path, env=self.env, new_session=True)
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-
-    def wait(self, timeout: float) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self, timeout: float) -> None:
+        """SIGTERM (after SIGCONT), SIGKILL if it still runs after ``timeout``."""
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
 
 
 class LocalDeployment:
@@ -214,8 +204,7 @@ class LocalDeployment:
         print("dynrt up: stopping (frontend, controller and its workers, NATS, etcd)", flush=True)
         for child in (self.frontend, self.controller):
             if child is not None:
-                child.terminate()
-                child.wait(35)
+                child.stop(35)
         self.servers.stop()
         print("dynrt up: stopped", flush=True)
 

@@ -21,11 +21,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# die_with_parent_argv is re-exported for the modules that still spawn with it directly.
-from dynrt.runtime.procs import die_with_parent_argv, send_signal, spawn, stop_process
+from dynrt.runtime.procs import send_signal, spawn, stop_process
 
-__all__ = ["BinaryNotFound", "EmbeddedServers", "EtcdServer", "ManagedProcess", "NatsServer", "die_with_parent_argv",
-           "find_etcd", "find_nats_server", "free_port"]
+__all__ = ["BinaryNotFound", "EmbeddedServers", "EtcdServer", "ManagedProcess", "NatsServer", "find_etcd",
+           "find_nats_server", "free_port"]
 
 _LOOPBACK = "127.0.0.1"
 

@@ -11,7 +11,6 @@ one, so a reused pid is never hit, and exits.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,17 +18,9 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from dynrt.runtime.log import get_logger
+from dynrt.runtime.procs import read_cmdline, read_stat, send_signal
 
 log = get_logger("vllm_engine")
-
-
-def proc_start_time(pid: int) -> str | None:
-    """When ``pid`` started (clock ticks since boot, as text), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def child_pids() -> set[int]:
@@ -54,18 +45,14 @@ class EngineProcessWatchdog:
         is nothing to watch."""
         if not sys.platform.startswith("linux"):
             return
-        import psutil
-
         lines = []
         for pid in sorted(pids):
-            try:
-                if "resource_tracker" in " ".join(psutil.Process(pid).cmdline()):
-                    continue  # exits by itself once its pipe closes
-            except psutil.Error:
-                continue
-            start = proc_start_time(pid)
-            if start is not None:
-                lines.append(f"{pid} {start}\n")
+            argv, stat = read_cmdline(pid), read_stat(pid)
+            if argv is None or stat is None:
+                continue  # gone already
+            if "resource_tracker" in " ".join(argv):
+                continue  # exits by itself once its pipe closes
+            lines.append(f"{pid} {stat.start_time}\n")
         if not lines:
             return
         try:
@@ -98,12 +85,13 @@ def kill_listed(lines: TextIO) -> None:
     for line in lines:
         parts = line.split()
         if len(parts) == 2:
-            pids.append((int(parts[0]), parts[1]))
+            pids.append((int(parts[0]), int(parts[1])))
     for pid, start in pids:
-        if proc_start_time(pid) == start:
+        stat = read_stat(pid)
+        if stat is not None and stat.start_time == start:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
+                send_signal(pid, signal.SIGKILL)
+            except PermissionError:
                 pass
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.embedded import EtcdServer, NatsServer
+from dynrt.runtime.procs import all_pids, is_running, read_cmdline, send_signal
 from dynrt.runtime.protocol import InstanceRecord, instance_record_decoder, instances_prefix
 from dynrt.controller.records import (
     AutoscalerState,
@@ -149,29 +150,14 @@ async def async_wait(check: Any, timeout: float, what: str, last: Any = lambda: 
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
-    except OSError:
-        return False
+    return is_running(pid)
 
 
 def kill_namespace_processes(namespace: str) -> None:
     """SIGKILL every process whose command line names ``namespace`` (unique per test)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if namespace.encode() in argv:
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for pid in all_pids():
+        if pid != os.getpid() and namespace in (read_cmdline(pid) or []):
+            send_signal(pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from dynrt.worker.vllm_watchdog import EngineProcessWatchdog, kill_listed, proc_start_time
+from dynrt.runtime.procs import read_stat
+from dynrt.worker.vllm_watchdog import EngineProcessWatchdog, kill_listed
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -25,22 +26,17 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
-def test_proc_start_time() -> None:
-    assert proc_start_time(1) is not None
-    assert proc_start_time(2**22 + 1) is None  # above pid_max: never a process
-
-
 def test_kill_listed_checks_start_time(sleeper: subprocess.Popen[bytes]) -> None:
-    start = proc_start_time(sleeper.pid)
-    assert start is not None
-    kill_listed(io.StringIO(f"{sleeper.pid} {int(start) + 1}\nnot a line\n"))  # a reused pid: spared
+    stat = read_stat(sleeper.pid)
+    assert stat is not None
+    start = stat.start_time
+    kill_listed(io.StringIO(f"{sleeper.pid} {start + 1}\nnot a line\n"))  # a reused pid: spared
     assert sleeper.poll() is None
     kill_listed(io.StringIO(f"{sleeper.pid} {start}\n"))
     assert sleeper.wait(5) == -signal.SIGKILL
 
 
 def test_watchdog_process_kills_on_stop(sleeper: subprocess.Popen[bytes]) -> None:
-    pytest.importorskip("psutil")
     watchdog = EngineProcessWatchdog()
     watchdog.start([sleeper.pid])
     assert sleeper.poll() is None
@@ -50,7 +46,6 @@ def test_watchdog_process_kills_on_stop(sleeper: subprocess.Popen[bytes]) -> Non
 
 
 def test_nothing_to_watch_starts_nothing() -> None:
-    pytest.importorskip("psutil")
     watchdog = EngineProcessWatchdog()
     watchdog.start([])
     watchdog.stop()
