@@ -302,7 +302,7 @@ frontend_record_decoder = msgspec.json.Decoder(FrontendRecord)
 
 
 # ---------------------------------------------------------------------------
-# Names (DESIGN.md "Names")
+# Names (docs/architecture.md, "Names on the wire and in etcd")
 # ---------------------------------------------------------------------------
 
 

@@ -494,7 +494,7 @@ def test_haproxy_needs_fewer_file_descriptors_than_a_20000_limit() -> None:
 
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".venv", ".git", "**/__pycache__", "benchmarks/results", "deploy/compose/secrets"):
+    for entry in (".venv", ".git", "**/__pycache__", "benchmarks/results", "deploy/compose/secrets", "harness", "tests"):
         assert entry in ignored, entry
 
 

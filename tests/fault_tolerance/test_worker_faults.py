@@ -1,6 +1,6 @@
 """Workers failing under load: SIGKILL, SIGSTOP, SIGTERM, and a rolling restart.
 
-The promise (DESIGN.md, failure table): in-flight streams migrate and the client sees one
+The promise (docs/architecture.md, failure table): in-flight streams migrate and the client sees one
 continuous answer; the dead / hung / draining instance leaves routing. The wave scenarios
 send 2 x WAVE requests at concurrency WAVE, so when the fault hits, every slot is
 mid-answer, none has finished and none is waiting: the victim's in-flight count read just
