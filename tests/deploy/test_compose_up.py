@@ -261,7 +261,9 @@ async def test_worker_paused_10s(stack: ComposeStack) -> None:
     report, row, _ = await under_load(stack, "worker paused 10 s (docker pause)", fault, requests=40)
     report.assert_perfect()
     assert sum(row.migrations.values()) >= 1, row  # its streams moved (how many: in the table)
-    assert set(row.migrations) <= {"stalled", "killed", "no_responders"}, row
+    # A pause as long as the lease TTL (10 s) may also expire its lease: a stream the
+    # frontend had not yet seen go silent then moves for that reason.
+    assert set(row.migrations) <= {"stalled", "killed", "no_responders", "lease_expired"}, row
     await assert_idle(stack)
 
 
