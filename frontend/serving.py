@@ -56,6 +56,30 @@ ITL = metrics.histogram("dynrt_frontend_inter_token_latency_seconds", "time betw
 INPUT_TOKENS = metrics.counter("dynrt_frontend_input_tokens_total", "prompt tokens", ("model",))
 OUTPUT_TOKENS = metrics.counter("dynrt_frontend_output_tokens_total", "generated tokens", ("model",))
 CANCELLATIONS = metrics.counter("dynrt_frontend_cancellations_total", "requests the client abandoned", ("model",))
+# Per-request histograms, with vLLM's bucket ranges (metrics.REQUEST_LATENCY_BUCKETS up to
+# 7680 s, metrics.TOKEN_BUCKETS up to 1M tokens). A request's "arrival" is when the
+# frontend starts serving its decoded, validated body: before admission and tokenizing.
+REQUEST_DURATION = metrics.histogram(
+    "dynrt_frontend_request_duration_seconds",
+    "end-to-end time of a request answered with status 200: from its arrival at the frontend (decoded body, "
+    "before admission and tokenizing) to the end of its response (streamed: the last event written; otherwise "
+    "the JSON body ready to send), across migrations",
+    ("model",), buckets=metrics.REQUEST_LATENCY_BUCKETS)
+QUEUE_TIME = metrics.histogram(
+    "dynrt_frontend_request_queue_time_seconds",
+    "time a request spends in the frontend before a worker has it: from its arrival (decoded body) through "
+    "admission, templating, tokenizing and routing until its generate request is sent to the chosen worker "
+    "(first attempt); the worker's own queue is vllm:request_queue_time_seconds",
+    ("model",), buckets=metrics.REQUEST_LATENCY_BUCKETS)
+PROMPT_LENGTH = metrics.histogram(
+    "dynrt_frontend_request_prompt_tokens",
+    "prompt length in tokens of every request admitted and tokenized (its sum is dynrt_frontend_input_tokens_total)",
+    ("model",), buckets=metrics.TOKEN_BUCKETS)
+OUTPUT_LENGTH = metrics.histogram(
+    "dynrt_frontend_request_output_tokens",
+    "tokens generated for every request admitted and tokenized, however it ended (its sum is "
+    "dynrt_frontend_output_tokens_total; usage.completion_tokens of a completed request)",
+    ("model",), buckets=metrics.TOKEN_BUCKETS)
 
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
@@ -144,6 +168,7 @@ class OpenAIServing:
 
     async def _serve(self, request: web.Request, req: OpenAIRequest, endpoint: str,
                      prompt_ids_of: Callable[[Tokenizer], list[int]]) -> web.StreamResponse:
+        arrived = time.monotonic()
         records, tokenizer = await self._admit(req.model)
         prompt_ids = prompt_ids_of(tokenizer)
         context_length = min(r.context_length for r in records)
@@ -157,7 +182,7 @@ class OpenAIServing:
                                 sampling=sampling, frontend_id=self.frontend_id, config=self.migration,
                                 transport=self.transport, routing=self.routing,
                                 on_instance_stream=self._track_instance)
-        return await self._generate(request, req, endpoint, generation, tokenizer)
+        return await self._generate(request, req, endpoint, generation, tokenizer, arrived)
 
     async def _admit(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
         """The model's instances and tokenizer, or the error that turns the request away
@@ -177,8 +202,9 @@ class OpenAIServing:
         return records, tokenizer
 
     async def _generate(self, request: web.Request, req: OpenAIRequest, endpoint: str, generation: Generation,
-                        tokenizer: Tokenizer) -> web.StreamResponse:
-        """Run the generation and answer; account for the request however it ends."""
+                        tokenizer: Tokenizer, arrived: float) -> web.StreamResponse:
+        """Run the generation and answer; account for the request however it ends
+        (``arrived``: ``time.monotonic()`` when serving it began)."""
         started = time.monotonic()
         text = TextStream(generation, tokenizer.new_detokenizer(generation.prompt_ids), req.stop_strings())
         latency = _Latency(req.model, started, inter_token=req.stream)
@@ -186,8 +212,10 @@ class OpenAIServing:
         self.in_flight += 1
         IN_FLIGHT.inc()
         INPUT_TOKENS.labels(req.model).inc(len(generation.prompt_ids))
+        PROMPT_LENGTH.labels(req.model).observe(len(generation.prompt_ids))
         try:
             await generation.start()
+            QUEUE_TIME.labels(req.model).observe(time.monotonic() - arrived)
             if req.stream:
                 return await self._stream(request, req, endpoint, generation, text, latency)
             return await self._complete(req, endpoint, generation, text, latency)
@@ -205,6 +233,9 @@ class OpenAIServing:
             self.in_flight -= 1
             IN_FLIGHT.dec()
             OUTPUT_TOKENS.labels(req.model).inc(len(generation.generated))
+            OUTPUT_LENGTH.labels(req.model).observe(len(generation.generated))
+            if status == "200":
+                REQUEST_DURATION.labels(req.model).observe(time.monotonic() - arrived)
             REQUESTS.labels(req.model, endpoint, status).inc()
             request[_COUNTED] = True
             log.info("request_done", request_id=generation.request_id, model=req.model, status=status,

@@ -68,6 +68,10 @@ REQUESTS = metrics.counter("dynrt_worker_requests_total", "generate requests by 
 IN_FLIGHT = metrics.gauge("dynrt_worker_in_flight_requests", "requests being served")
 KV_USAGE = metrics.gauge("dynrt_worker_kv_usage_ratio", "fraction of KV blocks in use")
 OUTPUT_TOKENS = metrics.counter("dynrt_worker_output_tokens_total", "tokens generated")
+RUNNING = metrics.gauge("dynrt_worker_running_requests",
+                        "requests in the engine's running batch, as in the last load report (vLLM: num_running_reqs)")
+WAITING = metrics.gauge("dynrt_worker_waiting_requests",
+                        "requests queued in the engine for a place in the batch, as in the last load report")
 
 State = Literal["starting", "ready", "draining", "unhealthy", "stopped"]
 
@@ -254,6 +258,8 @@ class WorkerService:
             report.timestamp = time.time()
             report.received = dict(self.received)
             KV_USAGE.set(report.kv_usage)
+            RUNNING.set(report.running)
+            WAITING.set(report.waiting)
             shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens,
                      self.received_total)
             if shape != last or time.monotonic() - last_sent > 1.0:

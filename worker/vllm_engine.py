@@ -18,8 +18,9 @@ What maps to what
 - load: a vLLM stat logger (``StatLoggerBase``) keeps the scheduler's last
   ``SchedulerStats`` of every step (KV usage, running, waiting); prefill tokens in flight
   are counted here (requests with no output yet). vLLM's prefix-cache counters
-  (queries/hits, in tokens) are re-exported as ``dynrt_vllm_prefix_cache_*_total``
-  (``dynrt.worker.vllm_stats``).
+  (queries/hits, in tokens) are re-exported as ``dynrt_vllm_prefix_cache_*_total``;
+  vLLM's own Prometheus logger runs beside it, so ``/metrics`` has vLLM's ``vllm:*``
+  series (``dynrt.worker.vllm_stats``).
 - KV events: vLLM publishes them on ZMQ (``KVEventsConfig``, an ``ipc://`` endpoint per
   worker); this engine subscribes (``dynrt.worker.vllm_kv_relay``) and translates them
   into dynrt's format (``dynrt.worker.vllm_kv_events``): every stored block's dynrt
@@ -164,7 +165,7 @@ class VllmEngine(Engine):
         children_before = child_pids()
         log.info("vllm_engine_starting", model=cfg.model, cpu=self.on_cpu, vllm=vllm.__version__)
         try:
-            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self._stats.stat_logger_factory()])
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=self._stats.stat_loggers())
         except Exception:
             await self._kv_relay.close()
             raise

@@ -1,8 +1,13 @@
-"""vLLM's per-step scheduler stats, kept for the worker's load reports.
+"""vLLM's stat loggers: the per-step scheduler stats kept for the worker's load reports,
+and vLLM's own Prometheus series on the worker's ``/metrics``.
 
 vLLM calls its stat loggers (``StatLoggerBase``) after every engine step; dynrt's keeps
 the last ``SchedulerStats`` (KV usage, running, waiting) and re-exports vLLM's
 prefix-cache counters (queries/hits, in tokens) as ``dynrt_vllm_prefix_cache_*_total``.
+Beside it runs vLLM's ``PrometheusStatLogger``: the ``vllm:*`` series ``vllm serve``
+has (``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``,
+``vllm:e2e_request_latency_seconds``...), registered in ``prometheus_client``'s default
+registry and served from dynrt's (``metrics.serve_default_registry``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,20 @@ class VllmStepStats:
                           kv_blocks_total=kv_blocks_total, running=int(stats.num_running_reqs),
                           waiting=int(stats.num_waiting_reqs) + int(getattr(stats, "num_skipped_waiting_reqs", 0)),
                           active_prefill_tokens=prefill_tokens, timestamp=time.time())
+
+    def stat_loggers(self) -> list[Any]:
+        """What ``AsyncLLM.from_engine_args(stat_loggers=...)`` takes: dynrt's logger
+        (:meth:`stat_logger_factory`) and vLLM's Prometheus logger, whose series this
+        process's ``/metrics`` then serves. Imports vLLM.
+
+        Given explicitly although vLLM's ``StatLoggerManager`` adds it by itself when it
+        is missing: the ``vllm:*`` series must not depend on that detail. With custom
+        loggers ``AsyncLLM`` collects stats whatever ``disable_log_stats`` says; that flag
+        then only keeps vLLM's periodic log lines off."""
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        metrics.serve_default_registry("vllm:")
+        return [self.stat_logger_factory(), PrometheusStatLogger]
 
     def stat_logger_factory(self) -> Callable[..., Any]:
         """What ``AsyncLLM.from_engine_args(stat_loggers=[...])`` takes: a factory of

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -409,13 +410,92 @@ def test_frontends_behind_load_balancer_with_api_key_secret(variant: str) -> Non
     assert re.search(r"option\s+httpchk\s+GET\s+/health", haproxy)
 
 
-def test_dashboard_covers_the_metrics() -> None:
+def _dashboard_expressions() -> str:
     dashboard = json.loads(DASHBOARD.read_text())
-    expressions = " ".join(t.get("expr", "") for p in dashboard["panels"] for t in p.get("targets", []))
+    return " ".join(t.get("expr", "") for p in dashboard["panels"] for t in p.get("targets", []))
+
+
+def _series_in(expressions: str, prefix: str) -> set[str]:
+    """The series names with ``prefix`` the dashboard's PromQL queries."""
+    return set(re.findall(rf"(?<![\w:]){re.escape(prefix)}[A-Za-z0-9_:]*", expressions))
+
+
+def _sample_names(family: str, kind: str) -> set[str]:
+    """The series names prometheus_client exposes for a metric declared as ``family``."""
+    if kind == "counter":
+        return {family if family.endswith("_total") else family + "_total"}
+    if kind == "histogram":
+        return {family + suffix for suffix in ("_bucket", "_sum", "_count")}
+    return {family}
+
+
+def _dynrt_series() -> set[str]:
+    """Every series dynrt's code declares (``metrics.counter/gauge/histogram("dynrt_...")``
+    and the ``dynrt_build_info`` collector), read from the source of its packages."""
+    declared: set[str] = set()
+    for package in ("dynrt", "runtime", "frontend", "worker", "router", "controller"):
+        for source in (ROOT / package).rglob("*.py"):
+            text = source.read_text()
+            for kind, family in re.findall(r'metrics\.(counter|gauge|histogram)\(\s*"(dynrt_\w+)"', text):
+                declared |= _sample_names(family, kind)
+            declared |= set(re.findall(r'GaugeMetricFamily\(\s*"(dynrt_\w+)"', text))
+    return declared
+
+
+def _vllm_series() -> set[str]:
+    """The series vLLM's ``PrometheusStatLogger`` declares, read from the installed vLLM's
+    source (``vllm/v1/metrics/loggers.py``: ``self._gauge_cls(name="vllm:...")``...)
+    without importing vLLM."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse((Path(spec.origin).parent / "v1" / "metrics" / "loggers.py").read_text())
+    kinds = {"_gauge_cls": "gauge", "_counter_cls": "counter", "_histogram_cls": "histogram"}
+    declared: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in kinds:
+            names = [k.value.value for k in node.keywords if k.arg == "name" and isinstance(k.value, ast.Constant)]
+            names += [a.value for a in node.args[:1] if isinstance(a, ast.Constant)]
+            for name in names:
+                declared |= _sample_names(name, kinds[node.func.attr])
+    return declared
+
+
+def test_dashboard_covers_the_metrics() -> None:
+    expressions = _dashboard_expressions()
     for metric in ("dynrt_frontend_time_to_first_token_seconds_bucket", "dynrt_frontend_inter_token_latency_seconds_bucket",
                    "dynrt_frontend_migrations_total", "dynrt_router_rejections_total", "dynrt_worker_kv_usage_ratio",
-                   "dynrt_frontend_requests_total", "dynrt_frontend_in_flight_requests"):
+                   "dynrt_frontend_requests_total", "dynrt_frontend_in_flight_requests",
+                   "dynrt_frontend_request_duration_seconds_bucket", "dynrt_frontend_request_queue_time_seconds_bucket",
+                   "dynrt_frontend_request_prompt_tokens_bucket", "dynrt_frontend_request_output_tokens_bucket",
+                   "dynrt_worker_running_requests", "dynrt_worker_waiting_requests", "dynrt_build_info",
+                   "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                   "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket"):
         assert metric in expressions, metric
+
+
+def test_dashboard_dynrt_series_exist() -> None:
+    """Every ``dynrt_*`` series a panel queries is one the code declares (a renamed metric
+    would leave an empty panel)."""
+    declared = _dynrt_series()
+    assert "dynrt_frontend_requests_total" in declared and "dynrt_build_info" in declared  # the reader works
+    used = _series_in(_dashboard_expressions(), "dynrt_")
+    assert len(used) >= 10
+    assert not used - declared, f"not declared by dynrt: {sorted(used - declared)}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_dashboard_vllm_series_exist() -> None:
+    """Every ``vllm:*`` series a panel queries is one the installed vLLM's Prometheus
+    stat logger declares (tests/integration/test_vllm_metrics.py reads them from a real
+    worker's /metrics too)."""
+    declared = _vllm_series()
+    assert "vllm:num_requests_running" in declared and "vllm:prompt_tokens_total" in declared  # the reader works
+    used = _series_in(_dashboard_expressions(), "vllm:")
+    assert len(used) >= 6
+    assert not used - declared, f"not declared by vLLM's PrometheusStatLogger: {sorted(used - declared)}"
 
 
 def test_compose_env_vars_are_real_settings() -> None:
