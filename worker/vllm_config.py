@@ -164,7 +164,9 @@ def engine_args_from(args: argparse.Namespace) -> Any:
     for name, why in DYNRT_SET.items():
         if getattr(args, name, None) is not None:
             raise ValueError(f"--{name.replace('_', '-')} is set by dynrt: {why}")
-    return AsyncEngineArgs.from_cli_args(args)
+    # The dynrt flags that won a clash hold dynrt's value under vLLM's name: not vLLM's.
+    vllm_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in DYNRT_WINS})
+    return AsyncEngineArgs.from_cli_args(vllm_args)
 
 
 def served_names(engine_args: Any) -> list[str]:
