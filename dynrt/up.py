@@ -171,18 +171,20 @@ class LocalDeployment:
         except (EtcdUnavailable, *ETCD_ERRORS):
             return
         now = time.monotonic()
-        logs = {r.replica_id: r.log_path for r in replicas}
+        def log_of(replica_id: str) -> str:  # where the controller's launcher writes it
+            return str(self.state_dir / "replicas" / f"{replica_id}.log") if replica_id else "-"
+
         lines: dict[str, tuple[str, str]] = {}  # worker → (state, line)
         for r in replicas:
-            if r.state in ("pending", "starting"):
+            if r.state in ("pending", "starting") and r.pid > 0:
                 lines[r.replica_id] = ("starting", f"dynrt up: worker {r.replica_id} (pid {r.pid}) starting "
-                                                   f"(log: {r.log_path or '-'})")
+                                                   f"(log: {r.log_path or log_of(r.replica_id)})")
         for i in instances:
             name = i.replica_id or i.instance_id
             if i.loading:
                 lines[name] = ("loading", f"dynrt up: worker {name} (pid {i.pid}) loading '{i.model}' "
                                           f"({i.engine}), {time.time() - i.started_at:.0f}s so far "
-                                          f"(log: {logs.get(i.replica_id) or '-'})")
+                                          f"(log: {log_of(i.replica_id)})")
             elif name in lines:
                 lines[name] = ("ready", f"dynrt up: worker {name} (pid {i.pid}) ready: '{i.model}', "
                                         f"context {i.context_length}, {i.kv_blocks_total} KV blocks")
