@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import signal
 import subprocess
@@ -253,6 +254,14 @@ class LocalDeployment:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    # Found, not imported (importing vLLM takes seconds): without it every worker would
+    # exit 2, again and again.
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        from dynrt.worker.main import VLLM_MISSING
+
+        print(VLLM_MISSING.format(error="no module named 'vllm'").replace("dynrt worker:", "dynrt up:", 1),
+              file=sys.stderr)
+        return 2
     return await LocalDeployment(args).run()
 
 
