@@ -7,30 +7,33 @@ parser *is* vLLM's: ``AsyncEngineArgs.add_cli_args`` on vLLM's ``FlexibleArgumen
 (``WorkerConfig``: namespace, etcd, NATS, drain, canary, system port...) are added
 beside them. A positional model works like ``vllm serve MODEL``.
 
-Flags both define, and who wins (checked by ``tests/unit/test_vllm_args.py`` against the
-installed vLLM, so a new clash fails a test instead of passing unnoticed):
+Flags both define, and who wins (``tests/unit/test_vllm_args.py`` checks this list
+against the installed vLLM, so a new clash fails a test instead of passing unnoticed):
 
-=============================  ======  ==============================================
-flag                           winner  what dynrt does
-=============================  ======  ==============================================
-``--model`` (or positional)    vLLM    model path / HF id; dynrt's record names it
-                                       after the first served name
-``--served-model-name``        vLLM    one or more names (``nargs +``); the worker
-                                       registers under the first (see the worker's
-                                       start-up check for several)
-``--tokenizer``                vLLM    also the instance record's ``hf`` tokenizer
-                                       path (default: the model)
-``--block-size``               vLLM    record's block_size read from vLLM's config
-``--max-num-seqs``             vLLM    record's max_num_seqs read from vLLM's config
-``--max-num-batched-tokens``   vLLM    vLLM's scheduler budget
-``--max-model-len``            vLLM    record's context_length = vLLM's max_model_len
-``--tensor-parallel-size``     vLLM    vLLM's
-``--gpu-memory-utilization``   vLLM    vLLM's
-``--dtype``                    vLLM    vLLM's
-``--enforce-eager``            vLLM    vLLM's (default on for a CPU build, see below)
-``--log-level``                dynrt   dynrt's logfmt level; vLLM's own logging level
-                                       is ``VLLM_LOGGING_LEVEL``
-=============================  ======  ==============================================
+===========================  ======  =================================================
+flag                         winner  what dynrt does with it
+===========================  ======  =================================================
+``--model`` (or positional)  vLLM    model path / HF id; also the tokenizer path put in
+                                     the instance record when ``--tokenizer`` is unset
+``--served-model-name``      vLLM    ``nargs +`` like vLLM; the record's ``model``
+                                     (the name routers and ``/v1/models`` use) is the
+                                     name given; several names: refused at start-up
+                                     (one name per worker, see ``worker.main``)
+``--tokenizer``              vLLM    the record's ``hf`` tokenizer path
+``--block-size``             vLLM    record's block_size read back from vLLM's config
+                                     (CPU: vLLM's default 128)
+``--max-num-seqs``           vLLM    record's max_num_seqs read back from vLLM's config
+``--max-num-batched-tokens`` vLLM    vLLM's scheduler budget only
+``--log-level``              dynrt   dynrt's logfmt level (debug/info/warning/error);
+                                     vLLM's own: ``VLLM_LOGGING_LEVEL``
+===========================  ======  =================================================
+
+dynrt's former vLLM settings ``--tensor-parallel-size``, ``--gpu-memory-utilization``,
+``--max-model-len``, ``--dtype`` and ``--enforce-eager`` are gone from ``WorkerConfig``:
+they are vLLM's own flags now, with vLLM's defaults (``--max-model-len`` unset = the
+model's; the record's context_length is vLLM's resolved ``max_model_len``). No dynrt flag
+clashes with ``--host`` / ``--port``: those are ``vllm serve``'s HTTP-server flags, not
+engine arguments (dynrt's ``--host`` is the health server's address).
 
 Every vLLM flag also reads ``DYNRT_<NAME>`` as its default (:func:`apply_env_defaults`:
 ``DYNRT_MODEL``, ``DYNRT_MAX_NUM_SEQS``, ``DYNRT_GPU_MEMORY_UTILIZATION``...), as dynrt's

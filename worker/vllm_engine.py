@@ -5,7 +5,8 @@ CI: see ``deploy/vllm-cpu/``). Importing this module imports ``vllm``, so a host
 it gets an ``ImportError`` here (``dynrt worker --engine vllm`` then exits 2).
 
 What maps to what
-- requests: token-id prompts (``TokensPrompt``) with prefix caching on; sampling
+- requests: token-id prompts (``TokensPrompt``), prefix caching as vLLM defaults (on; off with
+  ``--no-enable-prefix-caching``); sampling
   parameters 1:1 (temperature, top_p, top_k, seed, stop_token_ids, max_tokens,
   min_tokens, ignore_eos, logprobs: ``dynrt.worker.vllm_sampling``); outputs in
   ``DELTA`` mode, not detokenized (the frontend detokenizes), one ``TokenBatch`` per
