@@ -223,7 +223,8 @@ class LocalDeployment:
 
     async def _print_status(self, url: str) -> None:
         health = await asyncio.to_thread(fetch_health_json, f"{url}/health") or {}
-        lines = [f"{'instance':<14} {'pid':>7} {'model':<20} {'state':<13} {'kv used':>12} {'running':>8} {'waiting':>8}"]
+        lines = [f"{'instance':<14} {'pid':>7} {'model':<20} {'state':<13} {'kv used':>12} {'running':>8} "
+                 f"{'waiting':>8}"]
         for record, w in await self._worker_health():
             kv = f"{w.get('kv_blocks_used', '?')}/{w.get('kv_blocks_total', '?')}"
             lines.append(f"{record.instance_id:<14} {record.pid:>7} {record.model:<20} {instance_state(record, w):<13} "

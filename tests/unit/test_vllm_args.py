@@ -145,7 +145,8 @@ def test_controller_spec_args_pass_through_unchanged() -> None:
     args = engine_args(*argv)
     assert (args.model, args.served_model_name, args.max_num_seqs) == ("/m", ["smol"], 2)
     assert args.enable_prefix_caching is False and args.kv_cache_dtype == "fp8"
-    as_dict = ModelSpec(name="smol", engine="vllm", model="/m", args={"max-num-seqs": 2, "enable-prefix-caching": False})
+    as_dict = ModelSpec(name="smol", engine="vllm", model="/m",
+                        args={"max-num-seqs": 2, "enable-prefix-caching": False})
     assert engine_args(*as_dict.worker_args()).enable_prefix_caching is False
 
 
