@@ -488,11 +488,11 @@ async def test_bad_vllm_flags_fail_before_registration(dep: Deployment) -> None:
     common = ["worker", "--namespace", dep.namespace, "--etcd-endpoints", dep.etcd.endpoint,
               "--nats-url", dep.nats.url, "--model", dep.model]
     unknown, refused = await asyncio.gather(
-        asyncio.to_thread(run_dynrt, *common, "--no-such-flag", "1", timeout=120),
+        asyncio.to_thread(run_dynrt, *common, "--no-such-flag", timeout=120),
         # past the model's own limit (8192): vLLM's config validation refuses it
         asyncio.to_thread(run_dynrt, *common, "--max-model-len", "100000", timeout=120))
     assert unknown.returncode == 2, unknown.stderr[-2000:]
-    assert "error: unrecognized arguments: --no-such-flag 1" in unknown.stderr  # argparse's own words
+    assert "dynrt worker: error: unrecognized arguments: --no-such-flag" in unknown.stderr  # argparse's words
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "invalid vLLM engine arguments" in refused.stderr and "100000" in refused.stderr, refused.stderr[-2000:]
     assert "Traceback" not in unknown.stderr + refused.stderr
