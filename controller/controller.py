@@ -317,7 +317,7 @@ class Controller:
 
     def _record_for(self, r: ReplicaState) -> tuple[str, InstanceRecord] | None:
         for key, record in self.instances.items():
-            if record.replica_id == r.replica_id and record.pid == r.pid:
+            if record.replica_id == r.replica_id and record.pid == r.pid and record.routable:
                 return key, record
         return None
 

@@ -5,6 +5,8 @@
         engine: mock                  # mock | vllm
         model: ""                     # vllm: model path / id (default: name)
         args: {speedup: 10, num-blocks: 1024}   # or a list: ["--speedup", "10"]
+                                      # vllm: vLLM's own engine flags, passed unchanged
+                                      # ({max-num-seqs: 64, enable-prefix-caching: false})
         env: {}                       # extra environment for the worker processes
         replicas: 2                   # initial count (min_replicas..max_replicas)
         min_replicas: 1

@@ -40,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[known.command][0])
-    sub_parser = argparse.ArgumentParser(prog=f"dynrt {known.command}",
-                                         description=SUBCOMMANDS[known.command][1])
-    module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
+    prog, description = f"dynrt {known.command}", SUBCOMMANDS[known.command][1]
+    if hasattr(module, "parse_args"):  # a command whose flags depend on its line (dynrt worker --engine)
+        args = module.parse_args(argv[1:], prog, description)
+    else:
+        sub_parser = argparse.ArgumentParser(prog=prog, description=description)
+        module.add_arguments(sub_parser)
+        args = sub_parser.parse_args(argv[1:])
     return int(module.main(args) or 0)
 
 

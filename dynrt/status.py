@@ -103,14 +103,22 @@ def _ago(ts: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
 
 
+def instance_state(record: InstanceRecord, health: dict[str, Any]) -> str:
+    """What an instance is doing, for a table: ``loading 12s`` while its engine loads
+    (its record says so, whatever /health answers), ``draining``, else /health's status."""
+    if record.loading:
+        return f"loading {_ago(record.started_at)}"
+    return "draining" if record.draining else str(health.get("status", "?"))
+
+
 def render(status: DeploymentStatus) -> str:
     lines = [f"namespace {status.namespace}", "", f"instances ({len(status.instances)})"]
-    lines.append(f"  {'instance':<14} {'model':<18} {'pid':>7} {'replica':<22} {'health':<10} {'kv used':>11} "
+    lines.append(f"  {'instance':<14} {'model':<18} {'pid':>7} {'replica':<22} {'health':<12} {'kv used':>11} "
                  f"{'running':>7} {'waiting':>7} {'in flight':>9}")
     for i, h in status.instances:
         kv = f"{h.get('kv_blocks_used', '?')}/{h.get('kv_blocks_total', '?')}"
-        state = "draining" if i.draining else h.get("status", "?")
-        lines.append(f"  {i.instance_id:<14} {i.model:<18} {i.pid:>7} {i.replica_id or '-':<22} {state:<10} {kv:>11} "
+        state = instance_state(i, h)
+        lines.append(f"  {i.instance_id:<14} {i.model:<18} {i.pid:>7} {i.replica_id or '-':<22} {state:<12} {kv:>11} "
                      f"{h.get('running', '?'):>7} {h.get('waiting', '?'):>7} {h.get('in_flight', '?'):>9}")
     lines += ["", f"frontends ({len(status.frontends)})"]
     for f in status.frontends:

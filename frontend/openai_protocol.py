@@ -411,6 +411,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "dynrt"
+    # vLLM's key: the context length (prompt + output tokens) every instance accepts
+    max_model_len: int | None = None
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -146,7 +146,10 @@ class FrontendService:
 
     async def list_models(self, _: web.Request) -> web.Response:
         assert self.routing is not None
-        cards = [ModelCard(id=model, created=int(min(r.started_at for r in records)))
+        # max_model_len: the smallest context of the model's instances (what a request
+        # may use whichever instance serves it; serving.py checks prompts against it too)
+        cards = [ModelCard(id=model, created=int(min(r.started_at for r in records)),
+                           max_model_len=min(r.context_length for r in records) or None)
                  for model, records in sorted(self.routing.models().items())]
         return json_response(ModelList(data=cards))
 

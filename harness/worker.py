@@ -42,6 +42,7 @@ class WorkerProcess(ComponentProcess):
         etcd_endpoints: str,
         nats_url: str,
         speedup: float | str = 1.0,
+        engine: str | None = "mock",
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         canary_after: float | None = 0,
@@ -57,7 +58,11 @@ class WorkerProcess(ComponentProcess):
         super().__init__(log_dir, "worker", namespace=namespace, etcd_endpoints=etcd_endpoints, nats_url=nats_url,
                          env=env, name=name, start_timeout=start_timeout)
         self.wait_healthy = wait_healthy
-        argv = ["worker", *self.connection_args(), "--speedup", str(speedup)]
+        # ``engine``: the mock unless asked (a worker's own default is vLLM); None = no
+        # --engine flag (the worker's default). --speedup is the mock's only.
+        argv = ["worker", *(["--engine", engine] if engine else []), *self.connection_args()]
+        if engine == "mock":
+            argv += ["--speedup", str(speedup)]
         if canary_after is not None:
             argv += ["--canary-after", str(canary_after)]
         if health_period is not None:
@@ -102,7 +107,7 @@ class WorkerProcess(ComponentProcess):
                 record = instance_record_decoder.decode(value)
             except Exception:
                 continue
-            if record.pid == self.proc.pid:
+            if record.pid == self.proc.pid and record.routable:  # the ready record, not the loading one
                 return record
         return None
 

@@ -94,6 +94,8 @@ class RoutingService:
         except Exception:
             log.warning("bad_instance_record", key=key)
             return
+        if not record.routable:  # a worker still loading its engine: nothing to route to yet
+            return
         self._instance_by_key[key] = record.instance_id
         if record.draining:
             # No new requests for it; its open streams finish there (see InstanceRecord).

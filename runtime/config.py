@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import typing
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import msgspec
@@ -55,9 +55,15 @@ class CommonConfig(msgspec.Struct, kw_only=True):
 
 
 class WorkerConfig(CommonConfig, kw_only=True):
+    """dynrt's settings of a worker. With ``--engine vllm`` the engine's settings are
+    vLLM's own flags (``dynrt.worker.vllm_config``); the fields here that vLLM also
+    defines (model, served_model_name, tokenizer, block_size, max_num_seqs,
+    max_num_batched_tokens) are then filled from vLLM's, and the mock-only ones are not
+    flags."""
+
     model: Annotated[str, _doc("model name served (mock) or model path / id (vllm)")] = "mock-model"
     served_model_name: Annotated[str, _doc("name clients use; defaults to --model")] = ""
-    engine: Annotated[Literal["mock", "vllm"], _doc("engine")] = "mock"
+    engine: Annotated[Literal["mock", "vllm"], _doc("engine: vllm, or mock (a simulated engine, no model needed)")] = "vllm"
     component: Annotated[str, _doc("component name in discovery")] = "backend"
     endpoint: Annotated[str, _doc("endpoint name in discovery")] = "generate"
     host: Annotated[str, _doc("address the system (health) server binds")] = "127.0.0.1"
@@ -68,23 +74,17 @@ class WorkerConfig(CommonConfig, kw_only=True):
     health_period: Annotated[float, _doc("seconds between engine check_health calls (0 disables)")] = 10.0
     max_queued: Annotated[int, _doc("requests waiting in the engine beyond which new ones get a busy error")] = 1024
     load_interval: Annotated[float, _doc("seconds between load reports")] = 0.1
+    replica_id: Annotated[str, _doc("set by the controller: the replica this process is (put in the instance record)")] = ""
+    tokenizer: Annotated[str, _doc("tokenizer path for the instance record (default: model)")] = ""
     # mock engine
-    num_blocks: Annotated[int, _doc("KV cache blocks")] = 16384
-    block_size: Annotated[int, _doc("tokens per KV block (vllm on CPU: multiple of 32)")] = 16
+    num_blocks: Annotated[int, _doc("mock: KV cache blocks")] = 16384
+    block_size: Annotated[int, _doc("mock: tokens per KV block")] = 16
     # None = not given: the engine keeps its own default; a given value always reaches it
-    max_num_seqs: Annotated[int | None, _doc("max running sequences (None = the engine's default: 256 on mock, vLLM's on vllm)")] = None
-    max_num_batched_tokens: Annotated[int | None, _doc("token budget per engine step (None = the engine's default: 8192 on mock, vLLM's on vllm)")] = None
-    context_length: Annotated[int, _doc("max prompt + output tokens")] = 8192
+    max_num_seqs: Annotated[int | None, _doc("mock: max running sequences (None = 256)")] = None
+    max_num_batched_tokens: Annotated[int | None, _doc("mock: token budget per engine step (None = 8192)")] = None
+    context_length: Annotated[int, _doc("mock: max prompt + output tokens")] = 8192
     speedup: Annotated[float, _doc("mock engine speed-up over its timing model (inf = no sleeping)")] = 1.0
     fail_health_check: Annotated[bool, _doc("mock: check_health raises (for tests)")] = False
-    replica_id: Annotated[str, _doc("set by the controller: the replica this process is (put in the instance record)")] = ""
-    # vllm engine
-    tensor_parallel_size: Annotated[int, _doc("vllm tensor parallel size")] = 1
-    gpu_memory_utilization: Annotated[float, _doc("vllm GPU memory fraction")] = 0.9
-    max_model_len: Annotated[int, _doc("vllm max model length (0 = model default)")] = 0
-    dtype: Annotated[str, _doc("vllm dtype")] = "auto"
-    enforce_eager: Annotated[bool, _doc("vllm: no CUDA graphs / torch.compile")] = False
-    tokenizer: Annotated[str, _doc("tokenizer path for the instance record (default: model)")] = ""
 
 
 class RoutingConfig(msgspec.Struct, kw_only=True):
@@ -173,11 +173,15 @@ def _settings(config_type: type[msgspec.Struct], group: str | None = None,
         yield _Setting(group, field, base, description)
 
 
-def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Struct]) -> None:
-    """One flag per setting. Defaults stay None so ``from_args`` can tell a flag the
-    user gave from one they did not (and fall back to the environment)."""
+def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Struct],
+                  skip: Collection[str] = ()) -> None:
+    """One flag per setting (except the settings named in ``skip``). Defaults stay None
+    so ``from_args`` can tell a flag the user gave from one they did not (and fall back
+    to the environment)."""
     for setting in _settings(config_type):
         field = setting.field
+        if field.name in skip:
+            continue
         default = "unset" if field.default is None else repr(field.default)
         help_text = f"{setting.description} (default {default}; env {_env_name(field.name)})"
         if setting.type is bool:

@@ -173,6 +173,15 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     draining: bool = False
     # The controller's replica this process is ("" = not launched by a controller).
     replica_id: str = ""
+    # Published by a worker while its engine loads (``subject`` is "" then): shown by
+    # ``dynrt status``, never routed to; the ready record replaces it. ``started_at`` of
+    # a loading record is when loading began.
+    loading: bool = False
+
+    @property
+    def routable(self) -> bool:
+        """A record requests may be sent to (draining ones aside): not a loading one."""
+        return bool(self.subject) and not self.loading
 
     @property
     def control_subject(self) -> str:

@@ -1,10 +1,13 @@
 """A worker: one engine behind a NATS endpoint, registered in etcd under a lease.
 
 Lifecycle
-- start: engine → NATS endpoint (subscribed) → system server → frontend watcher → load
-  reports, KV events and health checks → ``ready`` → lease and instance record put. The
-  worker is ready just before its record appears, since a frontend may send a request
-  the moment it sees it; until then ``/health`` is 503.
+- start: system server (``/live`` answers from here on; ``/health`` is 503 with status
+  "loading") → lease and a *loading* instance record (no request subject: shown by
+  ``dynrt status``, never routed to) → engine start (a vLLM model load: seconds to
+  minutes) → NATS endpoint (subscribed) → frontend watcher → load reports, KV events and
+  health checks → ``ready`` → the ready record replaces the loading one. The worker is
+  ready just before its ready record appears, since a frontend may send a request the
+  moment it sees it.
 - serve: each generate request streams ``TokenFrame``s; a ``Cancel`` stops or kills it;
   KV events and load reports go out for routers; ``DumpCachedBlocks`` answers router resyncs.
 - dead frontends: frontends hold leases too; when one's key disappears, every request
@@ -73,7 +76,7 @@ RUNNING = metrics.gauge("dynrt_worker_running_requests",
 WAITING = metrics.gauge("dynrt_worker_waiting_requests",
                         "requests queued in the engine for a place in the batch, as in the last load report")
 
-State = Literal["starting", "ready", "draining", "unhealthy", "stopped"]
+State = Literal["starting", "loading", "ready", "draining", "unhealthy", "stopped"]
 
 
 class WorkerService:
@@ -103,23 +106,24 @@ class WorkerService:
         self._aborts: set[asyncio.Task[None]] = set()
         self.completed = 0
         self.record: InstanceRecord | None = None
+        self.loading_since = 0.0
 
     # -- start ------------------------------------------------------------------
     async def start(self) -> None:
         log.info("worker_starting", instance_id=self.instance_id, model=self.model_name, engine=self.engine.info.engine)
+        system_port = await self.health_server.start()
+        self.state = "loading"
+        self.loading_since = time.time()
+        await self.registration.start(wait=30)
+        await self.registration.put(self.key, encode_json(self._record(system_port, loading=True)))
+        log.info("worker_loading", instance_id=self.instance_id, model=self.model_name, system_port=system_port)
         await self.engine.start()
         self.transport = await NatsTransport.connect(
             self.config.nats_url, name=f"worker-{self.instance_id}",
             heartbeat_interval=self.config.heartbeat_interval, creds_file=self.config.nats_creds)
         self.endpoint = await self.transport.serve(self.subject, self._handle_generate, self._handle_control)
-        system_port = await self.health_server.start()
         info = self.engine.info
-        record = InstanceRecord(
-            instance_id=self.instance_id, namespace=self.config.namespace, component=self.config.component,
-            endpoint=self.config.endpoint, model=self.model_name, subject=self.subject, engine=info.engine,
-            block_size=info.block_size, kv_blocks_total=info.kv_blocks_total, context_length=info.context_length,
-            max_num_seqs=info.max_num_seqs, tokenizer=info.tokenizer, host=socket.gethostname(), pid=os.getpid(),
-            system_port=system_port, started_at=time.time(), replica_id=self.config.replica_id)
+        record = self._record(system_port, loading=False)
         self.record = record
         self.frontend_watcher = PrefixWatcher(self.etcd, frontends_prefix(self.config.namespace),
                                               lambda k, v: None, self._on_frontend_gone)
@@ -135,10 +139,23 @@ class WorkerService:
         # Ready before the record is published: a frontend may send a request the moment
         # it sees the record.
         self.state = "ready"
-        await self.registration.start(wait=30)
         await self.registration.put(self.key, encode_json(record))
         log.info("worker_ready", instance_id=self.instance_id, subject=self.subject, system_port=system_port,
-                 model=self.model_name, kv_blocks=info.kv_blocks_total)
+                 model=self.model_name, kv_blocks=info.kv_blocks_total,
+                 load_seconds=round(time.time() - self.loading_since, 1))
+
+    def _record(self, system_port: int, *, loading: bool) -> InstanceRecord:
+        """This worker's instance record: a loading one (no subject: not routable, its
+        ``started_at`` when loading began) or the ready one."""
+        info = self.engine.info
+        return InstanceRecord(
+            instance_id=self.instance_id, namespace=self.config.namespace, component=self.config.component,
+            endpoint=self.config.endpoint, model=self.model_name, subject="" if loading else self.subject,
+            engine=info.engine, block_size=info.block_size, kv_blocks_total=info.kv_blocks_total,
+            context_length=info.context_length, max_num_seqs=info.max_num_seqs, tokenizer=info.tokenizer,
+            host=socket.gethostname(), pid=os.getpid(), system_port=system_port,
+            started_at=self.loading_since if loading else time.time(), replica_id=self.config.replica_id,
+            loading=loading)
 
     async def run(self) -> int:
         """Serve until a signal or an unhealthy verdict; returns the exit code."""
@@ -295,6 +312,8 @@ class WorkerService:
             "running": load.running,
             "waiting": load.waiting,
         }
+        if self.state == "loading":
+            details["loading_seconds"] = round(time.time() - self.loading_since, 1)
         return self.state == "ready", details
 
     async def _health_loop(self) -> None:

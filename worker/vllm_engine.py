@@ -5,7 +5,8 @@ CI: see ``deploy/vllm-cpu/``). Importing this module imports ``vllm``, so a host
 it gets an ``ImportError`` here (``dynrt worker --engine vllm`` then exits 2).
 
 What maps to what
-- requests: token-id prompts (``TokensPrompt``) with prefix caching on; sampling
+- requests: token-id prompts (``TokensPrompt``), prefix caching as vLLM defaults (on; off with
+  ``--no-enable-prefix-caching``); sampling
   parameters 1:1 (temperature, top_p, top_k, seed, stop_token_ids, max_tokens,
   min_tokens, ignore_eos, logprobs: ``dynrt.worker.vllm_sampling``); outputs in
   ``DELTA`` mode, not detokenized (the frontend detokenizes), one ``TokenBatch`` per
@@ -34,12 +35,9 @@ What maps to what
   ``--block-size``), context length from the model config, and an ``hf`` tokenizer spec
   for the model folder (or ``--tokenizer``).
 
-Settings taken from :class:`~dynrt.runtime.config.WorkerConfig` (mapped in
-``dynrt.worker.vllm_config``): model, tokenizer, tensor_parallel_size,
-gpu_memory_utilization (GPU only), max_model_len (0 = model default), dtype,
-enforce_eager, block_size (GPU; on CPU only a multiple of 32 is used, else vLLM's
-default), max_num_seqs / max_num_batched_tokens (passed on when given, whatever the
-value; otherwise vLLM's own defaults).
+Settings: vLLM's own ``AsyncEngineArgs``, parsed from the worker's command line by
+vLLM's parser (``dynrt.worker.vllm_config``) and validated there before start-up; this
+engine adds only ``kv_events_config`` (its relay's endpoint).
 
 On a CPU host the worker sets, unless already set: ``VLLM_CPU_KVCACHE_SPACE=2`` (GiB),
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine core without a separate model process:
@@ -48,7 +46,7 @@ unpinned thread per worker, so several workers share the cores; measured on a lo
 host: 21 tok/s at batch 1 and 129 at batch 8, vs 19/87 with vLLM's "auto" binding, which
 pins every worker to the same core, and 1.2/10 unpinned with OpenMP's default thread
 count, which spins against the other processes; on a dedicated many-core host set both
-to use more cores), and forces ``enforce_eager`` (no torch.compile).
+to use more cores), and ``--enforce-eager`` defaults to on (no torch.compile).
 
 vLLM may run its engine core in a child process (on GPU hosts). So that a SIGKILLed
 worker does not leave it behind (~2 GB), a tiny watchdog process
@@ -65,7 +63,6 @@ from typing import Any
 
 import vllm  # noqa: F401  (ImportError here = vLLM not installed)
 
-from dynrt.runtime.config import WorkerConfig
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     CancelMode,
@@ -77,14 +74,7 @@ from dynrt.runtime.protocol import (
 )
 from dynrt.worker.engine import Engine, EngineError, EngineInfo, RequestRejected, TokenBatch
 from dynrt.worker.kv_events import KvEventLog
-from dynrt.worker.vllm_config import (
-    CPU_ENV_DEFAULTS,
-    VllmEngineConfig,
-    apply_cpu_env,
-    async_engine_args,
-    is_cpu_build,
-    vllm_engine_config,
-)
+from dynrt.worker.vllm_config import CPU_ENV_DEFAULTS, apply_cpu_env, is_cpu_build, served_names
 from dynrt.worker.vllm_kv_relay import VllmKvEventRelay
 from dynrt.worker.vllm_sampling import finish_reason, model_eos_ids, sampling_kwargs
 from dynrt.worker.vllm_stats import VllmStepStats
@@ -112,31 +102,41 @@ class _Request:
 class VllmEngine(Engine):
     """vLLM's ``AsyncLLM`` behind the Engine interface (see the module docstring)."""
 
-    def __init__(self, config: VllmEngineConfig) -> None:
-        self.config = config
-        self.model_name = config.served_model_name or config.model
+    def __init__(self, engine_args: Any, *, served_model_name: str = "", kv_events_endpoint: str = "",
+                 vllm_config: Any = None) -> None:
+        """``engine_args``: vLLM's ``AsyncEngineArgs``; ``vllm_config``: the ``VllmConfig``
+        they gave when validated, if the caller did (then ``info`` is right before start:
+        the loading record shows the real context length)."""
+        self.engine_args = engine_args
+        self.model_name = served_model_name or served_names(engine_args)[0]
         self.on_cpu = is_cpu_build()
-        self._info = self._make_info(block_size=config.block_size or 16, kv_blocks=0,
-                                     context_length=config.max_model_len or 0, max_num_seqs=config.max_num_seqs or 0)
+        if vllm_config is not None:
+            self._info = self._info_from(vllm_config)
+        else:
+            self._info = self._make_info(block_size=engine_args.block_size or 16, kv_blocks=0,
+                                         context_length=engine_args.max_model_len or 0,
+                                         max_num_seqs=engine_args.max_num_seqs or 0)
         self._llm: Any = None
         self._requests: dict[str, _Request] = {}
         self._stats = VllmStepStats()
         self._events = KvEventLog()
-        self._kv_relay = VllmKvEventRelay(self._events, config.kv_events_endpoint)
+        self._kv_relay = VllmKvEventRelay(self._events, kv_events_endpoint)
         self._grace_kills: set[asyncio.Task[None]] = set()
         self._watchdog = EngineProcessWatchdog()
         self._closed = False
         self._eos_ids: frozenset[int] = frozenset()
         self.start_seconds = 0.0
 
-    @classmethod
-    def from_worker_config(cls, config: WorkerConfig) -> "VllmEngine":
-        return cls(vllm_engine_config(config, on_cpu=is_cpu_build()))
-
     def _make_info(self, *, block_size: int, kv_blocks: int, context_length: int, max_num_seqs: int) -> EngineInfo:
         return EngineInfo(model=self.model_name, engine="vllm", block_size=block_size, kv_blocks_total=kv_blocks,
                           context_length=context_length, max_num_seqs=max_num_seqs,
-                          tokenizer=TokenizerSpec(kind="hf", path=self.config.tokenizer or self.config.model))
+                          tokenizer=TokenizerSpec(kind="hf", path=self.engine_args.tokenizer or self.engine_args.model))
+
+    def _info_from(self, vc: Any) -> EngineInfo:
+        """Sizes from vLLM's resolved config (the KV block count is known after start)."""
+        return self._make_info(
+            block_size=int(vc.cache_config.block_size or 16), kv_blocks=int(vc.cache_config.num_gpu_blocks or 0),
+            context_length=int(vc.model_config.max_model_len), max_num_seqs=int(vc.scheduler_config.max_num_seqs))
 
     # -- Engine interface --------------------------------------------------
     @property
@@ -152,29 +152,28 @@ class VllmEngine(Engine):
             if applied:
                 log.info("vllm_cpu_env", **applied)
         from vllm.config import KVEventsConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._kv_relay.start()
 
-        cfg = self.config
-        kwargs = async_engine_args(cfg, served_model_name=self.model_name, on_cpu=self.on_cpu)
-        kwargs.setdefault("kv_events_config", KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                                             endpoint=self._kv_relay.endpoint))
+        engine_args = self.engine_args
+        engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                      endpoint=self._kv_relay.endpoint)
 
         children_before = child_pids()
-        log.info("vllm_engine_starting", model=cfg.model, cpu=self.on_cpu, vllm=vllm.__version__)
+        log.info("vllm_engine_starting", model=engine_args.model, cpu=self.on_cpu, vllm=vllm.__version__)
         try:
-            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=self._stats.stat_loggers())
+            # In a thread: the model load takes seconds to minutes, and the event loop
+            # meanwhile keeps the worker's lease (its loading record) and /live alive.
+            # vLLM starts its output handler on the first request, in this loop.
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args,
+                                                stat_loggers=self._stats.stat_loggers())
         except Exception:
             await self._kv_relay.close()
             raise
         finally:
             self._watchdog.start(child_pids() - children_before)
-        vc = self._llm.vllm_config
-        self._info = self._make_info(
-            block_size=int(vc.cache_config.block_size), kv_blocks=int(vc.cache_config.num_gpu_blocks or 0),
-            context_length=int(vc.model_config.max_model_len), max_num_seqs=int(vc.scheduler_config.max_num_seqs))
+        self._info = self._info_from(self._llm.vllm_config)
         self._eos_ids = model_eos_ids(self._llm)
         self.start_seconds = time.monotonic() - started
         log.info("vllm_engine_started", seconds=round(self.start_seconds, 1), block_size=self._info.block_size,
@@ -345,4 +344,4 @@ def _is_client_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, TypeError)) or (bool(VLLMClientError) and isinstance(exc, VLLMClientError))
 
 
-__all__ = ["VllmEngine", "VllmEngineConfig", "apply_cpu_env", "is_cpu_build", "CPU_ENV_DEFAULTS"]
+__all__ = ["VllmEngine", "apply_cpu_env", "is_cpu_build", "CPU_ENV_DEFAULTS"]

@@ -115,6 +115,12 @@ def test_dynrt_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         etcd_endpoint, nats_url = at.group(3), at.group(4)
         ready = out.wait_for(r"ready in [0-9.]+s: (\d+) worker\(s\) serving 'mock-model'", 60)
         assert ready.group(1) == "2"
+        # Progress while the workers started, each with where its log is.
+        progress = [re.search(r"dynrt up: worker (\S+) \(pid \d+\) (?:starting|loading).*\(log: (\S+)\)", line)
+                    for line in out.lines]
+        logs_named = {m.group(1): m.group(2) for m in progress if m}
+        assert len(logs_named) == 2, "\n".join(out.lines)
+        assert all(path == f"{state_dir}/replicas/{name}.log" for name, path in logs_named.items()), logs_named
         suggestion = out.wait_for(r"curl (http://\S+) -H 'Content-Type: application/json' -d '(.+)'$", 1)
 
         # What the suggested curl command sends.
@@ -139,6 +145,7 @@ def test_dynrt_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         conn.request("GET", "/v1/models")
         models = json.loads(conn.getresponse().read())
         assert [m["id"] for m in models["data"]] == ["mock-model"]
+        assert models["data"][0]["max_model_len"] == 8192  # the mock's context length, under vLLM's key
         conn.close()
 
         # Everything dynrt up started, found by what their command lines share.
@@ -146,6 +153,8 @@ def test_dynrt_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         children = processes_matching(needles)
         assert sorted(kind(c) for c in children.values()) == ["controller", "etcd", "frontend", "nats-server", "worker", "worker"], \
             children
+        # The mock is asked for explicitly (a worker's own default engine is vLLM).
+        assert all("--engine mock" in c for c in children.values() if kind(c) == "worker"), children
 
         # Ctrl-C: the terminal sends SIGINT to the foreground process group.
         os.killpg(proc.pid, signal.SIGINT)

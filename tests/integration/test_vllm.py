@@ -10,13 +10,19 @@ what is measured):
 1. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) answers
    every reference request (greedy), and the batch-1 / batch-8 throughput reference;
    then it is stopped.
-2. etcd, NATS, one ``dynrt worker --engine vllm`` and a frontend: greedy chat (plain and
+2. etcd, NATS, one ``dynrt worker --model PATH`` (no ``--engine``: vLLM is the default)
+   and a frontend: greedy chat (plain and
    streamed) must equal the server's answers token for token (same text, same token
    counts, same finish reason); the same throughput requests; cancel frees vLLM's request.
 3. A second vLLM worker: requests sharing a long prefix go to the worker that holds it
    (vLLM's own prefix-cache hit counter and ``cached_tokens`` prove it); SIGKILL of the
    worker serving a stream: the stream completes on the other, equal to the
    uninterrupted greedy answer, and the killed worker's engine process is gone too.
+
+4. vLLM's own flags: a worker with ``--max-num-seqs 2 --no-enable-prefix-caching`` under
+   a second served name, watched while it loads (``dynrt status`` shows it loading,
+   ``/live`` 200, ``/health`` 503 "loading"); both flags in effect once it serves. An
+   unknown flag and a value vLLM refuses fail before anything is registered.
 
 ``DYNRT_VLLM_RESULTS=path.json`` writes the measured numbers there.
 """
@@ -198,11 +204,12 @@ class Deployment:
         assert self.frontend is not None
         return self.frontend.url
 
-    def new_worker(self, name: str) -> WorkerProcess:
+    def new_worker(self, name: str, *args: str) -> WorkerProcess:
+        # No --engine: vLLM is a worker's default. ``args``: more vLLM / dynrt flags.
         return WorkerProcess(self.tmp, namespace=self.namespace, etcd_endpoints=self.etcd.endpoint,
                              nats_url=self.nats.url, name=name, start_timeout=START_TIMEOUT, health_period=None,
-                             args=["--engine", "vllm", "--model", self.model, "--dtype", DTYPE,
-                                   "--max-model-len", str(MAX_MODEL_LEN)])
+                             engine=None, args=["--model", self.model, "--dtype", DTYPE,
+                                                "--max-model-len", str(MAX_MODEL_LEN), *args])
 
     async def ensure_workers(self, count: int) -> None:
         while len(self.workers) < count:
@@ -456,3 +463,110 @@ async def test_sigkill_mid_stream_migrates_to_other_worker(dep: Deployment) -> N
         assert time.monotonic() < deadline, f"engine processes of the killed worker still alive: {killed['children']}"
         await asyncio.sleep(0.2)
     dep.workers.remove(worker)
+
+
+# ---------------------------------------------------------------------------
+# vLLM's own flags, loading visible
+# ---------------------------------------------------------------------------
+
+LIMITED = "smol-limited"  # the served name of the --max-num-seqs 2 worker
+PREFIX_HITS = ("dynrt_vllm_prefix_cache_hits_total", "vllm:prefix_cache_hits_total")
+
+
+def run_dynrt(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dynrt.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def status_json(dep: Deployment) -> dict[str, Any]:
+    done = run_dynrt("status", "--json", "--namespace", dep.namespace, "--etcd-endpoints", dep.etcd.endpoint)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+async def test_bad_vllm_flags_fail_before_registration(dep: Deployment) -> None:
+    common = ["worker", "--namespace", dep.namespace, "--etcd-endpoints", dep.etcd.endpoint,
+              "--nats-url", dep.nats.url, "--model", dep.model]
+    unknown, refused = await asyncio.gather(
+        asyncio.to_thread(run_dynrt, *common, "--no-such-flag", timeout=120),
+        # past the model's own limit (8192): vLLM's config validation refuses it
+        asyncio.to_thread(run_dynrt, *common, "--max-model-len", "100000", timeout=120))
+    assert unknown.returncode == 2, unknown.stderr[-2000:]
+    assert "dynrt worker: error: unrecognized arguments: --no-such-flag" in unknown.stderr  # argparse's words
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "invalid vLLM engine arguments" in refused.stderr and "100000" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in unknown.stderr + refused.stderr
+    pids = {i["pid"] for i in status_json(dep)["instances"]}
+    assert pids == {w.pid for w in dep.workers}, "a worker with bad flags registered"
+    dep.results["refused_max_model_len_message"] = refused.stderr.strip().splitlines()[-1][:300]
+
+
+async def test_loading_is_visible_then_vllm_flags_are_in_effect(dep: Deployment) -> None:
+    worker = dep.new_worker("vllm-limited", "--served-model-name", LIMITED, "--max-num-seqs", "2",
+                            "--no-enable-prefix-caching")
+    starting = asyncio.create_task(worker.start())
+    try:
+        # -- loading: dynrt status shows it, /live answers, /health says loading ----------
+        loading: dict[str, Any] | None = None
+        while loading is None:
+            assert not starting.done(), "the worker was ready before `dynrt status` ever showed it loading"
+            status = await asyncio.to_thread(status_json, dep)
+            loading = next((i for i in status["instances"] if i["model"] == LIMITED and i["loading"]), None)
+        assert loading["subject"] == "" and loading["health"]["status"] == "loading", loading
+        assert loading["context_length"] == MAX_MODEL_LEN  # from vLLM's config, validated before loading
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            base = f"http://127.0.0.1:{loading['system_port']}"
+            async with session.get(f"{base}/live") as response:
+                assert response.status == 200
+            async with session.get(f"{base}/health") as response:
+                health = await response.json()
+                loading_health = (response.status, health["status"])
+            still_loading = not starting.done()
+        text = await asyncio.to_thread(run_dynrt, "status", "--namespace", dep.namespace,
+                                       "--etcd-endpoints", dep.etcd.endpoint)
+        line = next((ln for ln in text.stdout.splitlines() if ln.strip().startswith(loading["instance_id"])), "")
+        assert "loading" in line, text.stdout
+        await starting
+        dep.results["limited_worker_ready_seconds"] = round(worker.ready_after, 1)
+        dep.results["status_loading_line"] = line.strip()
+        if still_loading:  # (the worker may have become ready between the two reads)
+            assert loading_health == (503, "loading"), loading_health
+        assert worker.record.max_num_seqs == 2 and worker.record.routable
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            deadline = time.monotonic() + 30
+            while True:  # the frontend sees the second model
+                async with session.get(f"{dep.url}/v1/models") as response:
+                    cards = {c["id"]: c for c in (await response.json())["data"]}
+                if LIMITED in cards:
+                    break
+                assert time.monotonic() < deadline, cards
+                await asyncio.sleep(0.2)
+            assert cards[LIMITED]["max_model_len"] == MAX_MODEL_LEN == cards[dep.model]["max_model_len"]
+
+            # -- --max-num-seqs 2: of three concurrent requests one waits ---------------
+            seen: list[tuple[int, int]] = []
+            requests = [asyncio.create_task(chat(session, dep.url, body(bench_chat(i), LIMITED, 48, ignore_eos=True)))
+                        for i in range(3)]
+            while not all(r.done() for r in requests):
+                health = await worker_health(worker)
+                seen.append((health["running"], health["waiting"]))
+                await asyncio.sleep(0.05)
+            answers = await asyncio.gather(*requests)
+            assert all(a.completion_tokens == 48 for a in answers)
+            assert max(r for r, _ in seen) == 2, seen
+            assert any(r == 2 and w >= 1 for r, w in seen), f"no request ever waited: {seen}"
+            dep.results["max_num_seqs_2_running_waiting_peak"] = [max(r for r, _ in seen), max(w for _, w in seen)]
+
+            # -- --no-enable-prefix-caching: a repeated prompt gets no prefix hit -------
+            repeated = body(prefix_chat(7, "Which rule mentions the gate?"), LIMITED, 4)
+            first = await chat(session, dep.url, repeated)
+            second = await chat(session, dep.url, repeated)
+        assert first.prompt_tokens >= 4 * worker.record.block_size
+        assert (first.cached_tokens, second.cached_tokens) == (0, 0)
+        samples = await worker_metrics(worker)
+        assert sum(metric(samples, name) for name in PREFIX_HITS) == 0
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await worker.stop(30)

@@ -671,17 +671,28 @@ def test_vllm_engine_without_vllm_exits_2_with_a_clear_message(tmp_path: Path) -
     shadow = tmp_path / "no-vllm" / "vllm"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'vllm\'", name="vllm")\n')
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))}
+    # No --engine: vLLM is the default. Unreachable etcd and NATS: the engine check must
+    # come before any connection.
     log_path = tmp_path / "vllm-worker.log"
-    # Unreachable etcd and NATS: the engine check must come before any connection.
-    proc = spawn_dynrt(["worker", "--engine", "vllm", "--model", "facebook/opt-125m",
-                        "--etcd-endpoints", "127.0.0.1:9", "--nats-url", "nats://127.0.0.1:9"], log_path,
-                       env={"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent),
-                                                                        os.environ.get("PYTHONPATH")]))})
+    proc = spawn_dynrt(["worker", "--model", "facebook/opt-125m", "--etcd-endpoints", "127.0.0.1:9",
+                        "--nats-url", "nats://127.0.0.1:9"], log_path, env=env)
     try:
         assert proc.wait(30) == 2
     finally:
         stop_process(proc)
     output = log_path.read_text()
-    assert "--engine vllm needs vLLM installed" in output
+    assert "--engine vllm (the default) needs vLLM" in output
+    assert "pip install 'dynrt[vllm]'" in output and "deploy/vllm-cpu/install.sh" in output
     assert "No module named 'vllm'" in output
     assert "Traceback" not in output
+    # --help still works there: dynrt's flags, and a note where vLLM's would be.
+    help_log = tmp_path / "help.log"
+    proc = spawn_dynrt(["worker", "--help"], help_log, env=env)
+    try:
+        assert proc.wait(30) == 0
+    finally:
+        stop_process(proc)
+    text = " ".join(help_log.read_text().split())
+    assert "--namespace" in text and "--drain-timeout" in text
+    assert "vLLM is not installed here" in text and "Traceback" not in text

@@ -443,7 +443,7 @@ def test_models_list_shape() -> None:
     models = ModelList(data=[ModelCard(id="m", created=1)])
     assert json.loads(msgspec.json.encode(models)) == {
         "object": "list",
-        "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "dynrt"}],
+        "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "dynrt", "max_model_len": None}],
     }
 
 
