@@ -55,8 +55,8 @@ async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
     model, _ = _model_folder()
     namespace = "t" + uuid.uuid4().hex[:10]
     worker = WorkerProcess(tmp, namespace=namespace, etcd_endpoints=etcd_server.endpoint, nats_url=nats_server.url,
-                           name="vllm-worker", start_timeout=START_TIMEOUT, health_period=None,
-                           args=["--engine", "vllm", "--model", model, "--dtype", DTYPE,
+                           name="vllm-worker", start_timeout=START_TIMEOUT, health_period=None, engine="vllm",
+                           args=["--model", model, "--dtype", DTYPE,
                                  "--max-model-len", str(MAX_MODEL_LEN)])
     frontend = FrontendProcess(tmp, namespace=namespace, etcd_endpoints=etcd_server.endpoint,
                                nats_url=nats_server.url, expect_instances=1, name="frontend", start_timeout=120)
