@@ -546,16 +546,22 @@ async def test_loading_is_visible_then_vllm_flags_are_in_effect(dep: Deployment)
 
             # -- --max-num-seqs 2: of three concurrent requests one waits ---------------
             seen: list[tuple[int, int]] = []
+            vllm_seen: list[tuple[float, float]] = []  # vLLM's own gauges, as its dashboards read them
             requests = [asyncio.create_task(chat(session, dep.url, body(bench_chat(i), LIMITED, 48, ignore_eos=True)))
                         for i in range(3)]
             while not all(r.done() for r in requests):
                 health = await worker_health(worker)
                 seen.append((health["running"], health["waiting"]))
+                samples = await worker_metrics(worker)
+                vllm_seen.append((sum(v for (n, _), v in samples.items() if n == "vllm:num_requests_running"),
+                                  sum(v for (n, _), v in samples.items() if n == "vllm:num_requests_waiting")))
                 await asyncio.sleep(0.05)
             answers = await asyncio.gather(*requests)
             assert all(a.completion_tokens == 48 for a in answers)
             assert max(r for r, _ in seen) == 2, seen
             assert any(r == 2 and w >= 1 for r, w in seen), f"no request ever waited: {seen}"
+            assert max(r for r, _ in vllm_seen) == 2, vllm_seen
+            assert any(r == 2 and w >= 1 for r, w in vllm_seen), f"vllm:num_requests_waiting never >= 1: {vllm_seen}"
             dep.results["max_num_seqs_2_running_waiting_peak"] = [max(r for r, _ in seen), max(w for _, w in seen)]
 
             # -- --no-enable-prefix-caching: a repeated prompt gets no prefix hit -------
