@@ -17,25 +17,56 @@ import msgspec
 # ---------------------------------------------------------------------------
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Constrained decoding, passed to vLLM's structured output backend
+    (``vllm.sampling_params.StructuredOutputsParams``). Exactly one of the constraint
+    fields is set. ``json`` is the JSON schema as JSON text (the wire carries no
+    free-form objects)."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    """Sampling parameters, mapped 1:1 onto the engine's."""
+    """Sampling parameters, mapped 1:1 onto the engine's (vLLM's names and defaults).
+
+    Stop strings, ``include_stop_str_in_output`` and ``skip_special_tokens`` are not
+    here: the frontend detokenizes and applies them. ``logprobs``: ``None`` = no
+    logprobs; ``k >= 0`` = the sampled token's logprob and the ``k`` most likely."""
 
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     seed: int | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
     """Generate from token ids. A migrated request carries prompt + generated ids so far
     in ``token_ids`` and ``sampling.max_tokens`` reduced by what was already produced;
-    ``num_prior_output_tokens`` tells the engine how many of ``token_ids`` are output
-    (for min_tokens / stop handling and deterministic continuation)."""
+    ``num_prior_output_tokens`` tells the engine how many of ``token_ids`` are output:
+    the engine must treat them as output, not prompt, wherever that matters
+    (presence/frequency penalties count them; a structured-output grammar is advanced
+    over them before the first new token)."""
 
     request_id: str
     model: str
@@ -64,12 +95,23 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 FinishReason = Literal["stop", "length", "cancelled", "abort"]
 
 
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """Logprobs of one generated token: the sampled token's, then the ``k`` most likely
+    tokens' ids and logprobs, most likely first (``SamplingParams.logprobs == k``)."""
+
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
 class TokenFrame(msgspec.Struct, tag="tok", tag_field="t", kw_only=True, omit_defaults=True):
-    """New token ids; the last frame of a request carries ``finish_reason``."""
+    """New token ids; the last frame of a request carries ``finish_reason``.
+    ``logprobs`` (requested ones only) has one entry per id in ``token_ids``."""
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 ErrorCode = Literal["bad_request", "busy", "engine_error", "not_found", "internal", "cancelled"]

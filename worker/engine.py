@@ -19,6 +19,7 @@ from dynrt.runtime.protocol import (
     KvEvent,
     LoadReport,
     TokenizerSpec,
+    TokenLogprobs,
 )
 
 
@@ -30,6 +31,7 @@ class TokenBatch(msgspec.Struct, kw_only=True):
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when requested
 
 
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
