@@ -157,7 +157,7 @@ async def ask(session: aiohttp.ClientSession, url: str, case: Case, model: str, 
         if case.status != 200:
             body = await response.json()
             assert response.status == case.status, body
-            return {"status": response.status, "error_type": body["error"]["type"]}
+            return {"status": response.status, "has_message": bool(body["error"]["message"])}
         if not stream:
             body = await response.json()
             assert response.status == 200, body
