@@ -294,6 +294,8 @@ class VllmEngine(Engine):
                                   f"context length {context}")
         if request.request_id in self._requests:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        if sampling.logprobs is not None and sampling.logprobs < 0:
+            raise RequestRejected("logprobs must be >= 0")
         if not 0 <= request.num_prior_output_tokens <= len(ids):
             raise RequestRejected("num_prior_output_tokens out of range")
         if (request.num_prior_output_tokens and not self._counts_prior_output and sampling.structured is None
