@@ -89,7 +89,6 @@ from dynrt.worker.vllm_prior_output import PROCESSOR_FQCN
 from dynrt.worker.vllm_sampling import (
     finish_reason,
     model_eos_ids,
-    needs_prior_output,
     sampling_kwargs,
     token_logprobs,
 )
@@ -298,8 +297,8 @@ class VllmEngine(Engine):
             raise RequestRejected("logprobs must be >= 0")
         if not 0 <= request.num_prior_output_tokens <= len(ids):
             raise RequestRejected("num_prior_output_tokens out of range")
-        if (request.num_prior_output_tokens and not self._counts_prior_output and sampling.structured is None
-                and needs_prior_output(sampling)):
+        if (request.num_prior_output_tokens and not self._counts_prior_output
+                and (sampling.presence_penalty or sampling.frequency_penalty or sampling.bad_words)):
             raise RequestRejected("this engine cannot count a migrated request's prior output for penalties or "
                                   "bad words (speculative decoding)")
 
