@@ -60,6 +60,29 @@ def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
+# Tool calling: SmolLM2's own template has no tools, so both servers get the same
+# Hermes-style ChatML template and parser.
+HERMES_TEMPLATE = str(Path(__file__).resolve().parents[2] / "frontend" / "chat_templates" / "hermes_tools.jinja")
+TOOL_FLAGS = ("--chat-template", HERMES_TEMPLATE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Weather in a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+}
+# Forces the model (which never calls tools by itself) to emit a Hermes tool call, so the
+# `auto` path's parser is compared on real model output.
+FORCED_CALL_REGEX = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Oslo|Paris)"\}\}\n</tool_call>'
+WEATHER_QUESTION = _user("What is the weather in Paris?")
+TOOL_HISTORY: list[dict[str, Any]] = [
+    {"role": "system", "content": "You answer weather questions."},
+    *WEATHER_QUESTION,
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "-3C, snow"},
+]
+
+
 @dataclass
 class Case:
     """One request; ``path`` is the endpoint; ``migrate``: also run it streamed with its
@@ -101,6 +124,16 @@ CASES: list[Case] = [
                                "response_format": {"type": "json_schema",
                                                    "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}},
          migrate=True, schema=PERSON_SCHEMA),
+    Case("tool_auto_parsed", CHAT, {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": "auto",
+                                    "structured_outputs": {"regex": FORCED_CALL_REGEX}, "max_tokens": 60,
+                                    "temperature": 0}, migrate=True),
+    Case("tool_required", CHAT, {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": "required",
+                                 "max_tokens": 60, "temperature": 0}, migrate=True),
+    Case("tool_named", CHAT, {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "max_tokens": 60,
+                              "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                              "temperature": 0}),
+    Case("tool_history", CHAT, {"messages": TOOL_HISTORY, "tools": [WEATHER_TOOL], "max_tokens": 40,
+                                "temperature": 0}),
     Case("guided_choice", CHAT, {"messages": _user("Is the sky green? Answer yes or no."), "max_tokens": 8,
                                  "temperature": 0, "structured_outputs": {"choice": ["yes", "no", "maybe"]}}),
 ]
@@ -181,7 +214,7 @@ async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
     tmp = tmp_path_factory.mktemp("vllm-parity")
     model, _ = model_folder()
     reference: dict[str, dict[str, Any]] = {}
-    async with VllmOpenAIServer(tmp, model) as server:
+    async with VllmOpenAIServer(tmp, model, *TOOL_FLAGS) as server:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
             for case in CASES:
                 reference[case.name] = {"body": await ask(session, server.url, case, model, stream=False)}
@@ -190,12 +223,13 @@ async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
             for name, path, payload in UTILITY_REQUESTS:
                 async with session.post(server.url + path, json={**payload, "model": model}) as response:
                     reference[name] = {"status": response.status, "json": await response.json()}
+        reference["openai_client"] = await openai_client_answers(server.url, model)
     d = Deployment(tmp, model, "t" + uuid.uuid4().hex[:10], etcd_server, nats_server, reference)
     try:
         await asyncio.gather(*(d.start_worker() for _ in range(WORKERS)))
         d.frontend = FrontendProcess(tmp, namespace=d.namespace, etcd_endpoints=etcd_server.endpoint,
                                      nats_url=nats_server.url, expect_instances=WORKERS, name="frontend",
-                                     start_timeout=120)
+                                     start_timeout=120, args=list(TOOL_FLAGS))
         await d.frontend.start()
         yield d
     finally:
@@ -275,3 +309,52 @@ async def test_utility_endpoints_as_vllm_server(dep: Deployment, name: str, path
         async with session.post(dep.url + path, json={**payload, "model": dep.model}) as response:
             got = {"status": response.status, "json": await response.json()}
     assert_same(got, dep.reference[name], name)
+
+
+# ---------------------------------------------------------------------------
+# The official openai client's helpers
+# ---------------------------------------------------------------------------
+
+
+async def openai_client_answers(url: str, model: str) -> dict[str, Any]:
+    """What the official client's parsing helpers make of a server's answers: structured
+    output parsed into a Pydantic model, and a streamed tool call's parsed arguments."""
+    import openai
+    from pydantic import BaseModel, ConfigDict
+
+    class Person(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        age: int
+        city: str
+
+    class GetWeather(BaseModel):
+        city: str
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    try:
+        parsed = await client.chat.completions.parse(
+            model=model, messages=_user("Give a fictional person as JSON."), response_format=Person,  # type: ignore[arg-type]
+            max_tokens=80, temperature=0)
+        person = parsed.choices[0].message.parsed
+        assert isinstance(person, Person), parsed
+        tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+        regex = FORCED_CALL_REGEX
+        async with client.chat.completions.stream(
+                model=model, messages=WEATHER_QUESTION, tools=[tool], max_tokens=60, temperature=0,  # type: ignore[arg-type]
+                extra_body={"structured_outputs": {"regex": regex}}) as stream:
+            arguments = [event.parsed_arguments async for event in stream
+                         if event.type == "tool_calls.function.arguments.done"]
+            final = await stream.get_final_completion()
+        calls = final.choices[0].message.tool_calls or []
+        return {"person": person.model_dump(), "parsed_arguments": [a.model_dump() if hasattr(a, "model_dump") else a
+                                                                     for a in arguments],
+                "tool_names": [c.function.name for c in calls]}
+    finally:
+        await client.close()
+
+
+async def test_openai_client_helpers_parse_as_with_vllm_server(dep: Deployment) -> None:
+    got = await openai_client_answers(dep.url, dep.model)
+    assert got["tool_names"] == ["get_weather"], got
+    assert_same(got, dep.reference["openai_client"], "the openai client's parsed answers")
