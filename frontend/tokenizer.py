@@ -19,6 +19,8 @@ cached per spec for the life of the process.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -53,9 +55,20 @@ class Tokenizer(Protocol):
         Raises a 400 :class:`~dynrt.frontend.errors.OpenAIError` if the template rejects it."""
         ...
 
-    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
+    def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         """A detokenizer for one output stream; ``context`` is the prompt's ids."""
         ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are below this."""
+        ...
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone, special tokens included (logprobs' ``token``)."""
+        ...
+
+    def decode_with_specials(self, token_ids: Sequence[int]) -> str: ...
 
 
 class MockModelTokenizer:
@@ -75,8 +88,22 @@ class MockModelTokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         return self._tok.apply_chat_template([dict(m) for m in messages])
 
-    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
-        return ByteDetokenizer(self._tok.token_bytes)  # byte tokens need no context
+    def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        token_bytes = self._tok.token_bytes if skip_special_tokens else self._bytes_with_specials
+        return ByteDetokenizer(token_bytes)  # byte tokens need no context
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
+
+    def _bytes_with_specials(self, token_id: int) -> bytes:
+        return self._tok.token_bytes(token_id) or self._tok.special_name(token_id).encode()
+
+    def token_text(self, token_id: int) -> str:
+        return self._bytes_with_specials(token_id).decode("utf-8", errors="replace")
+
+    def decode_with_specials(self, token_ids: Sequence[int]) -> str:
+        return b"".join(self._bytes_with_specials(t) for t in token_ids).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -112,8 +139,40 @@ class HFTokenizer:
             raise errors.bad_request(f"The model's chat template rejected the messages: {e}", "messages") from None
         return list(ids)
 
-    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
-        return WindowDetokenizer(self.decode, context[-DETOKENIZER_CONTEXT:])
+    def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        decode = self.decode if skip_special_tokens else self.decode_with_specials
+        return WindowDetokenizer(decode, context[-DETOKENIZER_CONTEXT:])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def decode_with_specials(self, token_ids: Sequence[int]) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        """vLLM's ``convert_ids_list_to_tokens``: the decode, with the leading spaces a
+        SentencePiece (Metaspace) decode strips put back from the vocabulary piece."""
+        text = self._tok.decode([token_id], skip_special_tokens=False) or ""
+        marker = self._space_marker
+        if marker is None:
+            return text
+        piece = self._tok.convert_ids_to_tokens(token_id) or ""
+        markers = len(piece) - len(piece.lstrip(marker))
+        missing = markers - (len(text) - len(text.lstrip(" ")))
+        return " " * missing + text if missing > 0 else text
+
+    @functools.cached_property
+    def _space_marker(self) -> str | None:
+        """The Metaspace replacement character of the tokenizer's pre-tokenizer, if any."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+        for step in [pre, *pre.get("pretokenizers", [])]:
+            if step.get("type") == "Metaspace":
+                return step.get("replacement", "\u2581")
+        return None
 
     def _end_of_turn_id(self) -> int | None:
         """The special token the template puts right after an assistant message
