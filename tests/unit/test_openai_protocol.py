@@ -468,3 +468,87 @@ def test_openai_client_types_parse_responses() -> None:
         usage=UsageInfo.of(1, 1),
     )
     assert Completion.model_validate_json(msgspec.json.encode(completion_body)).choices[0].text == "x"
+
+
+# --- issue 16: every sampling field, unknown fields, logprobs, n ----------------------
+
+
+def test_every_sampling_field_is_mapped() -> None:
+    sp = params(chat(temperature=0.3, top_p=0.8, top_k=7, min_p=0.05, presence_penalty=0.5, frequency_penalty=-1,
+                     repetition_penalty=1.2, logit_bias={"5": 250, "6": -3.5}, seed=11, stop_token_ids=[9, 2],
+                     allowed_token_ids=[5, 6, 9], bad_words=["bad"], logprobs=True, top_logprobs=3, min_tokens=1,
+                     max_completion_tokens=12))
+    assert sp == SamplingParams(
+        max_tokens=12, min_tokens=1, temperature=0.3, top_p=0.8, top_k=7, min_p=0.05, presence_penalty=0.5,
+        frequency_penalty=-1.0, repetition_penalty=1.2, logit_bias={5: 100.0, 6: -3.5},  # clamped as vLLM does
+        allowed_token_ids=[5, 6, 9], bad_words=["bad"], seed=11, stop_token_ids=[9, 2, 7], logprobs=3)
+    assert params(chat(logprobs=True)).logprobs == 0  # the sampled token's only
+    assert params(chat()).logprobs is None
+    comp = decode_completion_request(completion(logprobs=2))
+    assert to_sampling_params(comp, prompt_len=1, context_length=10, default_max_tokens=4, stop_token_ids=[],
+                              vocab_size=10).logprobs == 2
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logit_bias": {"1000": 1}}, "logit_bias"), ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"allowed_token_ids": [999, 1000]}, "allowed_token_ids"), ({"stop_token_ids": [1000]}, "stop_token_ids"),
+])
+def test_token_ids_checked_against_the_vocabulary(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        params(chat(**fields))
+    assert (info.value.status, info.value.param) == (400, param)
+    assert "1000" in info.value.message or "-1" in info.value.message
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs=true, as in vLLM
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # vLLM's default max_logprobs is 20
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -2}, "top_logprobs"),
+    ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"temperature": 2.5}, "temperature"),
+    ({"top_k": -2}, "top_k"), ({"bad_words": [""]}, "bad_words"), ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids[0]"), ({"n": 0}, "n"), ({"n": 129}, "n"),
+])
+def test_sampling_values_refused_as_vllm_refuses_them(fields: dict[str, Any], param: str) -> None:
+    error = chat_error(chat(**fields))
+    assert (error.status, error.param) == (400, param)
+
+
+def test_completion_logprobs_limit_and_echo() -> None:
+    assert completion_error(completion(logprobs=21)).param == "logprobs"
+    assert decode_completion_request(completion(logprobs=20)).top_logprobs_count() == 20
+    assert decode_completion_request(completion(echo=True, best_of=1)).echo
+    assert completion_error(completion(prompt=["a", [1]])).param == "prompt"
+    assert completion_error(completion(prompt=["a", ""])).param == "prompt"
+    assert completion_error(completion(prompt=["a"] * 65, n=2)).param == "n"  # 130 choices
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (chat(repetition_penalti=1), "repetition_penalti"),
+    (chat(guided_json={}), "guided_json"),  # until structured outputs are supported
+    (chat(stream=True, stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
+    (chat(messages=[{"role": "user", "content": "x", "extra": 1}]), "messages[0].extra"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "extra": 1}]}]),
+     "messages[0].content[0].extra"),
+    (completion(best_of=1, use_beam_search=False), "use_beam_search"),
+])
+def test_unknown_fields_are_named(body: bytes, param: str) -> None:
+    decode = decode_completion_request if b'"prompt"' in body else decode_chat_request
+    with pytest.raises(OpenAIError) as info:
+        decode(body)
+    detail = body_of(info.value)
+    assert (info.value.status, detail["param"], detail["code"]) == (400, param, "unknown_parameter")
+    assert param in detail["message"]
+
+
+def test_pass_through_fields_are_accepted() -> None:
+    from dynrt.frontend.openai_protocol import PASS_THROUGH_FIELDS
+
+    values = {"user": "u", "metadata": {"a": "b"}, "store": True, "service_tier": "default",
+              "prompt_cache_key": "k", "safety_identifier": "s"}
+    assert set(values) == set(PASS_THROUGH_FIELDS)
+    decode_chat_request(chat(**values))
+    decode_completion_request(completion(**values))
+    decode_chat_request(chat(stream=True, stream_options={"include_usage": True, "include_obfuscation": False}))
