@@ -13,6 +13,17 @@ that runs steps while there is work:
 - output is a pure function of (every token id so far, seed), so a request continued on
   another engine from prompt + k output tokens produces exactly the tokens the first
   engine would have (``dynrt.worker.mock_sampler``).
+
+Sampling fields (``SamplingParams``), what the mock models and what it ignores:
+- modelled: ``max_tokens``, ``min_tokens`` (counting prior output after a migration),
+  ``ignore_eos``, ``stop_token_ids`` (masked before ``min_tokens``), ``seed`` (part of the
+  rolling state), ``logprobs`` (deterministic logprobs, the sampled token ranked first:
+  ``dynrt.worker.mock_sampler.mock_logprobs``);
+- ignored (there is no model, so no distribution to reshape): ``temperature``,
+  ``top_p``, ``top_k``, ``min_p``, ``presence_penalty``, ``frequency_penalty``,
+  ``repetition_penalty``, ``logit_bias``, ``allowed_token_ids``, ``bad_words``;
+- rejected: ``structured`` (``RequestRejected``: the mock has no structured output
+  backend, and unconstrained text would break the promise of the constraint).
 """
 
 from __future__ import annotations
@@ -194,6 +205,10 @@ class MockEngine(Engine):
             raise RequestRejected(f"token id out of vocabulary [0, {self._vocab_size})")
         if sampling.max_tokens < 1:
             raise RequestRejected("max_tokens must be >= 1")
+        if sampling.structured is not None:
+            raise RequestRejected("the mock engine has no structured output backend")
+        if sampling.logprobs is not None and sampling.logprobs < 0:
+            raise RequestRejected("logprobs must be >= 0")
         if not 0 <= request.num_prior_output_tokens <= len(ids):
             raise RequestRejected("num_prior_output_tokens out of range")
         total = len(ids) + sampling.max_tokens
@@ -229,6 +244,8 @@ class MockEngine(Engine):
                     raise seq.error
                 tokens, seq.out = seq.out, []
                 batch = TokenBatch(token_ids=tokens, finish_reason=seq.finish)
+                if seq.logprobs_k is not None:
+                    batch.logprobs, seq.out_logprobs = seq.out_logprobs, []
                 if first:
                     first = False
                     batch.prompt_tokens = seq.num_prompt_tokens

@@ -61,6 +61,7 @@ class MockScheduler:
         seq.finish = reason
         if reason == "abort":
             seq.out = []
+            seq.out_logprobs = []
         del self.seqs[seq.request_id]
         self._stop_requested.discard(seq.request_id)
         if seq.block_ids:

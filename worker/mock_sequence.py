@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from dynrt.runtime.protocol import FinishReason, GenerateRequest
+from dynrt.runtime.protocol import FinishReason, GenerateRequest, TokenLogprobs
 from dynrt.worker.engine import EngineError
 from dynrt.worker.mock_sampler import seeded_rng
 
@@ -17,7 +17,7 @@ class MockSequence:
         "request_id", "tokens", "num_prompt_tokens", "num_output", "num_generated",
         "max_tokens", "min_tokens", "stop_ids", "ignore_eos", "rng", "block_ids",
         "hashes", "num_registered", "num_computed", "decoding", "cached_tokens",
-        "out", "finish", "waiter", "error",
+        "out", "logprobs_k", "out_logprobs", "finish", "waiter", "error",
     )
 
     def __init__(self, request: GenerateRequest) -> None:
@@ -41,6 +41,8 @@ class MockSequence:
         self.decoding = False  # prefill done since the last (re)admission
         self.cached_tokens = 0
         self.out: list[int] = []  # generated tokens not yet taken by the consumer
+        self.logprobs_k: int | None = sampling.logprobs
+        self.out_logprobs: list[TokenLogprobs] = []  # one per token in ``out`` when logprobs_k is set
         self.finish: FinishReason | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.error: EngineError | None = None

@@ -63,7 +63,7 @@ from dynrt.runtime.protocol import (
     request_subject,
 )
 from dynrt.runtime.transport import Endpoint, NatsTransport, RequestContext
-from dynrt.worker.engine import Engine, RequestRejected
+from dynrt.worker.engine import Engine, RequestRejected, TokenBatch
 
 log = get_logger("worker")
 
@@ -77,6 +77,19 @@ WAITING = metrics.gauge("dynrt_worker_waiting_requests",
                         "requests queued in the engine for a place in the batch, as in the last load report")
 
 State = Literal["starting", "loading", "ready", "draining", "unhealthy", "stopped"]
+
+
+def _check_logprobs(request: GenerateRequest, batch: TokenBatch) -> None:
+    """The frame contract: when logprobs were asked for, one entry per token id, always
+    (an empty final batch carries an empty list). An engine breaking it is a bug."""
+    if request.sampling.logprobs is None:
+        batch.logprobs = None
+        return
+    if batch.logprobs is None and not batch.token_ids:
+        batch.logprobs = []
+    if batch.logprobs is None or len(batch.logprobs) != len(batch.token_ids):
+        raise RuntimeError(f"engine returned {0 if batch.logprobs is None else len(batch.logprobs)} logprobs "
+                           f"for {len(batch.token_ids)} tokens")
 
 
 class WorkerService:
@@ -203,13 +216,15 @@ class WorkerService:
             async for batch in self.engine.generate(request):
                 generated += len(batch.token_ids)
                 cached_tokens = max(cached_tokens, batch.cached_tokens)
+                _check_logprobs(request, batch)
                 if batch.finish_reason is None:
-                    yield TokenFrame(token_ids=batch.token_ids)
+                    yield TokenFrame(token_ids=batch.token_ids, logprobs=batch.logprobs)
                     continue
                 usage = Usage(prompt_tokens=len(request.token_ids), completion_tokens=generated,
                               cached_tokens=cached_tokens)
                 outcome = batch.finish_reason
-                yield TokenFrame(token_ids=batch.token_ids, finish_reason=batch.finish_reason, usage=usage)
+                yield TokenFrame(token_ids=batch.token_ids, finish_reason=batch.finish_reason, usage=usage,
+                                 logprobs=batch.logprobs)
         except RequestRejected as exc:
             outcome = "bad_request"
             yield ErrorFrame(code="bad_request", message=str(exc))

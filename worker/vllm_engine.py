@@ -6,12 +6,20 @@ it gets an ``ImportError`` here (``dynrt worker --engine vllm`` then exits 2).
 
 What maps to what
 - requests: token-id prompts (``TokensPrompt``), prefix caching as vLLM defaults (on; off with
-  ``--no-enable-prefix-caching``); sampling
-  parameters 1:1 (temperature, top_p, top_k, seed, stop_token_ids, max_tokens,
-  min_tokens, ignore_eos, logprobs: ``dynrt.worker.vllm_sampling``); outputs in
+  ``--no-enable-prefix-caching``); every sampling parameter 1:1, structured output
+  through vLLM's structured output backend (``dynrt.worker.vllm_sampling``); outputs in
   ``DELTA`` mode, not detokenized (the frontend detokenizes), one ``TokenBatch`` per
-  engine step. The vLLM request id is
-  ``{dynrt request id}.{attempt}`` so a migrated request can come back to this worker.
+  engine step, with one ``TokenLogprobs`` per token when logprobs are asked for (vLLM's
+  flat logprobs: sampled token's logprob, then the top ``k`` by rank). The vLLM request
+  id is ``{dynrt request id}.{attempt}`` so a migrated request can come back to this worker.
+- migrated requests (prior output resent as prompt): vLLM would count the prior output
+  as prompt; a logits processor (``dynrt.worker.vllm_prior_output``, added to the
+  engine's ``logits_processors``) makes presence/frequency penalties and bad words count
+  it as output, and structured output resumes its grammar from it
+  (``dynrt.worker.vllm_structured_resume``, installed at start and as a vLLM plugin); a
+  grammar that refuses the prior output ends the request with ``bad_request``
+  "structured output cannot resume: ..." (counted in
+  ``dynrt_worker_structured_output_resume_failures_total``).
 - cancel: ``kill`` aborts in vLLM at once (finish "abort"); ``stop`` lets the step in
   flight deliver its tokens, then aborts (finish "cancelled"); a stopped request that
   gets no step within ``STOP_GRACE_S`` (still queued) is aborted then. Closing the
@@ -63,6 +71,7 @@ from typing import Any
 
 import vllm  # noqa: F401  (ImportError here = vLLM not installed)
 
+from dynrt.runtime import metrics
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     CancelMode,
@@ -76,13 +85,26 @@ from dynrt.worker.engine import Engine, EngineError, EngineInfo, RequestRejected
 from dynrt.worker.kv_events import KvEventLog
 from dynrt.worker.vllm_config import CPU_ENV_DEFAULTS, apply_cpu_env, is_cpu_build, served_names
 from dynrt.worker.vllm_kv_relay import VllmKvEventRelay
-from dynrt.worker.vllm_sampling import finish_reason, model_eos_ids, sampling_kwargs
+from dynrt.worker.vllm_prior_output import PROCESSOR_FQCN
+from dynrt.worker.vllm_sampling import (
+    finish_reason,
+    model_eos_ids,
+    needs_prior_output,
+    sampling_kwargs,
+    token_logprobs,
+)
 from dynrt.worker.vllm_stats import VllmStepStats
+from dynrt.worker.vllm_structured_resume import install as install_structured_resume
+from dynrt.worker.vllm_structured_resume import take_failure
 from dynrt.worker.vllm_watchdog import EngineProcessWatchdog, child_pids
 
 log = get_logger("vllm_engine")
 
 STOP_GRACE_S = 2.0
+
+RESUME_FAILURES = metrics.counter(
+    "dynrt_worker_structured_output_resume_failures_total",
+    "migrated structured-output requests whose grammar could not resume from the prior output (answered bad_request)")
 
 
 class _Request:
@@ -125,6 +147,9 @@ class VllmEngine(Engine):
         self._watchdog = EngineProcessWatchdog()
         self._closed = False
         self._eos_ids: frozenset[int] = frozenset()
+        # Whether the prior-output logits processor is in the engine (vLLM refuses custom
+        # logits processors with speculative decoding).
+        self._counts_prior_output = False
         self.start_seconds = 0.0
 
     def _make_info(self, *, block_size: int, kv_blocks: int, context_length: int, max_num_seqs: int) -> EngineInfo:
@@ -159,6 +184,8 @@ class VllmEngine(Engine):
         engine_args = self.engine_args
         engine_args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                       endpoint=self._kv_relay.endpoint)
+        self._add_prior_output_processor(engine_args)
+        install_structured_resume()  # in this process; the vLLM plugin covers engine-core processes
 
         children_before = child_pids()
         log.info("vllm_engine_starting", model=engine_args.model, cpu=self.on_cpu, vllm=vllm.__version__)
@@ -179,6 +206,17 @@ class VllmEngine(Engine):
         log.info("vllm_engine_started", seconds=round(self.start_seconds, 1), block_size=self._info.block_size,
                  kv_blocks=self._info.kv_blocks_total, context_length=self._info.context_length,
                  max_num_seqs=self._info.max_num_seqs, kv_events=self._kv_relay.endpoint)
+
+    def _add_prior_output_processor(self, engine_args: Any) -> None:
+        if engine_args.speculative_config:
+            log.warning("vllm_prior_output_processor_off", reason="speculative decoding refuses custom logits "
+                        "processors: migrated requests with penalties or bad words are rejected")
+            return
+        processors = list(engine_args.logits_processors or [])
+        if PROCESSOR_FQCN not in processors:
+            processors.append(PROCESSOR_FQCN)
+        engine_args.logits_processors = processors
+        self._counts_prior_output = True
 
     async def shutdown(self) -> None:
         if self._closed:
@@ -254,22 +292,32 @@ class VllmEngine(Engine):
                                   f"context length {context}")
         if request.request_id in self._requests:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        if not 0 <= request.num_prior_output_tokens <= len(ids):
+            raise RequestRejected("num_prior_output_tokens out of range")
+        if (request.num_prior_output_tokens and not self._counts_prior_output and sampling.structured is None
+                and needs_prior_output(sampling)):
+            raise RequestRejected("this engine cannot count a migrated request's prior output for penalties or "
+                                  "bad words (speculative decoding)")
 
     async def _stream(self, request: GenerateRequest) -> AsyncIterator[TokenBatch]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         llm = self._llm
         if llm is None or self._closed:
             raise EngineError("vLLM engine is not running")
         if request.request_id in self._requests:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        sampling = request.sampling
         try:
-            params = SamplingParams(**sampling_kwargs(request.sampling, self._eos_ids),
-                                    output_kind=RequestOutputKind.DELTA)
+            kwargs = sampling_kwargs(sampling, self._eos_ids, request.num_prior_output_tokens)
+            if kwargs["structured_outputs"] is not None:
+                kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+            params = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
         except (ValueError, TypeError) as exc:
             raise RequestRejected(f"invalid sampling parameters: {exc}") from None
+        num_logprobs = sampling.logprobs
         vllm_id = f"{request.request_id}.{request.attempt}"
         req = _Request(request.request_id, vllm_id, len(request.token_ids))
         self._requests[request.request_id] = req
@@ -298,6 +346,8 @@ class VllmEngine(Engine):
                 reason: FinishReason | None = None
                 if out.finished:
                     finished = True
+                    if completion is not None and str(completion.finish_reason) == "error" and sampling.structured:
+                        raise self._grammar_failed(request, vllm_id)
                     reason = finish_reason(completion.finish_reason if completion else None, req.stop)
                     if reason == "abort":
                         tokens = []  # a killed request's undelivered tokens are dropped
@@ -306,8 +356,12 @@ class VllmEngine(Engine):
                     finished = True
                     reason = "cancelled"
                     await self._kill_vllm(req)
-                yield TokenBatch(token_ids=tokens, finish_reason=reason, prompt_tokens=req.prompt_tokens,
-                                 cached_tokens=cached)
+                batch = TokenBatch(token_ids=tokens, finish_reason=reason, prompt_tokens=req.prompt_tokens,
+                                   cached_tokens=cached)
+                if num_logprobs is not None:
+                    flat = completion.logprobs if completion is not None and tokens else None
+                    batch.logprobs = token_logprobs(flat, num_logprobs) if flat is not None else []
+                yield batch
                 if finished:
                     return
         finally:
@@ -323,6 +377,19 @@ class VllmEngine(Engine):
                 await outputs.aclose()
             except Exception:
                 pass
+
+    @staticmethod
+    def _grammar_failed(request: GenerateRequest, vllm_id: str) -> RequestRejected:
+        """vLLM finished a structured-output request with "error": its grammar failed
+        (for a migrated request: it could not resume from the prior output)."""
+        reason = take_failure(vllm_id)
+        if request.num_prior_output_tokens:
+            RESUME_FAILURES.inc()
+            message = reason or ("structured output cannot resume: the grammar refused the "
+                                 f"{request.num_prior_output_tokens} prior output tokens")
+            log.warning("structured_output_resume_failed", request_id=request.request_id, reason=message)
+            return RequestRejected(message)
+        return RequestRejected(reason or "structured output failed: vLLM could not compile the grammar")
 
     def _kill_after_grace(self, req: _Request) -> None:
         """A stopped request got no step within ``STOP_GRACE_S``: abort it in vLLM. The

@@ -295,6 +295,33 @@ async def test_output_is_deterministic_and_continues_from_a_prefix(
     assert (tail.final.usage.prompt_tokens, tail.final.usage.completion_tokens) == (len(PROMPT) + k, n - k)
 
 
+async def test_logprobs_one_entry_per_token_in_every_frame(
+        shared_worker: WorkerProcess, transport: NatsTransport) -> None:
+    sampling = SamplingParams(max_tokens=40, ignore_eos=True, seed=5, logprobs=2)
+    result = await collect(await call(transport, shared_worker, make_request(sampling)))
+    frames = [f for f in result.frames if isinstance(f, TokenFrame)]
+    assert len(frames) > 1 and len(result.tokens) == 40
+    for frame in frames:
+        assert frame.logprobs is not None and len(frame.logprobs) == len(frame.token_ids)
+    entries = [e for f in frames for e in f.logprobs or []]
+    assert [e.top_ids[0] for e in entries] == result.tokens
+    assert all(len(e.top_ids) == 2 for e in entries)
+    expected, _ = await reference(make_request(sampling))
+    assert result.tokens == expected
+    plain = await collect(await call(transport, shared_worker, make_request(SamplingParams(max_tokens=5))))
+    assert all(f.logprobs is None for f in plain.frames if isinstance(f, TokenFrame))
+
+
+async def test_structured_output_is_a_bad_request_on_the_mock(
+        shared_worker: WorkerProcess, transport: NatsTransport) -> None:
+    sampling = SamplingParams(structured=protocol.StructuredOutput(json_object=True))
+    result = await collect(await call(transport, shared_worker, make_request(sampling)))
+    assert len(result.frames) == 1
+    frame = result.frames[0]
+    assert isinstance(frame, ErrorFrame) and frame.code == "bad_request"
+    assert "no structured output backend" in frame.message
+
+
 async def test_usage_reports_prefix_cache_hits(shared_worker: WorkerProcess, transport: NatsTransport) -> None:
     prompt = mock_tokenizer().encode("Prefix caching: the second request reuses the first one's blocks, " * 3)
     # Many tokens, so the answer spans several frames however loaded the machine is.

@@ -20,6 +20,7 @@ from dynrt.runtime.protocol import (
     KvBlockStored,
     KvEvent,
     SamplingParams,
+    StructuredOutput,
 )
 from dynrt.worker.engine import EngineError, RequestRejected, TokenBatch
 from dynrt.worker.mock_engine import MockEngine, MockEngineConfig, prefill_ms, step_model_ms
@@ -169,6 +170,40 @@ async def test_continuation_equals_uninterrupted_across_engines() -> None:
         seed_zero, _, _ = await collect(engine, request("w", p, n, ignore_eos=True, seed=0))
     assert other_seed != full
     assert seed_none == seed_zero
+
+
+async def test_logprobs_one_per_token_and_identical_after_migration() -> None:
+    p = prompt(30, seed=5)
+    n, k = 40, 17
+    async with running_engine(max_num_batched_tokens=16) as engine:
+        full, _, batches = await collect(engine, request("l", p, n, ignore_eos=True, seed=3, logprobs=3))
+        plain, _, plain_batches = await collect(engine, request("p", p, n, ignore_eos=True, seed=3))
+        head, _, _ = await collect(engine, request("h", p, k, ignore_eos=True, seed=3))
+        tail, _, tail_batches = await collect(engine, request("t", p + head, n - k, prior=k, ignore_eos=True, seed=3,
+                                                              logprobs=3))
+        zero, _, zero_batches = await collect(engine, request("z", p, 5, ignore_eos=True, seed=3, logprobs=0))
+    assert plain == full  # logprobs do not change the tokens
+    assert all(batch.logprobs is None for batch in plain_batches)
+    for batch in batches:
+        assert batch.logprobs is not None and len(batch.logprobs) == len(batch.token_ids)
+    entries = [e for batch in batches for e in batch.logprobs or []]
+    for token, entry in zip(full, entries, strict=True):
+        assert entry.top_ids[0] == token and entry.top_logprobs[0] == entry.logprob
+        assert len(entry.top_ids) == len(set(entry.top_ids)) == len(entry.top_logprobs) == 3
+        assert entry.top_logprobs == sorted(entry.top_logprobs, reverse=True)
+        assert sum(math.exp(lp) for lp in entry.top_logprobs) <= 1.0
+    assert len({e.logprob for e in entries}) > 1  # not one constant
+    assert head + tail == full
+    assert [e for batch in tail_batches for e in batch.logprobs or []] == entries[k:]
+    zero_entries = [e for batch in zero_batches for e in batch.logprobs or []]
+    assert [e.logprob for e in zero_entries] == [e.logprob for e in entries[:5]]
+    assert all(e.top_ids == [] for e in zero_entries)
+
+
+async def test_structured_output_is_rejected() -> None:
+    async with running_engine() as engine:
+        with pytest.raises(RequestRejected, match="no structured output backend"):
+            engine.generate(request("s", prompt(5), 5, structured=StructuredOutput(json_object=True)))
 
 
 async def test_continuation_keeps_eos_and_min_tokens() -> None:
