@@ -165,6 +165,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     # A string, a list of strings, token ids, or a list of token-id lists.
     # (msgspec takes one list type in a union: the element kinds are checked after decoding.)
     prompt: str | list[str | TokenId | list[TokenId]]
+    max_tokens: PositiveInt | None = 16  # the default of OpenAI's and vLLM's completions API
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

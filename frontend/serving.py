@@ -176,9 +176,19 @@ class _Choice:
                     self.completion_logprobs.append(rendered)
 
 
-async def _one(stream: TextStream) -> AsyncIterator[tuple[int, TextDelta]]:
-    async for delta in stream:
-        yield 0, delta
+def _event_bytes(choice: _Choice, encoder: ChatChunkEncoder | CompletionChunkEncoder, delta: TextDelta,
+                 endpoint: str) -> bytes:
+    """The SSE events for one delta of a choice: its text (with the logprobs of the
+    tokens it came from, if asked for), and the finish event after the last one."""
+    if choice.renderer is None:
+        data = encoder.content(delta.text) if delta.text else b""
+    elif delta.text or delta.token_ids:
+        data = encoder.content_with_logprobs(delta.text, choice.render(delta, endpoint))  # type: ignore[arg-type]
+    else:
+        data = b""
+    if delta.finish_reason is not None:
+        data += encoder.finish(delta.finish_reason)
+    return data
 
 
 async def _merged(streams: list[TextStream]) -> AsyncIterator[tuple[int, TextDelta]]:
@@ -411,27 +421,22 @@ class OpenAIServing:
         # The closing events (last content, finish, usage, [DONE]) of a one-choice
         # request go out with the end of the chunked body: one write instead of up to five.
         tail = b""
-        single = len(choices) == 1
-        events = _one(choices[0].text) if single else _merged([c.text for c in choices])
         try:
-            async for k, delta in events:
-                latency.observe(delta.token_count)
-                choice, encoder = choices[k], encoders[k]
-                if choice.renderer is None:
-                    data = encoder.content(delta.text) if delta.text else b""
-                elif delta.text or delta.token_ids:  # logprobs go with the text their tokens made
-                    data = encoder.content_with_logprobs(delta.text, choice.render(delta, endpoint))  # type: ignore[arg-type]
-                else:
-                    data = b""
-                if delta.finish_reason is None:
+            if len(choices) == 1:  # the hot path: no merging of streams
+                choice, encoder = choices[0], encoders[0]
+                async for delta in choice.text:
+                    latency.observe(delta.token_count)
+                    data = _event_bytes(choice, encoder, delta, endpoint)
+                    if delta.finish_reason is not None:
+                        tail = data
+                    elif data:
+                        await response.write(data)
+            else:
+                async for k, delta in _merged([c.text for c in choices]):
+                    latency.observe(delta.token_count)
+                    data = _event_bytes(choices[k], encoders[k], delta, endpoint)
                     if data:
                         await response.write(data)
-                    continue
-                data += encoder.finish(delta.finish_reason)
-                if single:
-                    tail = data
-                else:
-                    await response.write(data)
             if req.include_usage():
                 tail += encoders[0].usage(self._usage(req, choices))
             tail += DONE

@@ -485,7 +485,7 @@ def test_every_sampling_field_is_mapped() -> None:
     assert params(chat(logprobs=True)).logprobs == 0  # the sampled token's only
     assert params(chat()).logprobs is None
     comp = decode_completion_request(completion(logprobs=2))
-    assert to_sampling_params(comp, prompt_len=1, context_length=10, default_max_tokens=4, stop_token_ids=[],
+    assert to_sampling_params(comp, prompt_len=1, context_length=100, default_max_tokens=4, stop_token_ids=[],
                               vocab_size=10).logprobs == 2
 
 
@@ -552,3 +552,12 @@ def test_pass_through_fields_are_accepted() -> None:
     decode_chat_request(chat(**values))
     decode_completion_request(completion(**values))
     decode_chat_request(chat(stream=True, stream_options={"include_usage": True, "include_obfuscation": False}))
+
+
+def test_completion_max_tokens_defaults_to_16_as_in_vllm() -> None:
+    req = decode_completion_request(completion())
+    assert to_sampling_params(req, prompt_len=1, context_length=100, default_max_tokens=50, stop_token_ids=[],
+                              vocab_size=10).max_tokens == 16
+    req = decode_completion_request(completion(max_tokens=None))  # explicit null: fill the context
+    assert to_sampling_params(req, prompt_len=1, context_length=100, default_max_tokens=50, stop_token_ids=[],
+                              vocab_size=10).max_tokens == 50
