@@ -222,3 +222,38 @@ async def test_sigkill_mid_stream_with_logprobs_and_n2(tmp_path: Path, namespace
         samples = parse_metrics(await fe.metrics_text())
         migrated = sum(v for (name, _), v in samples.items() if name == "dynrt_frontend_migrations_total")
         assert migrated >= len(serving)
+
+
+async def test_client_disconnect_cancels_every_choice(tmp_path: Path, namespace: str, etcd_server: EtcdServer,
+                                                      nats_server: NatsServer) -> None:
+    async with AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(WorkerProcess(tmp_path, namespace=namespace, speedup=1,
+                                                                 etcd_endpoints=etcd_server.endpoint,
+                                                                 nats_url=nats_server.url))
+                   for _ in range(2)]
+        fe = await stack.enter_async_context(FrontendProcess(tmp_path, namespace=namespace, expect_instances=2,
+                                                             etcd_endpoints=etcd_server.endpoint,
+                                                             nats_url=nats_server.url))
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True, "n": 3,
+                "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async def in_flight() -> int:
+                total = 0
+                for worker in workers:
+                    async with session.get(worker.health_url) as health:
+                        total += (await health.json())["in_flight"]
+                return total
+
+            async with session.post(f"{fe.url}/v1/chat/completions", json=body) as response:
+                seen = 0
+                async for _ in response.content:
+                    seen += 1
+                    if seen > 40:
+                        break
+                assert await in_flight() == 3  # the three choices are generating
+
+            for _ in range(100):  # every choice's request aborted, its KV freed
+                if await in_flight() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert await in_flight() == 0
