@@ -21,6 +21,13 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_template import template_message
+from dynrt.frontend.structured_output import (
+    ResponseFormat,
+    StructuredOutputsParams,
+    refuse_guided_fields,
+)
+from dynrt.frontend.tools import ChatTool, MessageToolCall, ToolCall, ToolChoice
 from dynrt.runtime.protocol import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -60,6 +67,14 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     frequency_penalty: Penalty | None = None  # accepted, not applied (module docstring)
     # Recognised only to be refused: they change the result and are not supported.
     logit_bias: Any = None
+    # vLLM's removed guided-decoding fields: refused, naming their structured_outputs
+    # replacement (frontend/structured_output.py)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+    guided_decoding_backend: Any = None
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The client's completion budget and the name of the field that set it."""
@@ -84,13 +99,16 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: Role
-    content: str | list[ContentPart] | None  # required, may be null
+    # required, may be null; may be absent in an assistant turn that only calls tools
+    content: str | list[ContentPart] | None | msgspec.UnsetType = msgspec.UNSET
     name: str | None = None
-    tool_calls: Any = None  # refused when non-empty
+    # tools (frontend/tools.py): an assistant turn's calls, and the call a tool message answers
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text; text parts are joined with newlines (as vLLM does)."""
-        if self.content is None:
+        if self.content is None or self.content is msgspec.UNSET:
             return ""
         if isinstance(self.content, str):
             return self.content
@@ -102,20 +120,29 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    # -- tools, structured output, templating: read by frontend/chat_request.py -------
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension
+    chat_template: str | None = None  # vLLM extension; refused (no --trust-request-chat-template)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension
+    add_generation_prompt: bool = True  # vLLM extension
+    continue_final_message: bool = False  # vLLM extension
+    include_reasoning: bool = True  # vLLM extension
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """The conversation as the chat template wants it: ``[{"role", "content"}]``."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation as the chat template wants it (chat_template.template_message)."""
+        return [template_message(m.role, m.text(), name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+                for m in self.messages]
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -125,6 +152,9 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # -- structured output: read by frontend/structured_output.py ----------------------
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension
 
     def prompt_input(self) -> str | list[int]:
         """The prompt as text to tokenize, or as token ids (validated by the decoder)."""
@@ -189,9 +219,11 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
     _validate_common(req)
     if not req.messages:
         raise errors.bad_request("'messages' must contain at least one message", "messages")
+    refuse_guided_fields(req)
     for i, message in enumerate(req.messages):
-        if message.tool_calls:
-            raise errors.unsupported_param(f"messages[{i}].tool_calls", "(tool calling) is not supported")
+        if message.content is msgspec.UNSET and not (message.role == "assistant" and message.tool_calls):
+            raise errors.bad_request("Invalid value for 'messages[{i}].content': Object missing required field "
+                                     "`content`".replace("{i}", str(i)), f"messages[{i}].content")
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type != "text":
@@ -200,20 +232,11 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
                     )
                 if part.text is None:
                     raise errors.bad_request("A text part needs 'text'", f"messages[{i}].content[{j}].text")
-    if req.tools:
-        raise errors.unsupported_param("tools", "(tool calling) is not supported")
     if req.functions:
-        raise errors.unsupported_param("functions", "(function calling) is not supported")
-    if req.tool_choice not in (None, "none"):
-        raise errors.unsupported_param("tool_choice", "(tool calling) is not supported")
+        raise errors.unsupported_param("functions", "(deprecated function calling) is not supported; use 'tools'")
     if req.function_call not in (None, "none"):
-        raise errors.unsupported_param("function_call", "(function calling) is not supported")
-    if req.response_format is not None:
-        kind = req.response_format.get("type") if isinstance(req.response_format, dict) else None
-        if kind != "text":
-            raise errors.unsupported_param(
-                "response_format", "other than {'type': 'text'} (structured output) is not supported"
-            )
+        raise errors.unsupported_param("function_call", "(deprecated function calling) is not supported; use "
+                                       "'tool_choice'")
     if req.logprobs:
         raise errors.unsupported_param("logprobs")
     if req.top_logprobs:
@@ -222,6 +245,7 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
 
 def _validate_completion(req: CompletionRequest) -> None:
     _validate_common(req)
+    refuse_guided_fields(req)
     prompt = req.prompt
     if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(p, int) for p in prompt):
         if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
@@ -300,7 +324,7 @@ def to_sampling_params(
 # Responses
 # ---------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(msgspec.Struct, kw_only=True):
@@ -325,7 +349,10 @@ class UsageInfo(msgspec.Struct, kw_only=True):
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    # Only with tools / a reasoning parser (frontend/chat_output.py); vLLM's names.
+    reasoning: str | None | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):

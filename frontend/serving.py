@@ -25,6 +25,9 @@ import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_output import ChatDeltaAssembler, ChatOutputRules, finish_reason_of, parse_message
+from dynrt.frontend.chat_request import ChatSettings, plan_chat
+from dynrt.frontend.chat_sse import delta_event, message_fields
 from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import (
     AssistantMessage,
@@ -36,6 +39,7 @@ from dynrt.frontend.openai_protocol import (
     CompletionResponse,
     to_sampling_params,
 )
+from dynrt.frontend.structured_output import structured_output
 from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
 from dynrt.frontend.text_stream import TextStream
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
@@ -43,7 +47,7 @@ from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
-from dynrt.runtime.protocol import InstanceRecord
+from dynrt.runtime.protocol import InstanceRecord, StructuredOutput
 from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("frontend")
@@ -126,12 +130,13 @@ class OpenAIServing:
     """Answers chat and completion requests on the instances ``routing`` knows."""
 
     def __init__(self, *, frontend_id: str, routing: RoutingService, transport: NatsTransport,
-                 default_max_tokens: int, migration: MigrationConfig) -> None:
+                 default_max_tokens: int, migration: MigrationConfig, chat: ChatSettings | None = None) -> None:
         self.frontend_id = frontend_id
         self.routing = routing
         self.transport = transport
         self.default_max_tokens = default_max_tokens
         self.migration = migration
+        self.chat = chat or ChatSettings()  # --chat-template, tool-call and reasoning parsers
         self.draining = False  # set on shutdown: new requests are turned away
         self.in_flight = 0
         self.known_models: set[str] = set()  # every model an instance ever served here
@@ -156,18 +161,22 @@ class OpenAIServing:
 
     # -- OpenAI endpoints ---------------------------------------------------------
     async def chat_completion(self, request: web.Request, req: ChatCompletionRequest) -> web.StreamResponse:
-        return await self._serve(request, req, "chat",
-                                 lambda tokenizer: tokenizer.apply_chat_template(req.template_messages()))
+        plan = plan_chat(req, self.chat)  # tools, structured output, template options
+        return await self._serve(
+            request, req, "chat", lambda tokenizer: tokenizer.apply_chat_template(req.template_messages(), plan.template),
+            structured=plan.structured, output=plan.output if plan.output.needed else None)
 
     async def completion(self, request: web.Request, req: CompletionRequest) -> web.StreamResponse:
         def prompt_ids(tokenizer: Tokenizer) -> list[int]:
             prompt = req.prompt_input()
             return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-        return await self._serve(request, req, "completions", prompt_ids)
+        return await self._serve(request, req, "completions", prompt_ids,
+                                 structured=structured_output(req.response_format, req.structured_outputs))
 
     async def _serve(self, request: web.Request, req: OpenAIRequest, endpoint: str,
-                     prompt_ids_of: Callable[[Tokenizer], list[int]]) -> web.StreamResponse:
+                     prompt_ids_of: Callable[[Tokenizer], list[int]], *, structured: StructuredOutput | None = None,
+                     output: ChatOutputRules | None = None) -> web.StreamResponse:
         arrived = time.monotonic()
         records, tokenizer = await self._admit(req.model)
         prompt_ids = prompt_ids_of(tokenizer)
@@ -177,12 +186,14 @@ class OpenAIServing:
                                       # ignore_eos: the end-of-turn ids are the chat model's
                                       # EOS; vLLM would still stop on them if sent as stops.
                                       stop_token_ids=[] if req.ignore_eos else tokenizer.stop_token_ids)
+        if structured is not None:
+            sampling = msgspec.structs.replace(sampling, structured=structured)
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         generation = Generation(request_id=prefix + uuid.uuid4().hex[:24], model=req.model, prompt_ids=prompt_ids,
                                 sampling=sampling, frontend_id=self.frontend_id, config=self.migration,
                                 transport=self.transport, routing=self.routing,
                                 on_instance_stream=self._track_instance)
-        return await self._generate(request, req, endpoint, generation, tokenizer, arrived)
+        return await self._generate(request, req, endpoint, generation, tokenizer, arrived, output)
 
     async def _admit(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
         """The model's instances and tokenizer, or the error that turns the request away
@@ -202,9 +213,11 @@ class OpenAIServing:
         return records, tokenizer
 
     async def _generate(self, request: web.Request, req: OpenAIRequest, endpoint: str, generation: Generation,
-                        tokenizer: Tokenizer, arrived: float) -> web.StreamResponse:
+                        tokenizer: Tokenizer, arrived: float,
+                        output: ChatOutputRules | None = None) -> web.StreamResponse:
         """Run the generation and answer; account for the request however it ends
-        (``arrived``: ``time.monotonic()`` when serving it began)."""
+        (``arrived``: ``time.monotonic()`` when serving it began; ``output``: how to read
+        a chat output that is more than content, see chat_output.py)."""
         started = time.monotonic()
         text = TextStream(generation, tokenizer.new_detokenizer(generation.prompt_ids), req.stop_strings())
         latency = _Latency(req.model, started, inter_token=req.stream)
@@ -217,8 +230,8 @@ class OpenAIServing:
             await generation.start()
             QUEUE_TIME.labels(req.model).observe(time.monotonic() - arrived)
             if req.stream:
-                return await self._stream(request, req, endpoint, generation, text, latency)
-            return await self._complete(req, endpoint, generation, text, latency)
+                return await self._stream(request, req, endpoint, generation, text, latency, output)
+            return await self._complete(req, endpoint, generation, text, latency, output)
         except errors.GenerationError as exc:
             error = errors.to_openai(exc)
             status = str(error.status)
@@ -243,7 +256,7 @@ class OpenAIServing:
                      migrations=generation.migrations, seconds=round(time.monotonic() - started, 3))
 
     async def _complete(self, req: OpenAIRequest, endpoint: str, generation: Generation, text: TextStream,
-                        latency: _Latency) -> web.Response:
+                        latency: _Latency, output: ChatOutputRules | None) -> web.Response:
         parts: list[str] = []
         async for delta in text:
             latency.observe(delta.token_count)
@@ -251,8 +264,15 @@ class OpenAIServing:
         content = "".join(parts)
         usage = text.usage()
         created = int(time.time())
-        if endpoint == "chat":
+        if endpoint == "chat" and output is not None:
+            parsed = parse_message(content, output)
+            finish = finish_reason_of(output, bool(parsed.tool_calls), text.finish_reason, streamed=False)
             body: msgspec.Struct = ChatCompletionResponse(
+                id=generation.request_id, created=created, model=req.model, usage=usage,
+                choices=[ChatChoice(message=AssistantMessage(**message_fields(parsed)),  # type: ignore[arg-type]
+                                    finish_reason=finish)])  # type: ignore[arg-type]
+        elif endpoint == "chat":
+            body = ChatCompletionResponse(
                 id=generation.request_id, created=created, model=req.model, usage=usage,
                 choices=[ChatChoice(message=AssistantMessage(content=content), finish_reason=text.finish_reason)])
         else:
@@ -261,7 +281,7 @@ class OpenAIServing:
         return json_response(body)
 
     async def _stream(self, request: web.Request, req: OpenAIRequest, endpoint: str, generation: Generation,
-                      text: TextStream, latency: _Latency) -> web.StreamResponse:
+                      text: TextStream, latency: _Latency, output: ChatOutputRules | None) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         created = int(time.time())
@@ -274,15 +294,21 @@ class OpenAIServing:
         # The closing events (last content, finish, usage, [DONE]) go out together with
         # the end of the chunked body: one write instead of up to five.
         tail = b""
+        finish_reason: str = "length"
         try:
-            async for delta in text:
-                latency.observe(delta.token_count)
-                if delta.text:
-                    if delta.finish_reason is None:
-                        await response.write(encoder.content(delta.text))
-                    else:
-                        tail = encoder.content(delta.text)
-            tail += encoder.finish(text.finish_reason)
+            if output is not None:
+                tail, finish_reason = await self._stream_parsed(response, req, generation, text, latency, output,
+                                                                created)
+            else:
+                async for delta in text:
+                    latency.observe(delta.token_count)
+                    if delta.text:
+                        if delta.finish_reason is None:
+                            await response.write(encoder.content(delta.text))
+                        else:
+                            tail = encoder.content(delta.text)
+                finish_reason = text.finish_reason
+            tail += encoder.finish(finish_reason)  # type: ignore[arg-type]
             if req.include_usage():
                 tail += encoder.usage(text.usage())
             tail += DONE
@@ -293,6 +319,26 @@ class OpenAIServing:
             tail += error_event(error)
         await response.write_eof(tail)
         return response
+
+    async def _stream_parsed(self, response: web.StreamResponse, req: OpenAIRequest, generation: Generation,
+                             text: TextStream, latency: _Latency, output: ChatOutputRules,
+                             created: int) -> tuple[bytes, str]:
+        """The chat stream when its text is read as reasoning / content / tool calls
+        (chat_output.py): the events written, the last one returned unsent (it goes out
+        with the end of the stream), and the finish reason."""
+        assembler = ChatDeltaAssembler(output)
+        pending = b""
+        async for delta in text:
+            latency.observe(delta.token_count)
+            message = assembler.feed(delta.text) if delta.text else None
+            if message:
+                if pending:
+                    await response.write(pending)
+                pending = delta_event(generation.request_id, req.model, created, message)
+        message = assembler.finish()
+        if message:
+            pending += delta_event(generation.request_id, req.model, created, message)
+        return pending, finish_reason_of(output, assembler.tools_called, text.finish_reason, streamed=True)
 
     # -- instances ------------------------------------------------------------------
     def _track_instance(self, generation: Generation, instance_id: str | None) -> None:

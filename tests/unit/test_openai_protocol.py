@@ -195,13 +195,8 @@ def test_missing_prompt() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
@@ -210,12 +205,10 @@ def test_missing_prompt() -> None:
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0].type",
         ),
-        (
-            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
-            "messages[0].tool_calls",
-        ),
     ],
 )
+# tools, tool_choice, response_format and history tool_calls are supported now:
+# tests/unit/test_chat_tools.py and test_structured_output.py.
 def test_chat_unsupported_fields_rejected(fields: dict[str, Any], param: str) -> None:
     error = chat_error(chat(**fields))
     assert error.status == 400
