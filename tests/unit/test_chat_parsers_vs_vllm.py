@@ -187,7 +187,8 @@ def test_deepseek_r1_extract_matches_vllm(text: str) -> None:
 
 
 def test_reasoning_then_hermes_call_matches_vllm() -> None:
-    text = '<think>The user wants weather.</think><tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    text = ('<think>The user wants weather.</think><tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Rome"}}\n</tool_call>')
     assert nonstream_dynrt(text, dynrt_rules("hermes", "deepseek_r1")) == nonstream_vllm(
         text, "hermes", "deepseek_r1", vllm_request())
 
@@ -241,10 +242,8 @@ def test_structural_tag_matches_vllm(parser: str, tools: list[dict[str, Any]], t
     so = request.structured_outputs
     theirs = json.loads(so.structural_tag) if so is not None and so.structural_tag else None
 
-    ours_text = tool_call_structural_tag(
-        parser, msgspec.convert(tools, list[ChatTool]),
-        msgspec.convert(tool_choice, ToolChoice) if not isinstance(tool_choice, str) else tool_choice,  # type: ignore[arg-type]
-        parallel_tool_calls)
+    choice: Any = tool_choice if isinstance(tool_choice, str) else msgspec.convert(tool_choice, NamedToolChoice)
+    ours_text = tool_call_structural_tag(parser, msgspec.convert(tools, list[ChatTool]), choice, parallel_tool_calls)
     assert (json.loads(ours_text) if ours_text else None) == theirs
     if theirs is not None:
         assert request.response_format is None
