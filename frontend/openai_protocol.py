@@ -1,12 +1,12 @@
 """The OpenAI HTTP API as msgspec Structs: request bodies, their validation, the
-non-streaming responses, streaming chunks, the models list, and the mapping from a
-request to the engine's :class:`~dynrt.runtime.protocol.SamplingParams`.
+non-streaming responses, streaming chunks and the models list (the mapping to the
+engine's ``SamplingParams`` is ``frontend/sampling.py``).
 
 Decoding (:func:`decode_chat_request`, :func:`decode_completion_request`) either returns
 a valid request or raises an :class:`~dynrt.frontend.errors.OpenAIError` that names the
 offending parameter. Every field of a request is either honoured or refused: an unknown
 field is a 400 naming it (``forbid_unknown_fields``), and a known field this server
-cannot honour (tools, structured output, ``suffix``, ``best_of`` > 1, ...) is a 400
+cannot honour (``suffix``, ``best_of`` > 1, ``echo`` with logprobs, ...) is a 400
 saying why. The only fields accepted without effect are :data:`PASS_THROUGH_FIELDS`:
 they never change the output (account metadata, OpenAI storage and tier hints).
 
@@ -23,7 +23,14 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_template import template_message
 from dynrt.frontend.logprobs import ChatLogprobs, CompletionLogprobs
+from dynrt.frontend.structured_output import (
+    ResponseFormat,
+    StructuredOutputsParams,
+    refuse_guided_fields,
+)
+from dynrt.frontend.tools import ChatTool, MessageToolCall, ToolCall, ToolChoice
 
 MAX_STOP_STRINGS = 16
 # vLLM's default ``--max-logprobs``: the most top logprobs a request may ask for.
@@ -89,6 +96,14 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    # vLLM's removed guided-decoding fields: refused, naming their structured_outputs
+    # replacement (frontend/structured_output.py)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+    guided_decoding_backend: Any = None
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The client's completion budget and the name of the field that set it."""
@@ -124,13 +139,16 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Role
-    content: str | list[ContentPart] | None  # required, may be null
+    # required, may be null; may be absent in an assistant turn that only calls tools
+    content: str | list[ContentPart] | None | msgspec.UnsetType = msgspec.UNSET
     name: str | None = None
-    tool_calls: Any = None  # refused when non-empty
+    # tools (frontend/tools.py): an assistant turn's calls, and the call a tool message answers
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text; text parts are joined with newlines (as vLLM does)."""
-        if self.content is None:
+        if self.content is None or self.content is msgspec.UNSET:
             return ""
         if isinstance(self.content, str):
             return self.content
@@ -142,20 +160,29 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    # -- tools, structured output, templating: read by frontend/chat_request.py -------
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension
+    chat_template: str | None = None  # vLLM extension; refused (no --trust-request-chat-template)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension
+    add_generation_prompt: bool = True  # vLLM extension
+    continue_final_message: bool = False  # vLLM extension
+    include_reasoning: bool = True  # vLLM extension
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """The conversation as the chat template wants it: ``[{"role", "content"}]``."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation as the chat template wants it (chat_template.template_message)."""
+        return [template_message(m.role, m.text(), name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+                for m in self.messages]
 
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -170,6 +197,9 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # -- structured output: read by frontend/structured_output.py ----------------------
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension
 
     def prompt_inputs(self) -> list[str | list[int]]:
         """Each prompt, as text to tokenize or as token ids (one choice set per prompt)."""
@@ -266,9 +296,11 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
     _validate_common(req)
     if not req.messages:
         raise errors.bad_request("'messages' must contain at least one message", "messages")
+    refuse_guided_fields(req)
     for i, message in enumerate(req.messages):
-        if message.tool_calls:
-            raise errors.unsupported_param(f"messages[{i}].tool_calls", "(tool calling) is not supported")
+        if message.content is msgspec.UNSET and not (message.role == "assistant" and message.tool_calls):
+            raise errors.bad_request("Invalid value for 'messages[{i}].content': Object missing required field "
+                                     "`content`".replace("{i}", str(i)), f"messages[{i}].content")
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type != "text":
@@ -277,20 +309,11 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
                     )
                 if part.text is None:
                     raise errors.bad_request("A text part needs 'text'", f"messages[{i}].content[{j}].text")
-    if req.tools:
-        raise errors.unsupported_param("tools", "(tool calling) is not supported")
     if req.functions:
-        raise errors.unsupported_param("functions", "(function calling) is not supported")
-    if req.tool_choice not in (None, "none"):
-        raise errors.unsupported_param("tool_choice", "(tool calling) is not supported")
+        raise errors.unsupported_param("functions", "(deprecated function calling) is not supported; use 'tools'")
     if req.function_call not in (None, "none"):
-        raise errors.unsupported_param("function_call", "(function calling) is not supported")
-    if req.response_format is not None:
-        kind = req.response_format.get("type") if isinstance(req.response_format, dict) else None
-        if kind != "text":
-            raise errors.unsupported_param(
-                "response_format", "other than {'type': 'text'} (structured output) is not supported"
-            )
+        raise errors.unsupported_param("function_call", "(deprecated function calling) is not supported; use "
+                                       "'tool_choice'")
     top = req.top_logprobs
     if top is not None and (top == -1 or top > 0) and not req.logprobs:
         raise errors.bad_request("when using 'top_logprobs', 'logprobs' must be set to true", "top_logprobs")
@@ -299,6 +322,7 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
 
 def _validate_completion(req: CompletionRequest) -> None:
     _validate_common(req)
+    refuse_guided_fields(req)
     prompt = req.prompt
     if prompt == "" or prompt == []:
         raise errors.bad_request("'prompt' must be provided and non-empty", "prompt")
@@ -342,7 +366,7 @@ def decode_completion_request(body: bytes) -> CompletionRequest:
 # Responses
 # ---------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(msgspec.Struct, kw_only=True):
@@ -367,7 +391,10 @@ class UsageInfo(msgspec.Struct, kw_only=True):
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    # Only with tools / a reasoning parser (frontend/chat_output.py); vLLM's names.
+    reasoning: str | None | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):

@@ -22,6 +22,7 @@ import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_request import ChatSettings
 from dynrt.frontend.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -192,7 +193,11 @@ class FrontendService:
             self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy=config.router_mode,
                                           config=config.routing, sender_id=self.frontend_id)
         self.serving = OpenAIServing(frontend_id=self.frontend_id, routing=self.routing, transport=self.transport,
-                                     default_max_tokens=config.default_max_tokens, migration=config.migration)
+                                     default_max_tokens=config.default_max_tokens, migration=config.migration,
+                                     chat=ChatSettings.of(chat_template=config.chat_template,
+                                                          enable_auto_tool_choice=config.enable_auto_tool_choice,
+                                                          tool_call_parser=config.tool_call_parser,
+                                                          reasoning_parser=config.reasoning_parser))
         await self.registration.start(wait=30)
         await self.routing.start(wait=30)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)

@@ -19,24 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
-from dynrt.frontend.logprobs import (
-    ChatLogprobs,
-    ChatTokenLogprob,
-    CompletionLogprobs,
-    LogprobRenderer,
-    merge_completion,
-)
+from dynrt.frontend.chat_output import ChatDeltaAssembler, ChatOutputRules
+from dynrt.frontend.chat_request import ChatSettings, plan_chat
+from dynrt.frontend.choices import Choice, all_or_none, choice_sampling, event_bytes, merged
+from dynrt.frontend.logprobs import ChatLogprobs, LogprobRenderer, merge_completion
 from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -47,13 +41,14 @@ from dynrt.frontend.openai_protocol import (
 )
 from dynrt.frontend.sampling import to_sampling_params
 from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
-from dynrt.frontend.text_stream import TextDelta, TextStream
+from dynrt.frontend.structured_output import structured_output
+from dynrt.frontend.text_stream import TextStream
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
-from dynrt.runtime.protocol import InstanceRecord, SamplingParams
+from dynrt.runtime.protocol import InstanceRecord, StructuredOutput
 from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("frontend")
@@ -132,117 +127,17 @@ class _Latency:
         self._last = now
 
 
-def choice_sampling(sampling: SamplingParams, i: int) -> SamplingParams:
-    """The sampling of choice ``i`` of ``n``: vLLM gives child ``i`` the seed ``seed + i``
-    (``vllm/v1/engine/parallel_sampling.py``); without a seed they share the parameters."""
-    if sampling.seed is None or i == 0:
-        return sampling
-    return msgspec.structs.replace(sampling, seed=sampling.seed + i)
-
-
-@dataclass(eq=False)
-class _Choice:
-    """One choice of a request: its generation, text, logprob rendering and output."""
-
-    index: int
-    generation: Generation
-    text: TextStream
-    renderer: LogprobRenderer | None
-    top_logprobs: int
-    echo: str = ""  # completions ``echo``: the prompt text, before the output
-    parts: list[str] = field(default_factory=list)
-    chat_logprobs: list[ChatTokenLogprob] = field(default_factory=list)
-    completion_logprobs: list[CompletionLogprobs] = field(default_factory=list)
-
-    def first_of_prompt(self, n: int) -> bool:
-        return self.index % n == 0
-
-    def render(self, delta: TextDelta, endpoint: str) -> ChatLogprobs | CompletionLogprobs:
-        assert self.renderer is not None and delta.logprobs is not None
-        if endpoint == "chat":
-            return ChatLogprobs(content=self.renderer.chat(delta.token_ids, delta.logprobs, self.top_logprobs))
-        return self.renderer.completion(delta.token_ids, delta.logprobs, self.top_logprobs)
-
-    async def collect(self, latency: _Latency, endpoint: str) -> None:
-        """Read the whole choice (non-streaming responses)."""
-        async for delta in self.text:
-            latency.observe(delta.token_count)
-            self.parts.append(delta.text)
-            if self.renderer is not None and delta.token_ids:
-                rendered = self.render(delta, endpoint)
-                if isinstance(rendered, ChatLogprobs):
-                    self.chat_logprobs += rendered.content or []
-                else:
-                    self.completion_logprobs.append(rendered)
-
-
-def _event_bytes(choice: _Choice, encoder: ChatChunkEncoder | CompletionChunkEncoder, delta: TextDelta,
-                 endpoint: str) -> bytes:
-    """The SSE events for one delta of a choice: its text (with the logprobs of the
-    tokens it came from, if asked for), and the finish event after the last one."""
-    if choice.renderer is None:
-        data = encoder.content(delta.text) if delta.text else b""
-    elif delta.text or delta.token_ids:
-        data = encoder.content_with_logprobs(delta.text, choice.render(delta, endpoint))  # type: ignore[arg-type]
-    else:
-        data = b""
-    if delta.finish_reason is not None:
-        data += encoder.finish(delta.finish_reason)
-    return data
-
-
-async def _merged(streams: list[TextStream]) -> AsyncIterator[tuple[int, TextDelta]]:
-    """The deltas of several choices as they arrive, each tagged with its position. A
-    failure of one ends all; so does closing this iterator (the readers are cancelled)."""
-    queue: asyncio.Queue[tuple[int, TextDelta | None, Exception | None]] = asyncio.Queue()
-
-    async def read(k: int, stream: TextStream) -> None:
-        try:
-            async for delta in stream:
-                await queue.put((k, delta, None))
-        except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put((k, None, exc))
-            return
-        await queue.put((k, None, None))
-
-    readers = [asyncio.ensure_future(read(k, s)) for k, s in enumerate(streams)]
-    try:
-        open_streams = len(readers)
-        while open_streams:
-            k, delta, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if delta is None:
-                open_streams -= 1
-                continue
-            yield k, delta
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-
-
-async def _all_or_none(coros: list[Coroutine[Any, Any, None]]) -> None:
-    """Await all; if one fails (or this is cancelled), cancel the rest first."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 class OpenAIServing:
     """Answers chat and completion requests on the instances ``routing`` knows."""
 
     def __init__(self, *, frontend_id: str, routing: RoutingService, transport: NatsTransport,
-                 default_max_tokens: int, migration: MigrationConfig) -> None:
+                 default_max_tokens: int, migration: MigrationConfig, chat: ChatSettings | None = None) -> None:
         self.frontend_id = frontend_id
         self.routing = routing
         self.transport = transport
         self.default_max_tokens = default_max_tokens
         self.migration = migration
+        self.chat = chat or ChatSettings()  # --chat-template, tool-call and reasoning parsers
         self.draining = False  # set on shutdown: new requests are turned away
         self.in_flight = 0
         self.known_models: set[str] = set()  # every model an instance ever served here
@@ -267,8 +162,11 @@ class OpenAIServing:
 
     # -- OpenAI endpoints ---------------------------------------------------------
     async def chat_completion(self, request: web.Request, req: ChatCompletionRequest) -> web.StreamResponse:
-        return await self._serve(request, req, "chat",
-                                 lambda tokenizer: [(tokenizer.apply_chat_template(req.template_messages()), "")])
+        plan = plan_chat(req, self.chat)  # tools, structured output, template options
+        return await self._serve(
+            request, req, "chat",
+            lambda tokenizer: [(tokenizer.apply_chat_template(req.template_messages(), plan.template), "")],
+            structured=plan.structured, output=plan.output if plan.output.needed else None)
 
     async def completion(self, request: web.Request, req: CompletionRequest) -> web.StreamResponse:
         def prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
@@ -280,24 +178,30 @@ class OpenAIServing:
                 out.append((ids, echo))
             return out
 
-        return await self._serve(request, req, "completions", prompts)
+        return await self._serve(request, req, "completions", prompts,
+                                 structured=structured_output(req.response_format, req.structured_outputs))
 
     async def _serve(self, request: web.Request, req: OpenAIRequest, endpoint: str,
-                     prompts_of: Callable[[Tokenizer], list[tuple[list[int], str]]]) -> web.StreamResponse:
-        """``prompts_of``: each prompt's ids and the text to echo before its output."""
+                     prompts_of: Callable[[Tokenizer], list[tuple[list[int], str]]], *,
+                     structured: StructuredOutput | None = None,
+                     output: ChatOutputRules | None = None) -> web.StreamResponse:
+        """``prompts_of``: each prompt's ids and the text to echo before its output;
+        ``output``: how to read a chat output that is more than content (chat_output.py)."""
         arrived = time.monotonic()
         records, tokenizer = await self._admit(req.model)
         prompts = prompts_of(tokenizer)
         context_length = min(r.context_length for r in records)
         request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         n = req.num_choices()
-        choices: list[_Choice] = []
+        choices: list[Choice] = []
         for p, (prompt_ids, echo) in enumerate(prompts):
             sampling = to_sampling_params(req, prompt_len=len(prompt_ids), context_length=context_length,
                                           default_max_tokens=self.default_max_tokens, vocab_size=tokenizer.vocab_size,
                                           # ignore_eos: the end-of-turn ids are the chat model's
                                           # EOS; vLLM would still stop on them if sent as stops.
                                           stop_token_ids=[] if req.ignore_eos else tokenizer.stop_token_ids)
+            if structured is not None:
+                sampling = msgspec.structs.replace(sampling, structured=structured)
             for i in range(n):
                 index = p * n + i
                 generation = Generation(
@@ -309,7 +213,8 @@ class OpenAIServing:
                                   req.stop_strings(), include_stop_str_in_output=req.include_stop_str_in_output,
                                   min_tokens=req.min_tokens)
                 renderer = LogprobRenderer(tokenizer) if sampling.logprobs is not None else None
-                choices.append(_Choice(index, generation, text, renderer, sampling.logprobs or 0, echo))
+                choices.append(Choice(index, generation, text, renderer, sampling.logprobs or 0, echo, output,
+                                       None if output is None else ChatDeltaAssembler(output)))
         return await self._generate(request, req, endpoint, request_id, choices, arrived)
 
     async def _admit(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
@@ -330,7 +235,7 @@ class OpenAIServing:
         return records, tokenizer
 
     async def _generate(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
-                        choices: list[_Choice], arrived: float) -> web.StreamResponse:
+                        choices: list[Choice], arrived: float) -> web.StreamResponse:
         """Run the choices' generations and answer; account for the request however it
         ends (``arrived``: ``time.monotonic()`` when serving it began)."""
         started = time.monotonic()
@@ -375,7 +280,7 @@ class OpenAIServing:
                      migrations=sum(c.generation.migrations for c in choices),
                      seconds=round(time.monotonic() - started, 3))
 
-    def _usage(self, req: OpenAIRequest, choices: list[_Choice]) -> UsageInfo:
+    def _usage(self, req: OpenAIRequest, choices: list[Choice]) -> UsageInfo:
         """The prompt counted once per prompt (not per choice); completions summed."""
         n = req.num_choices()
         firsts = [c for c in choices if c.first_of_prompt(n)]
@@ -383,19 +288,19 @@ class OpenAIServing:
                             sum(c.text.completion_tokens for c in choices),
                             sum(c.generation.cached_tokens for c in firsts))
 
-    async def _complete(self, req: OpenAIRequest, endpoint: str, request_id: str, choices: list[_Choice],
+    async def _complete(self, req: OpenAIRequest, endpoint: str, request_id: str, choices: list[Choice],
                         latency: _Latency) -> web.Response:
         if len(choices) == 1:
-            await choices[0].collect(latency, endpoint)
+            await choices[0].collect(latency.observe, endpoint)
         else:
-            await _all_or_none([c.collect(latency, endpoint) for c in choices])
+            await all_or_none([c.collect(latency.observe, endpoint) for c in choices])
         created = int(time.time())
         if endpoint == "chat":
             body: msgspec.Struct = ChatCompletionResponse(
                 id=request_id, created=created, model=req.model, usage=self._usage(req, choices),
-                choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.parts)),
+                choices=[ChatChoice(index=c.index, message=c.message(),
                                     logprobs=None if c.renderer is None else ChatLogprobs(content=c.chat_logprobs),
-                                    finish_reason=c.text.finish_reason) for c in choices])
+                                    finish_reason=c.finish_reason(streamed=False)) for c in choices])  # type: ignore[arg-type]
         else:
             body = CompletionResponse(
                 id=request_id, created=created, model=req.model, usage=self._usage(req, choices),
@@ -405,7 +310,7 @@ class OpenAIServing:
         return json_response(body)
 
     async def _stream(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
-                      choices: list[_Choice], latency: _Latency) -> web.StreamResponse:
+                      choices: list[Choice], latency: _Latency) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         created = int(time.time())
@@ -413,6 +318,8 @@ class OpenAIServing:
         if endpoint == "chat":
             encoders = [ChatChunkEncoder(request_id, req.model, created, c.index) for c in choices]
             await response.write(b"".join(e.role() for e in encoders))  # one role event per choice
+            for c in choices:
+                c.event_header = (request_id, req.model, created)
         else:
             encoders = [CompletionChunkEncoder(request_id, req.model, created, c.index) for c in choices]
             echoes = b"".join(e.content(c.echo) for e, c in zip(encoders, choices) if c.echo)
@@ -426,15 +333,15 @@ class OpenAIServing:
                 choice, encoder = choices[0], encoders[0]
                 async for delta in choice.text:
                     latency.observe(delta.token_count)
-                    data = _event_bytes(choice, encoder, delta, endpoint)
+                    data = event_bytes(choice, encoder, delta, endpoint)
                     if delta.finish_reason is not None:
                         tail = data
                     elif data:
                         await response.write(data)
             else:
-                async for k, delta in _merged([c.text for c in choices]):
+                async for k, delta in merged([c.text for c in choices]):
                     latency.observe(delta.token_count)
-                    data = _event_bytes(choices[k], encoders[k], delta, endpoint)
+                    data = event_bytes(choices[k], encoders[k], delta, endpoint)
                     if data:
                         await response.write(data)
             if req.include_usage():

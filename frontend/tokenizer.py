@@ -23,9 +23,10 @@ import functools
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_template import TemplateOptions
 from dynrt.frontend.detokenizer import ByteDetokenizer, IncrementalDetokenizer, WindowDetokenizer
 from dynrt.runtime.mock_tokenizer import END_OF_TURN_ID, MockTokenizer, mock_tokenizer
 from dynrt.runtime.protocol import TokenizerSpec
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 # How many prompt ids prime a detokenizer's window (as vLLM does).
 DETOKENIZER_CONTEXT = 5
+_DEFAULT_OPTIONS = TemplateOptions()
 
 
 class Tokenizer(Protocol):
@@ -50,9 +52,11 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """The conversation rendered with the generation prompt, as token ids.
-        Raises a 400 :class:`~dynrt.frontend.errors.OpenAIError` if the template rejects it."""
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
+        """The conversation rendered (by default with the generation prompt), as token
+        ids. Raises a 400 :class:`~dynrt.frontend.errors.OpenAIError` if the template
+        rejects it."""
         ...
 
     def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
@@ -85,8 +89,17 @@ class MockModelTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tok.decode(token_ids)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        return self._tok.apply_chat_template([dict(m) for m in messages])
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
+        """The mock's own format; with a ``--chat-template`` the template's text in
+        mock tokens (so templated tools can be tested without a real model)."""
+        if options.chat_template is not None:
+            return self._tok.encode(_render(options.chat_template, messages, options))
+        ids = self._tok.apply_chat_template([dict(m) for m in messages],
+                                            add_generation_prompt=options.add_generation_prompt)
+        if options.continue_final_message and ids and ids[-1] == END_OF_TURN_ID:
+            ids.pop()
+        return ids
 
     def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         token_bytes = self._tok.token_bytes if skip_special_tokens else self._bytes_with_specials
@@ -126,17 +139,22 @@ class HFTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
         from jinja2 import TemplateError
 
-        if self._tok.chat_template is None:
+        if self._tok.chat_template is None and options.chat_template is None:
             raise errors.bad_request("This model has no chat template; use /v1/completions", "messages")
         try:
             ids = self._tok.apply_chat_template(
-                [dict(m) for m in messages], tokenize=True, add_generation_prompt=True, return_dict=False
-            )
+                [dict(m) for m in messages], tools=options.tools, chat_template=options.chat_template,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message, tokenize=True, return_dict=False,
+                **options.template_kwargs)
         except TemplateError as e:
             raise errors.bad_request(f"The model's chat template rejected the messages: {e}", "messages") from None
+        except ValueError as e:  # e.g. continue_final_message without a final message to continue
+            raise errors.bad_request(f"The chat template could not render the messages: {e}", "messages") from None
         return list(ids)
 
     def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
@@ -194,6 +212,23 @@ class HFTokenizer:
         if ids and ids[0] in self._tok.all_special_ids:
             return ids[0]
         return None
+
+
+def _render(template: str, messages: Sequence[Mapping[str, Any]], options: TemplateOptions) -> str:
+    """``template`` rendered by the Jinja setup Transformers uses for chat templates."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template(
+            [[dict(m) for m in messages]], tools=options.tools, chat_template=template,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, **options.template_kwargs)
+    except TemplateError as e:
+        raise errors.bad_request(f"The chat template rejected the messages: {e}", "messages") from None
+    except ValueError as e:
+        raise errors.bad_request(f"The chat template could not render the messages: {e}", "messages") from None
+    return rendered[0]
 
 
 # ---------------------------------------------------------------------------

@@ -394,12 +394,9 @@ async def test_request_errors_are_openai_shaped(cluster: Cluster) -> None:
     status, _, body = await post(comp, {"model": MODEL})
     assert_error(status, body, 400, param="prompt", message_has="prompt")
 
-    # semantic fields this server cannot honour are refused, never ignored
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    for field, value in [("tools", [tool]), ("response_format", schema), ("response_format", {"type": "json_object"})]:
-        status, _, body = await post(chat, {**chat_body(), field: value})
-        assert_error(status, body, 400, param=field, code="unsupported_parameter", message_has=field)
+    # semantic fields this server cannot honour are refused, never ignored (tools and
+    # response_format: tests/integration/test_chat_tools.py; logprobs, n:
+    # tests/integration/test_openai_choices.py)
     for fields, param in [({"best_of": 2}, "best_of"), ({"suffix": "x"}, "suffix"),
                           ({"echo": True, "logprobs": 1}, "echo")]:
         status, _, body = await post(comp, {"model": MODEL, "prompt": PROMPT, **fields})
