@@ -46,11 +46,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dynrt.runtime.embedded import EtcdServer, NatsServer, free_port
-from dynrt.runtime.procs import stop_process
+from dynrt.runtime.embedded import EtcdServer, NatsServer
 from harness.frontend import FrontendProcess
 from harness.metrics import metric, parse_metrics
-from harness.processes import spawn_python
+from harness.vllm import DTYPE, MAX_MODEL_LEN, START_TIMEOUT, VllmOpenAIServer, model_folder
 from harness.worker import WorkerProcess
 
 if importlib.util.find_spec("vllm") is None:
@@ -58,20 +57,6 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
-
-ROOT = Path(__file__).resolve().parents[2]
-BUILD_MODEL = ROOT / "deploy" / "vllm-cpu" / "build_model.py"
-# float32, not bfloat16: in bf16 a greedy run continued from prompt + k of its own tokens
-# (what migration sends) diverges from the uninterrupted run within a few dozen tokens
-# (prefill vs decode rounding flips near-tied argmaxes; measured at k = 10, 30, 35, 60),
-# while bf16 reruns of the same request are identical. In fp32 every continuation was
-# identical; it costs ~25% tok/s here.
-DTYPE = "float32"
-MAX_MODEL_LEN = 2048
-START_TIMEOUT = 420.0  # a loaded 2-core machine: vLLM start-up took 25-80 s here
-# The worker sets these itself; the reference server gets the same.
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "OMP_NUM_THREADS": "1"}
 
 CHATS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
@@ -221,63 +206,24 @@ class Deployment:
                 await self.frontend.wait_instances(len(self.workers), timeout=30)
 
 
-def _model_folder() -> tuple[str, float]:
-    """Build (or find) the model folder in a subprocess: torch stays out of pytest."""
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, str(BUILD_MODEL)], capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        pytest.fail(f"model folder build failed ({done.returncode}): {done.stderr[-2000:]}")
-    folder = done.stdout.strip().splitlines()[-1]
-    assert Path(folder, "config.json").is_file()
-    return folder, time.monotonic() - started
-
-
-async def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vLLM server exited ({proc.returncode}); log:\n{log.read_text()[-4000:]}")
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM server not up after {timeout}s; log:\n{log.read_text()[-4000:]}")
-            await asyncio.sleep(0.25)
-
-
 async def _reference(tmp: Path, model: str) -> Reference:
     """Every reference answer from vLLM's own OpenAI server, then stop it."""
-    port = free_port()
-    log = tmp / "vllm-server.log"
-    started = time.monotonic()
-    proc = spawn_python(["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-                         "--port", str(port), "--dtype", DTYPE, "--max-model-len", str(MAX_MODEL_LEN),
-                         "--enforce-eager", "--enable-prefix-caching", "--disable-uvicorn-access-log"],
-                        log, env={k: os.environ.get(k, v) for k, v in CPU_ENV.items()})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        await _wait_http(f"{url}/health", proc, log, START_TIMEOUT)
-        start_seconds = time.monotonic() - started
+    async with VllmOpenAIServer(tmp, model) as server:
+        url = server.url
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
             chats = [await chat(session, url, body(m, model, CHAT_MAX_TOKENS)) for m in CHATS]
             long = await chat(session, url, body(LONG_CHAT, model, LONG_TOKENS, ignore_eos=True))
             await throughput(session, url, model, 1)  # warm-up
             tok_s_1 = await throughput(session, url, model, 1)
             tok_s_8 = await throughput(session, url, model, BENCH_BATCH)
-        return Reference(chats, long, tok_s_1, tok_s_8, start_seconds)
-    finally:
-        await asyncio.to_thread(stop_process, proc, 30)
+        return Reference(chats, long, tok_s_1, tok_s_8, server.start_seconds)
 
 
 @pytest.fixture(scope="module")
 async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Deployment]:
     tmp = tmp_path_factory.mktemp("vllm")
-    model, build_seconds = _model_folder()
+    model, build_seconds = model_folder()
     results: dict[str, Any] = {"model_folder_seconds": round(build_seconds, 1)}
     ref = await _reference(tmp, model)
     results.update(server_start_seconds=round(ref.start_seconds, 1),

