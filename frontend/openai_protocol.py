@@ -37,6 +37,8 @@ MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 # vLLM's VLLM_MAX_COMPLETION_PROMPTS default: prompts in one /v1/completions request.
 MAX_COMPLETION_PROMPTS = 1024
+# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
 # The most choices (n x prompts) one request may ask for: each is its own generation.
 MAX_CHOICES = 128
 
@@ -290,6 +292,9 @@ def _validate_common(req: _SamplingFields) -> None:
                                      "logit_bias")
     if req.num_choices() > MAX_CHOICES:
         raise errors.bad_request(f"'n' must be at most {MAX_CHOICES}", "n")
+    if req.num_choices() > 1 and req.temperature is not None and req.temperature < GREEDY_BELOW:
+        # vLLM's rule: greedy choices would all be the same answer.
+        raise errors.bad_request(f"n must be 1 when using greedy sampling, got {req.num_choices()}.", "n")
 
 
 def _validate_chat(req: ChatCompletionRequest) -> None:

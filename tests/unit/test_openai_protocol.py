@@ -503,6 +503,7 @@ def test_token_ids_checked_against_the_vocabulary(fields: dict[str, Any], param:
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"temperature": 2.5}, "temperature"),
     ({"top_k": -2}, "top_k"), ({"bad_words": [""]}, "bad_words"), ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"stop_token_ids": [-1]}, "stop_token_ids[0]"), ({"n": 0}, "n"), ({"n": 129}, "n"),
+    ({"n": 2, "temperature": 0}, "n"),  # vLLM: n must be 1 when using greedy sampling
 ])
 def test_sampling_values_refused_as_vllm_refuses_them(fields: dict[str, Any], param: str) -> None:
     error = chat_error(chat(**fields))
