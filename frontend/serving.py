@@ -20,6 +20,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import aclosing
 
 import msgspec
 from aiohttp import web
@@ -339,11 +340,13 @@ class OpenAIServing:
                     elif data:
                         await response.write(data)
             else:
-                async for k, delta in merged([c.text for c in choices]):
-                    latency.observe(delta.token_count)
-                    data = event_bytes(choices[k], encoders[k], delta, endpoint)
-                    if data:
-                        await response.write(data)
+                # Closed on the way out, whatever the way: its readers must not outlive the request.
+                async with aclosing(merged([c.text for c in choices])) as events:
+                    async for k, delta in events:
+                        latency.observe(delta.token_count)
+                        data = event_bytes(choices[k], encoders[k], delta, endpoint)
+                        if data:
+                            await response.write(data)
             if req.include_usage():
                 tail += encoders[0].usage(self._usage(req, choices))
             tail += DONE

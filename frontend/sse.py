@@ -1,10 +1,10 @@
 """Server-sent events for streamed completions, built for per-token speed.
 
-A content chunk differs from the previous one only in its text, so each encoder
-encodes a template chunk once per request, cuts it where the text goes, and per token
-splices ``prefix + json(text) + suffix``: one msgspec string encode and one join. The
-shapes are the Structs in :mod:`dynrt.frontend.openai_protocol`; the rare chunks (role,
-finish, usage) are encoded from them directly.
+A content chunk differs from the previous one only in its text, so each encoder (one
+per choice: ``index``) encodes a template chunk once per request, cuts it where the text
+goes, and per token splices ``prefix + json(text) + suffix``: one msgspec string encode
+and one join. The shapes are the Structs in :mod:`dynrt.frontend.openai_protocol`; the
+rare chunks (role, finish, usage) and chunks with logprobs are encoded from them directly.
 
 Each event is ``data: <json>\\n\\n``; the stream ends with :data:`DONE`. An error after
 the stream has begun is :func:`error_event` (an ``{"error": ...}`` event, then ``DONE``).
