@@ -97,7 +97,10 @@ FinishReason = Literal["stop", "length", "cancelled", "abort"]
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
     """Logprobs of one generated token: the sampled token's, then the ``k`` most likely
-    tokens' ids and logprobs, most likely first (``SamplingParams.logprobs == k``)."""
+    tokens' ids and logprobs, most likely first (``SamplingParams.logprobs == k``; the
+    sampled token is among them only if it ranks in the top ``k``). vLLM's OpenAI server
+    lists the sampled token first, then these without it: ``k`` entries in chat
+    ``top_logprobs``, up to ``k + 1`` in completions ``top_logprobs``."""
 
     logprob: float
     top_ids: list[int] = []

@@ -89,13 +89,12 @@ from dynrt.worker.vllm_prior_output import PROCESSOR_FQCN
 from dynrt.worker.vllm_sampling import (
     finish_reason,
     model_eos_ids,
-    needs_prior_output,
     sampling_kwargs,
     token_logprobs,
 )
 from dynrt.worker.vllm_stats import VllmStepStats
+from dynrt.worker.vllm_structured_resume import ResumeDiagnosis
 from dynrt.worker.vllm_structured_resume import install as install_structured_resume
-from dynrt.worker.vllm_structured_resume import take_failure
 from dynrt.worker.vllm_watchdog import EngineProcessWatchdog, child_pids
 
 log = get_logger("vllm_engine")
@@ -150,6 +149,7 @@ class VllmEngine(Engine):
         # Whether the prior-output logits processor is in the engine (vLLM refuses custom
         # logits processors with speculative decoding).
         self._counts_prior_output = False
+        self._diagnosis: ResumeDiagnosis | None = None
         self.start_seconds = 0.0
 
     def _make_info(self, *, block_size: int, kv_blocks: int, context_length: int, max_num_seqs: int) -> EngineInfo:
@@ -202,6 +202,7 @@ class VllmEngine(Engine):
             self._watchdog.start(child_pids() - children_before)
         self._info = self._info_from(self._llm.vllm_config)
         self._eos_ids = model_eos_ids(self._llm)
+        self._diagnosis = ResumeDiagnosis(self._llm)
         self.start_seconds = time.monotonic() - started
         log.info("vllm_engine_started", seconds=round(self.start_seconds, 1), block_size=self._info.block_size,
                  kv_blocks=self._info.kv_blocks_total, context_length=self._info.context_length,
@@ -292,10 +293,12 @@ class VllmEngine(Engine):
                                   f"context length {context}")
         if request.request_id in self._requests:
             raise RequestRejected(f"duplicate request id {request.request_id!r}")
+        if sampling.logprobs is not None and sampling.logprobs < 0:
+            raise RequestRejected("logprobs must be >= 0")
         if not 0 <= request.num_prior_output_tokens <= len(ids):
             raise RequestRejected("num_prior_output_tokens out of range")
-        if (request.num_prior_output_tokens and not self._counts_prior_output and sampling.structured is None
-                and needs_prior_output(sampling)):
+        if (request.num_prior_output_tokens and not self._counts_prior_output
+                and (sampling.presence_penalty or sampling.frequency_penalty or sampling.bad_words)):
             raise RequestRejected("this engine cannot count a migrated request's prior output for penalties or "
                                   "bad words (speculative decoding)")
 
@@ -347,7 +350,7 @@ class VllmEngine(Engine):
                 if out.finished:
                     finished = True
                     if completion is not None and str(completion.finish_reason) == "error" and sampling.structured:
-                        raise self._grammar_failed(request, vllm_id)
+                        raise await self._grammar_failed(request, params)
                     reason = finish_reason(completion.finish_reason if completion else None, req.stop)
                     if reason == "abort":
                         tokens = []  # a killed request's undelivered tokens are dropped
@@ -378,18 +381,25 @@ class VllmEngine(Engine):
             except Exception:
                 pass
 
-    @staticmethod
-    def _grammar_failed(request: GenerateRequest, vllm_id: str) -> RequestRejected:
+    async def _grammar_failed(self, request: GenerateRequest, params: Any) -> RequestRejected:
         """vLLM finished a structured-output request with "error": its grammar failed
-        (for a migrated request: it could not resume from the prior output)."""
-        reason = take_failure(vllm_id)
-        if request.num_prior_output_tokens:
+        (for a migrated request: it could not resume from the prior output). vLLM gives
+        no reason, so the worker finds it (in a thread: it may compile the grammar)."""
+        k = request.num_prior_output_tokens
+        prior = list(request.token_ids[len(request.token_ids) - k:])
+        reason: str | None = None
+        if self._diagnosis is not None:
+            try:
+                reason = await asyncio.to_thread(self._diagnosis.explain, params.structured_outputs, prior)
+            except Exception as exc:
+                log.warning("structured_output_diagnosis_failed", request_id=request.request_id,
+                            error=f"{type(exc).__name__}: {exc}")
+        if k:
             RESUME_FAILURES.inc()
-            message = reason or ("structured output cannot resume: the grammar refused the "
-                                 f"{request.num_prior_output_tokens} prior output tokens")
+            message = reason or f"structured output cannot resume: the grammar refused the {k} prior output tokens"
             log.warning("structured_output_resume_failed", request_id=request.request_id, reason=message)
             return RequestRejected(message)
-        return RequestRejected(reason or "structured output failed: vLLM could not compile the grammar")
+        return RequestRejected(reason or "structured output failed: vLLM could not build the grammar")
 
     def _kill_after_grace(self, req: _Request) -> None:
         """A stopped request got no step within ``STOP_GRACE_S``: abort it in vLLM. The

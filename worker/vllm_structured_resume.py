@@ -14,13 +14,18 @@ the engine runs a reasoning parser (its output would mix reasoning and constrain
 tokens), the grammar fails with :class:`StructuredOutputResumeError`; vLLM then finishes
 the request with finish reason ``error`` (as for any grammar that fails to compile), and
 the worker answers ``bad_request`` "structured output cannot resume: ..." — never
-unconstrained output.
+unconstrained output. vLLM returns no message with that finish reason, and its engine
+core runs in another process (``AsyncLLM`` always starts one), so the worker finds the
+reason itself: :class:`ResumeDiagnosis` replays the prior output into the same grammar
+in the worker's process (only on that failure path).
 
-Where it is applied: in the worker's process at engine start (in-process engine core,
-CPU hosts), and as a vLLM general plugin (entry point ``vllm.general_plugins`` in
-``pyproject.toml``), which vLLM loads in every process it starts, so a separate engine
-core process (GPU hosts) applies it too. :func:`install` is idempotent, and the wrapper
-is inert for requests without dynrt's key (vLLM's own server on the same host included).
+Where it is applied: as a vLLM general plugin (entry point ``vllm.general_plugins`` in
+``pyproject.toml``), which vLLM loads in every process it starts, the engine core's
+included (``AsyncLLM`` runs its engine core in a child process, on CPU hosts too); and
+in the worker's own process at engine start, for an engine core run in-process.
+:func:`install` is idempotent, and the wrapper is inert for requests without dynrt's
+key (vLLM's own server on the same host included). ``VLLM_PLUGINS``, if set, must name
+``dynrt_structured_resume``.
 """
 
 from __future__ import annotations
@@ -31,28 +36,10 @@ from typing import Any
 from dynrt.worker.vllm_sampling import prior_output_count
 
 _lock = threading.Lock()
-# vLLM request id -> why its grammar could not resume. Read by the worker when the
-# engine core runs in its process; a separate engine core's are not visible (the
-# worker then says so in general terms).
-_failures: dict[str, str] = {}
-_MAX_FAILURES = 1024
 
 
 class StructuredOutputResumeError(ValueError):
     """The request's prior output cannot be replayed into its grammar."""
-
-
-def take_failure(vllm_request_id: str) -> str | None:
-    """Why ``vllm_request_id``'s grammar could not resume (in-process engine core only)."""
-    with _lock:
-        return _failures.pop(vllm_request_id, None)
-
-
-def _record(vllm_request_id: str, reason: str) -> None:
-    with _lock:
-        if len(_failures) >= _MAX_FAILURES:
-            _failures.pop(next(iter(_failures)))
-        _failures[vllm_request_id] = reason
 
 
 def resume_grammar(grammar: Any, request_id: str, prior: list[int]) -> None:
@@ -87,8 +74,9 @@ def _wrap(original: Any) -> Any:
             grammar = original(self, request)
             resume_grammar(grammar, request.request_id, list(prompt[-k:]))
             return grammar
-        except StructuredOutputResumeError as exc:
-            _record(request.request_id, str(exc))
+        except StructuredOutputResumeError:
+            # vLLM logs it ("Failed to compile grammar") and finishes the request with
+            # finish reason "error"; the worker explains it (ResumeDiagnosis).
             raise
 
     _create_grammar.dynrt_resume = True  # type: ignore[attr-defined]
@@ -106,3 +94,37 @@ def install() -> None:
         if getattr(current, "dynrt_resume", False):
             return
         StructuredOutputManager._create_grammar = _wrap(current)  # type: ignore[method-assign]
+
+
+class ResumeDiagnosis:
+    """Why a migrated structured-output request's grammar failed in the engine core,
+    found again in the worker's process: the same checks as the wrapper, on a grammar
+    compiled by vLLM's xgrammar backend (its default) from vLLM's own tokenizer. The
+    backend (the tokenizer's vocabulary as xgrammar sees it) is built on first use."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self._backend: Any = None
+
+    def explain(self, structured: Any, prior: list[int]) -> str | None:
+        """The reason (``structured``: the request's ``StructuredOutputsParams``), or
+        None if these checks pass here."""
+        vllm_config = self._llm.vllm_config
+        if vllm_config.structured_outputs_config.reasoning_parser:
+            return ("structured output cannot resume: the engine runs a reasoning parser, so the prior "
+                    "output's reasoning and constrained parts cannot be told apart")
+        from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+        from vllm.v1.structured_output.request import get_structured_output_key
+
+        if self._backend is None:
+            self._backend = XgrammarBackend(vllm_config, tokenizer=self._llm.tokenizer,
+                                            vocab_size=vllm_config.model_config.get_vocab_size())
+        try:
+            grammar = self._backend.compile_grammar(*get_structured_output_key(structured))
+        except Exception as exc:
+            return f"structured output failed: the grammar does not compile: {exc}"
+        try:
+            resume_grammar(grammar, "dynrt-diagnosis", prior)
+        except StructuredOutputResumeError as exc:
+            return str(exc)
+        return None
