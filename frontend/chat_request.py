@@ -31,6 +31,7 @@ from dynrt.frontend.structured_output import ResponseFormat, StructuredOutputsPa
 from dynrt.frontend.tool_grammar import tool_call_structural_tag
 from dynrt.frontend.tool_parsers import make_tool_call_parser
 from dynrt.frontend.tools import ChatTool, NamedToolChoice, ToolChoice, tool_mode, validate_tools
+from dynrt.runtime.config import FrontendConfig
 from dynrt.runtime.protocol import StructuredOutput
 
 
@@ -42,6 +43,11 @@ class ChatSettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str = ""
     reasoning_parser: str = ""
+
+    @classmethod
+    def from_config(cls, config: FrontendConfig) -> ChatSettings:
+        return cls.of(chat_template=config.chat_template, enable_auto_tool_choice=config.enable_auto_tool_choice,
+                      tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
 
     @classmethod
     def of(cls, *, chat_template: str, enable_auto_tool_choice: bool, tool_call_parser: str,
