@@ -5,7 +5,7 @@ request to the engine's :class:`~dynrt.runtime.protocol.SamplingParams`.
 Decoding (:func:`decode_chat_request`, :func:`decode_completion_request`) either returns
 a valid request or raises an :class:`~dynrt.frontend.errors.OpenAIError` that names the
 offending parameter. Unknown fields are ignored; known fields that would change the
-result and that this server cannot honour (tools, structured output, logit_bias, n > 1,
+result and that this server cannot honour (logit_bias, n > 1,
 logprobs, ...) are rejected with 400, never silently dropped.
 
 ``presence_penalty`` and ``frequency_penalty`` are validated (range [-2, 2]) and accepted
