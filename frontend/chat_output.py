@@ -65,10 +65,16 @@ def parse_message(text: str, rules: ChatOutputRules) -> ParsedMessage:
             content = None if parsed_content is not None and not parsed_content.strip() else parsed_content
         elif rules.tool_mode != "auto" and (content is None or not content.strip()):
             content = None
+        else:
+            content = parsed_content  # the text, or what the parser keeps of it (mistral: the JSON)
         if rules.tool_mode != "auto":
             content = content or ""  # vLLM's message for a forced call: "" rather than null
     return ParsedMessage(content=content, reasoning=reasoning,
-                         tool_calls=[ToolCall(id=new_tool_call_id(), function=call) for call in calls])
+                         tool_calls=[ToolCall(id=_call_id(rules), function=call) for call in calls])
+
+
+def _call_id(rules: ChatOutputRules) -> str:
+    return rules.tool_parser.new_call_id() if rules.tool_parser is not None else new_tool_call_id()
 
 
 def finish_reason_of(rules: ChatOutputRules, tools_called: bool, engine_reason: str, *, streamed: bool) -> str:
@@ -146,7 +152,7 @@ class ChatDeltaAssembler:
             if index >= self._sent_names:
                 if call.name is None:
                     break
-                delta.tool_calls.append(ToolCallDelta(index=index, id=new_tool_call_id(), name=call.name))
+                delta.tool_calls.append(ToolCallDelta(index=index, id=_call_id(rules), name=call.name))
                 self._sent_names += 1
                 self._sent_args.append(0)
             if len(call.arguments) > self._sent_args[index]:

@@ -27,10 +27,16 @@ from dynrt.frontend import errors
 from dynrt.frontend.chat_output import ChatOutputRules
 from dynrt.frontend.chat_template import TemplateOptions, load_chat_template, template_options
 from dynrt.frontend.reasoning import make_reasoning_parser
-from dynrt.frontend.structured_output import ResponseFormat, StructuredOutputsParams, structured_output
-from dynrt.frontend.tool_grammar import tool_call_structural_tag
+from dynrt.frontend.structured_output import (
+    ResponseFormat,
+    StructuredOutputsParams,
+    json_schema_output,
+    structured_output,
+)
+from dynrt.frontend.tool_grammar import mistral_tool_schema, tool_call_structural_tag
 from dynrt.frontend.tool_parsers import make_tool_call_parser
 from dynrt.frontend.tools import ChatTool, NamedToolChoice, ToolChoice, tool_mode, validate_tools
+from dynrt.runtime.config import FrontendConfig
 from dynrt.runtime.protocol import StructuredOutput
 
 
@@ -42,6 +48,11 @@ class ChatSettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str = ""
     reasoning_parser: str = ""
+
+    @classmethod
+    def from_config(cls, config: FrontendConfig) -> ChatSettings:
+        return cls.of(chat_template=config.chat_template, enable_auto_tool_choice=config.enable_auto_tool_choice,
+                      tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)
 
     @classmethod
     def of(cls, *, chat_template: str, enable_auto_tool_choice: bool, tool_call_parser: str,
@@ -100,21 +111,32 @@ def plan_chat(req: ChatFields, settings: ChatSettings) -> ChatPlan:
                                    named_tool_choice=isinstance(req.tool_choice, NamedToolChoice))
     if mode != "none":
         assert req.tools is not None
-        tag = tool_call_structural_tag(parser_name, req.tools, req.tool_choice, req.parallel_tool_calls)
-        if tag is not None:
+        forced = _tool_constraint(parser_name, req.tools, req.tool_choice, req.parallel_tool_calls)
+        if forced is not None:
             if structured is not None:
                 raise errors.unsupported_param(
                     "response_format" if req.response_format is not None else "structured_outputs",
                     "together with a forced or strict tool call is not supported")
-            structured = StructuredOutput(structural_tag=tag)
+            structured = forced
 
     template = template_options(tools=req.tools, add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message,
                                 chat_template_kwargs=req.chat_template_kwargs, chat_template=settings.chat_template)
     output = ChatOutputRules(
         tool_mode=mode,
-        tool_parser=make_tool_call_parser(parser_name) if mode != "none" else None,
+        tool_parser=None if mode == "none" else make_tool_call_parser(parser_name,
+                                                                      forced=mode in ("required", "named")),
         reasoning_parser=make_reasoning_parser(settings.reasoning_parser) if settings.reasoning_parser else None,
         include_reasoning=req.include_reasoning,
     )
     return ChatPlan(template=template, structured=structured, output=output)
+
+
+def _tool_constraint(parser: str, tools: list[ChatTool], tool_choice: ToolChoice | None,
+                     parallel_tool_calls: bool | None) -> StructuredOutput | None:
+    """The constraint vLLM's parser of this name puts on a tool call (tool_grammar.py)."""
+    if parser == "mistral":
+        schema = mistral_tool_schema(tools, tool_choice)
+        return None if schema is None else json_schema_output(schema)
+    tag = tool_call_structural_tag(parser, tools, tool_choice, parallel_tool_calls)
+    return None if tag is None else StructuredOutput(structural_tag=tag)

@@ -194,10 +194,7 @@ class FrontendService:
                                           config=config.routing, sender_id=self.frontend_id)
         self.serving = OpenAIServing(frontend_id=self.frontend_id, routing=self.routing, transport=self.transport,
                                      default_max_tokens=config.default_max_tokens, migration=config.migration,
-                                     chat=ChatSettings.of(chat_template=config.chat_template,
-                                                          enable_auto_tool_choice=config.enable_auto_tool_choice,
-                                                          tool_call_parser=config.tool_call_parser,
-                                                          reasoning_parser=config.reasoning_parser))
+                                     chat=ChatSettings.from_config(config))
         await self.registration.start(wait=30)
         await self.routing.start(wait=30)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)

@@ -164,10 +164,12 @@ class OpenAIServing:
     # -- OpenAI endpoints ---------------------------------------------------------
     async def chat_completion(self, request: web.Request, req: ChatCompletionRequest) -> web.StreamResponse:
         plan = plan_chat(req, self.chat)  # tools, structured output, template options
-        return await self._serve(
-            request, req, "chat",
-            lambda tokenizer: [(tokenizer.apply_chat_template(req.template_messages(), plan.template), "")],
-            structured=plan.structured, output=plan.output if plan.output.needed else None)
+
+        def prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
+            return [(tokenizer.apply_chat_template(req.template_messages(), plan.template), "")]
+
+        return await self._serve(request, req, "chat", prompts, structured=plan.structured,
+                                 output=plan.output if plan.output.needed else None)
 
     async def completion(self, request: web.Request, req: CompletionRequest) -> web.StreamResponse:
         def prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:

@@ -12,6 +12,10 @@ vLLM builds the tag with xgrammar's Python models
 (``vllm/tool_parsers/structural_tag_registry.py``); the frontend does not carry
 xgrammar, so the same JSON is written here by hand, and a test compares it with vLLM's
 for each case.
+
+``mistral`` (vLLM's pre-v11 / Hugging Face tokenizer path, ``vllm/parser/mistral.py``)
+forces ``required`` / named with a JSON schema for the bare call array instead
+(:func:`mistral_tool_schema`), and leaves ``auto`` unconstrained.
 """
 
 from __future__ import annotations
@@ -76,3 +80,19 @@ def _llama(tools: list[ChatTool], choice: ToolChoice, single: bool) -> dict[str,
         return tags[0]
     return {"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags, "at_least_one": choice == "required",
             "stop_after_first": single, "excludes": list(_THINK_TAGS)}
+
+
+def mistral_tool_schema(tools: list[ChatTool], tool_choice: ToolChoice | None) -> dict[str, Any] | None:
+    """vLLM's ``_build_guided_schema_pre_v11``: ``[{"name", "arguments"}, ...]`` for
+    ``required`` (any tool) or a named tool (that tool, at most one call); else ``None``."""
+    extra: dict[str, Any] = {}
+    if isinstance(tool_choice, NamedToolChoice):
+        tools = [tool for tool in tools if tool.function.name == tool_choice.function.name]
+        extra["maxItems"] = 1
+    elif tool_choice != "required":
+        return None
+    any_of = [{"type": "object",
+               "properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                              "arguments": tool.function.parameters or {"type": "object"}},
+               "required": ["name", "arguments"]} for tool in tools]
+    return {"type": "array", "minItems": 1, **extra, "items": {"type": "object", "anyOf": any_of}}

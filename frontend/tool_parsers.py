@@ -3,8 +3,9 @@
 Written by hand: no maintained library parses these formats outside vLLM (vLLM's
 parsers import vLLM's request and tokenizer types, which the frontend image does not
 carry). They follow vLLM 0.32's parsers of the same name
-(``vllm/tool_parsers/{hermes,llama}_tool_parser.py``), and tests compare the two on
-the same texts, streamed and not.
+(``vllm/tool_parsers/{hermes,llama}_tool_parser.py``; ``mistral``: the pre-v11
+``[TOOL_CALLS][...]`` path of ``vllm/parser/mistral.py``), and tests compare the two
+on the same texts, streamed and not.
 
 Each parser is pure and works on the whole text generated so far:
 
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dynrt.frontend.tools import FunctionCall
+from dynrt.frontend.tools import FunctionCall, new_tool_call_id
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 
 
 @dataclass(slots=True)
@@ -40,6 +43,10 @@ class ToolCallParser(Protocol):
 
     def scan(self, text: str, final: bool = False) -> tuple[str, list[PartialCall]]:
         """``final``: ``text`` is the whole output (held-back text may go out)."""
+        ...
+
+    def new_call_id(self) -> str:
+        """An id for a call this parser found (the format the model family uses)."""
         ...
 
 
@@ -65,6 +72,8 @@ def _dumps(value: Any) -> str:
 
 class HermesParser:
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes 2 Pro, Qwen2.5/3)."""
+
+    new_call_id = staticmethod(new_tool_call_id)
 
     start, end = "<tool_call>", "</tool_call>"
     _calls = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
@@ -130,6 +139,7 @@ class Llama3JsonParser:
 
     bot = "<|python_tag|>"
     _decoder = json.JSONDecoder()
+    new_call_id = staticmethod(new_tool_call_id)
     _name = re.compile(r'"name"\s*:\s*"([^"]+)"')
 
     def extract(self, text: str) -> tuple[str | None, list[FunctionCall]]:
@@ -175,9 +185,123 @@ class Llama3JsonParser:
         return "", calls
 
 
-def make_tool_call_parser(name: str) -> ToolCallParser:
+_ALPHANUMERIC = string.ascii_letters + string.digits
+_NAME_KEY = re.compile(r'"name"\s*:\s*"([^"]+)"')
+_ARGUMENTS_KEY = re.compile(r'"arguments"\s*:\s*')
+
+
+class MistralParser:
+    """Mistral's ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`` (tokenizers
+    before v11, the Hugging Face format of Mistral 7B Instruct v0.3 and its kin). With
+    ``forced`` (``tool_choice`` required / named) the output is the bare array the
+    forced JSON schema allows (:mod:`dynrt.frontend.tool_grammar`), without the marker.
+
+    As vLLM's: streamed arguments are the model's own text of the arguments object,
+    non-streamed ones are re-serialized; after the array, streamed text is content."""
+
+    bot = "[TOOL_CALLS]"
+    _decoder = json.JSONDecoder()
+    _array = re.compile(r"\[{.*}\]", re.DOTALL)
+
+    def __init__(self, forced: bool = False) -> None:
+        self.forced = forced
+
+    @staticmethod
+    def new_call_id() -> str:
+        """Mistral's format: 9 alphanumeric characters."""
+        return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+    def extract(self, text: str) -> tuple[str | None, list[FunctionCall]]:
+        content: str | None = None
+        if self.bot in text:
+            content, *segments = text.split(self.bot)
+            body = next((segment.strip() for segment in segments if segment.strip()), "")
+        elif self.forced:
+            body = text.strip()
+        else:
+            return text, []
+        try:
+            parsed, _ = self._decoder.raw_decode(body)
+        except ValueError:
+            try:
+                parsed = json.loads(self._array.findall(body)[0])
+            except (IndexError, ValueError):
+                parsed = None
+        calls = _mistral_calls(parsed)
+        if not calls:
+            return body, []  # vLLM: the JSON after the marker becomes the content
+        return (content if content and content.strip() else None), calls
+
+    def scan(self, text: str, final: bool = False) -> tuple[str, list[PartialCall]]:
+        marker = text.find(self.bot)
+        if marker < 0 and not self.forced:
+            return text if final else text[: len(text) - partial_tag_overlap(text, self.bot)], []
+        content, pos = ("", 0) if marker < 0 else (text[:marker], marker + len(self.bot))
+        body_start = pos + len(text[pos:]) - len(text[pos:].lstrip())
+        calls: list[PartialCall] = []
+        if text.startswith("{", body_start):  # a bare object: one call
+            end = self._element(text, body_start, calls)
+            return content + (text[end:] if end is not None else ""), calls
+        if not text.startswith("[", body_start):
+            return content, calls
+        pos = body_start + 1
+        while True:
+            pos += len(text[pos:]) - len(text[pos:].lstrip(", \n\t\r"))
+            if text.startswith("]", pos):
+                return content + text[pos + 1:], calls
+            if not text.startswith("{", pos):
+                return content, calls
+            end = self._element(text, pos, calls)
+            if end is None:
+                return content, calls
+            pos = end
+
+    def _element(self, text: str, start: int, calls: list[PartialCall]) -> int | None:
+        """Adds the call starting at ``start``; its end, or ``None`` while incomplete."""
+        try:
+            _, end = self._decoder.raw_decode(text, start)
+        except ValueError:
+            end = None
+        element = text[start:end]
+        arguments = _ARGUMENTS_KEY.search(element)
+        name = _NAME_KEY.search(element, 0, arguments.start() if arguments else len(element))
+        if name is None:
+            return end
+        raw = ""
+        if arguments is not None:
+            args_start = start + arguments.end()
+            try:
+                value, args_end = self._decoder.raw_decode(text, args_start)
+                raw = value if isinstance(value, str) else text[args_start:args_end]
+            except ValueError:
+                raw = "" if text.startswith('"', args_start) else text[args_start:]
+        calls.append(PartialCall(name.group(1), raw))
+        return end
+
+
+def _mistral_calls(parsed: Any) -> list[FunctionCall]:
+    """vLLM's ``_pre_v11_function_calls``: a bare object is one call; entries that are
+    not call objects are skipped; string arguments stay as they are."""
+    items = [parsed] if isinstance(parsed, dict) else parsed if isinstance(parsed, list) else []
+    calls: list[FunctionCall] = []
+    for item in items:
+        if not isinstance(item, dict) or not ("name" in item or "arguments" in item):
+            continue
+        name, arguments = item.get("name"), item.get("arguments")
+        if arguments is None:
+            arguments = "{}"
+        elif not isinstance(arguments, str):
+            arguments = _dumps(arguments)
+        calls.append(FunctionCall(name=name if isinstance(name, str) else "", arguments=arguments))
+    return calls
+
+
+def make_tool_call_parser(name: str, *, forced: bool = False) -> ToolCallParser:
+    """``forced``: ``tool_choice`` is required or a named tool."""
     if name == "hermes":
         return HermesParser()
     if name == "llama3_json":
         return Llama3JsonParser()
+    if name == "mistral":
+        return MistralParser(forced)
     raise ValueError(f"unknown tool call parser {name!r}; known: {', '.join(TOOL_CALL_PARSERS)}")

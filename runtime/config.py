@@ -127,7 +127,7 @@ class FrontendConfig(CommonConfig, kw_only=True):
     # Chat: templates, tools, reasoning (vLLM's flags; frontend/chat_request.py)
     chat_template: Annotated[str, _doc("chat template overriding the model's: a file, or the template itself")] = ""
     enable_auto_tool_choice: Annotated[bool, _doc("parse tool calls from the output for tool_choice 'auto' (needs --tool-call-parser)")] = False
-    tool_call_parser: Annotated[Literal["", "hermes", "llama3_json"], _doc("tool-call format the model writes (hermes: also Qwen2.5/3 JSON calls)")] = ""
+    tool_call_parser: Annotated[Literal["", "hermes", "llama3_json", "mistral"], _doc("tool-call format the model writes (hermes: also Qwen2.5/3 JSON calls; mistral: [TOOL_CALLS] before tokenizer v11)")] = ""
     reasoning_parser: Annotated[Literal["", "deepseek_r1"], _doc("fill message.reasoning from <think>...</think> output")] = ""
 
 

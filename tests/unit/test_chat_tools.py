@@ -19,7 +19,7 @@ from dynrt.frontend.errors import OpenAIError
 from dynrt.frontend.openai_protocol import decode_chat_request, decode_completion_request
 from dynrt.frontend.reasoning import ThinkParser
 from dynrt.frontend.structured_output import ResponseFormat, StructuredOutputsParams, structured_output
-from dynrt.frontend.tool_parsers import HermesParser, Llama3JsonParser
+from dynrt.frontend.tool_parsers import HermesParser, Llama3JsonParser, MistralParser
 from dynrt.frontend.tools import FunctionCall, MessageToolCall
 from dynrt.runtime.protocol import StructuredOutput
 
@@ -164,6 +164,18 @@ def test_forced_tool_call_is_a_structural_tag_and_auto_is_free() -> None:
     assert fmt.structured == StructuredOutput(json_object=True) and fmt.output.tool_mode == "auto"
 
 
+def test_mistral_forces_calls_with_a_json_schema() -> None:
+    settings = ChatSettings.of(chat_template="", enable_auto_tool_choice=True, tool_call_parser="mistral",
+                               reasoning_parser="")
+    forced = plan(settings, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert forced.structured is not None and forced.structured.json is not None
+    schema = json.loads(forced.structured.json)
+    assert (schema["type"], schema["maxItems"]) == ("array", 1)
+    parser = forced.output.tool_parser
+    assert isinstance(parser, MistralParser) and parser.forced
+    assert plan(settings, tools=[WEATHER]).structured is None
+
+
 # -- template inputs -------------------------------------------------------------------------
 
 def test_chat_template_setting_is_a_file_or_the_template(tmp_path: Path) -> None:
@@ -236,6 +248,10 @@ TEXTS = [
     ('{"name": "get_weather", "parameters": {"city": "Zürich"}}; {"name": "get_time", "parameters": {}}',
      ChatOutputRules(tool_mode="auto", tool_parser=Llama3JsonParser())),
     ("<think>plain</think>just text with a < sign and <tool but no call", HERMES),
+    ('Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", '
+     '"arguments": {}}]', ChatOutputRules(tool_mode="auto", tool_parser=MistralParser())),
+    ('[{"name": "get_weather", "arguments": {"city": "Oslo"}}]',
+     ChatOutputRules(tool_mode="required", tool_parser=MistralParser(forced=True))),
 ]
 
 
