@@ -88,15 +88,23 @@ def unsupported_param(param: str, why: str = "is not supported by this server") 
     return bad_request(f"'{param}' {why}", param, "unsupported_parameter")
 
 
-def unauthorized() -> OpenAIError:
+def unauthorized(admin: bool = False) -> OpenAIError:
+    """401: no key, or one this endpoint does not take (``admin``: an endpoint that
+    changes state, which takes the admin key when one is configured)."""
+    which = "admin API key" if admin else "API key"
     return OpenAIError(
         401,
-        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+        f"Incorrect or missing {which}. Send it as 'Authorization: Bearer <key>'.",
         "invalid_request_error",
         None,
         "invalid_api_key",
         {"WWW-Authenticate": "Bearer"},
     )
+
+
+def unsupported_media_type(message: str) -> OpenAIError:
+    """415: a body that is not plain JSON (another Content-Type, or compressed)."""
+    return OpenAIError(415, message, "invalid_request_error", code="unsupported_media_type")
 
 
 def model_not_found(model: str) -> OpenAIError:
@@ -144,6 +152,11 @@ def no_instances(model: str, retry_after: float) -> OpenAIError:
 def draining() -> OpenAIError:
     return OpenAIError(503, "This frontend is shutting down; retry on another.", "service_unavailable",
                        code="draining", headers={"Retry-After": "1"})
+
+
+def not_ready(component: str) -> OpenAIError:
+    return OpenAIError(503, f"The {component} is starting; retry shortly.", "service_unavailable",
+                       code="not_ready", headers={"Retry-After": "1"})
 
 
 def worker_failed(reason: str) -> OpenAIError:

@@ -49,7 +49,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None  # extension; -1 or 0: off
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] | None = None  # extension; -1 or 0: off; int32 (msgpack)
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as in the OpenAI API
@@ -167,7 +167,9 @@ def _decode(decoder: msgspec.json.Decoder[R], body: bytes) -> R:
         message, param = _param_of(e)
         target = f"'{param}'" if param else "the request body"
         raise errors.bad_request(f"Invalid value for {target}: {message}", param) from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string and
+        # RecursionError for very deep nesting (in Any-typed fields): malformed input.
         raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
 
 

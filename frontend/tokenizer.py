@@ -44,9 +44,18 @@ class Tokenizer(Protocol):
         """Ids that end generation: EOS and the chat template's end-of-turn token."""
         ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's vocabulary entry (``/tokenize``'s ``token_strs``)."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids ``0 .. vocab_size - 1`` are tokens (added tokens included)."""
+        ...
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """The conversation rendered with the generation prompt, as token ids.
@@ -66,11 +75,20 @@ class MockModelTokenizer:
         self.eos_token_id: int | None = tokenizer.eos_token_id
         self.stop_token_ids: list[int] = [tokenizer.eos_token_id, END_OF_TURN_ID]
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text)  # the mock tokenizer adds no special tokens to text
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(token_ids)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self._tok.decode(token_ids)
+        return b"".join(self._tok.piece(t) for t in token_ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._tok.piece(t).decode("utf-8", errors="backslashreplace") for t in token_ids]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         return self._tok.apply_chat_template([dict(m) for m in messages])
@@ -91,13 +109,20 @@ class HFTokenizer:
             stops.append(end_of_turn)
         self.stop_token_ids: list[int] = stops
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text → ids with the tokenizer's special tokens (BOS if it adds one), as vLLM's
         completions endpoint does."""
-        return self._tok.encode(text)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return list(self._tok.convert_ids_to_tokens(list(token_ids)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         from jinja2 import TemplateError
