@@ -116,9 +116,9 @@ class AuthConfig(msgspec.Struct, kw_only=True):
     the OpenAI endpoints, admin keys for the endpoints that change state. A list setting
     is a repeatable flag, and comma-separated in its environment variable."""
 
-    api_key: Annotated[list[str], _doc("an accepted API key ('Authorization: Bearer KEY'); repeat for several; none = the OpenAI endpoints are open")] = msgspec.field(default_factory=list)
+    api_key: Annotated[list[str], _doc("an accepted API key ('Authorization: Bearer KEY'); none at all = the OpenAI endpoints are open")] = msgspec.field(default_factory=list)
     api_key_file: Annotated[str, _doc("file of accepted API keys, one per line ('#' comments), e.g. a secret")] = ""
-    admin_api_key: Annotated[list[str], _doc("an accepted admin key, for endpoints that change state (POST /busy_threshold); repeatable; none = those endpoints take the API keys")] = msgspec.field(default_factory=list)
+    admin_api_key: Annotated[list[str], _doc("an accepted admin key, for endpoints that change state (POST /busy_threshold); none = those take the API keys (no key at all: open)")] = msgspec.field(default_factory=list)
     admin_api_key_file: Annotated[str, _doc("file of accepted admin keys, one per line")] = ""
 
 
