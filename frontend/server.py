@@ -24,7 +24,6 @@ import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
-from dynrt.frontend.http_guard import AUTO_DECOMPRESS, HttpGuard, error_response
 from dynrt.frontend.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,6 +42,8 @@ from dynrt.runtime.auth import Authenticator
 from dynrt.runtime.config import FrontendConfig
 from dynrt.runtime.discovery import EtcdClient, LeasedRegistration
 from dynrt.runtime.health import live_handler, metrics_handler
+from dynrt.runtime.http_errors import error_response
+from dynrt.runtime.http_guard import AUTO_DECOMPRESS, HttpGuard
 from dynrt.runtime.lifecycle import GracefulShutdown
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import FrontendRecord, encode_json, frontend_key

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 
-from dynrt.frontend import errors
-from dynrt.frontend.http_guard import HttpGuard
 from dynrt.router.cost import BusyThresholds, BusyThresholdSettings
+from dynrt.runtime import http_errors as errors
+from dynrt.runtime.http_guard import HttpGuard
 from dynrt.runtime.log import get_logger
 
 log = get_logger("router")

@@ -40,18 +40,18 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from dynrt.frontend import errors
-from dynrt.frontend.http_guard import HttpGuard, json_errors_middleware
 from dynrt.router.cost import BusyThresholds
 from dynrt.router.http import add_busy_threshold_routes
 from dynrt.router.policies import Busy, Choice
 from dynrt.router.service import RoutingService
 from dynrt.runtime import config as config_flags
-from dynrt.runtime.auth import Authenticator
+from dynrt.runtime import http_errors as errors
 from dynrt.runtime import metrics
+from dynrt.runtime.auth import Authenticator
 from dynrt.runtime.config import RouterConfig, from_args
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.health import HealthServer
+from dynrt.runtime.http_guard import HttpGuard, json_errors_middleware
 from dynrt.runtime.lifecycle import GracefulShutdown, run_main
 from dynrt.runtime.log import get_logger, setup_logging
 from dynrt.runtime.protocol import (

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from dynrt.frontend.http_guard import HttpGuard, json_errors_middleware
+from dynrt.runtime.http_guard import HttpGuard, json_errors_middleware
 from dynrt.runtime import metrics
 from dynrt.runtime.auth import Authenticator
 

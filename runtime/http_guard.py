@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 from prometheus_client import Counter
 
-from dynrt.frontend import errors
+from dynrt.runtime import http_errors as errors
 from dynrt.runtime.auth import Access, Authenticator
 from dynrt.runtime.log import get_logger
 
@@ -102,11 +102,6 @@ def _endpoint(request: web.Request) -> str:
     return resource.canonical if resource is not None else _UNMATCHED
 
 
-def error_response(error: errors.OpenAIError) -> web.Response:
-    return web.Response(body=error.to_body(), status=error.status, content_type="application/json",
-                        headers=error.headers)
-
-
 def json_errors_middleware(guard: HttpGuard) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """For a small HTTP server (the router's system port): the guard's checks, and every
     error as an OpenAI-shaped JSON body."""
@@ -117,12 +112,12 @@ def json_errors_middleware(guard: HttpGuard) -> Callable[[web.Request, Handler],
             guard.check(request)
             return await handler(request)
         except errors.OpenAIError as exc:
-            return error_response(exc)
+            return errors.error_response(exc)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(errors.body_too_large(request.client_max_size))
+            return errors.error_response(errors.body_too_large(request.client_max_size))
         except web.HTTPNotFound:
-            return error_response(errors.not_found(request.path))
+            return errors.error_response(errors.not_found(request.path))
         except web.HTTPMethodNotAllowed:
-            return error_response(errors.method_not_allowed(request.method, request.path))
+            return errors.error_response(errors.method_not_allowed(request.method, request.path))
 
     return middleware
