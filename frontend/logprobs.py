@@ -64,7 +64,7 @@ class TokenTexts(Protocol):
         """One token's text alone, special tokens included."""
         ...
 
-    def decode_with_specials(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 def _clamp(logprob: float) -> float:
@@ -103,7 +103,11 @@ class LogprobRenderer:
         return texts
 
     def _corrected(self, token_id: int) -> str:
-        decode = self._tok.decode_with_specials
+        tok = self._tok
+
+        def decode(ids: list[int]) -> str:
+            return tok.decode(ids, skip_special_tokens=False)  # as vLLM's tokenizer.decode
+
         context = self._context
         for size in range(1, min(len(context), _CONTEXT) + 1):
             window = context[-size:]

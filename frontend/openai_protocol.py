@@ -74,7 +74,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None  # vLLM extension; -1 or 0: off
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] | None = None  # vLLM extension; -1 or 0: off; int32 (msgpack)
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None  # vLLM extension
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
@@ -251,7 +251,9 @@ def _decode(decoder: msgspec.json.Decoder[R], body: bytes) -> R:
                                      "unknown_parameter") from None
         target = f"'{param}'" if param else "the request body"
         raise errors.bad_request(f"Invalid value for {target}: {message}", param) from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string and
+        # RecursionError for very deep nesting (in Any-typed fields): malformed input.
         raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
 
 

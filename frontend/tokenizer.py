@@ -48,9 +48,18 @@ class Tokenizer(Protocol):
         """Ids that end generation: EOS and the chat template's end-of-turn token."""
         ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's vocabulary entry (``/tokenize``'s ``token_strs``)."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids ``0 .. vocab_size - 1`` are tokens (added tokens included)."""
+        ...
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
@@ -63,16 +72,9 @@ class Tokenizer(Protocol):
         """A detokenizer for one output stream; ``context`` is the prompt's ids."""
         ...
 
-    @property
-    def vocab_size(self) -> int:
-        """Token ids are below this."""
-        ...
-
     def token_text(self, token_id: int) -> str:
         """One token's text alone, special tokens included (logprobs' ``token``)."""
         ...
-
-    def decode_with_specials(self, token_ids: Sequence[int]) -> str: ...
 
 
 class MockModelTokenizer:
@@ -83,11 +85,20 @@ class MockModelTokenizer:
         self.eos_token_id: int | None = tokenizer.eos_token_id
         self.stop_token_ids: list[int] = [tokenizer.eos_token_id, END_OF_TURN_ID]
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text)  # the mock tokenizer adds no special tokens to text
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(token_ids)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self._tok.decode(token_ids)
+        return b"".join(self._tok.piece(t) for t in token_ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._tok.piece(t).decode("utf-8", errors="backslashreplace") for t in token_ids]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
@@ -102,21 +113,11 @@ class MockModelTokenizer:
         return ids
 
     def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
-        token_bytes = self._tok.token_bytes if skip_special_tokens else self._bytes_with_specials
+        token_bytes = self._tok.token_bytes if skip_special_tokens else self._tok.piece
         return ByteDetokenizer(token_bytes)  # byte tokens need no context
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.vocab_size
-
-    def _bytes_with_specials(self, token_id: int) -> bytes:
-        return self._tok.token_bytes(token_id) or self._tok.special_name(token_id).encode()
-
     def token_text(self, token_id: int) -> str:
-        return self._bytes_with_specials(token_id).decode("utf-8", errors="replace")
-
-    def decode_with_specials(self, token_ids: Sequence[int]) -> str:
-        return b"".join(self._bytes_with_specials(t) for t in token_ids).decode("utf-8", errors="replace")
+        return self._tok.piece(token_id).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -131,13 +132,20 @@ class HFTokenizer:
             stops.append(end_of_turn)
         self.stop_token_ids: list[int] = stops
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text → ids with the tokenizer's special tokens (BOS if it adds one), as vLLM's
         completions endpoint does."""
-        return self._tok.encode(text)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return list(self._tok.convert_ids_to_tokens(list(token_ids)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
@@ -158,15 +166,8 @@ class HFTokenizer:
         return list(ids)
 
     def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
-        decode = self.decode if skip_special_tokens else self.decode_with_specials
-        return WindowDetokenizer(decode, context[-DETOKENIZER_CONTEXT:])
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok)
-
-    def decode_with_specials(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=False)
+        return WindowDetokenizer(functools.partial(self.decode, skip_special_tokens=skip_special_tokens),
+                                 context[-DETOKENIZER_CONTEXT:])
 
     def token_text(self, token_id: int) -> str:
         """vLLM's ``convert_ids_list_to_tokens``: the decode, with the leading spaces a

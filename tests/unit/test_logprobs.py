@@ -75,7 +75,7 @@ def test_byte_fallback_texts_are_corrected_as_vllm_does(mock: Tokenizer) -> None
     entries = [TokenLogprobs(logprob=-1.0) for _ in ids]
     texts = [e.token for e in LogprobRenderer(mock).chat(ids, entries, top_logprobs=0)]
     # vLLM's correction, run on the same decode, with the same (up to 4) preceding tokens
-    fake = SimpleNamespace(tokenizer=SimpleNamespace(decode=mock.decode_with_specials))
+    fake = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids: mock.decode(ids, skip_special_tokens=False)))
     expected = []
     for i, token_id in enumerate(ids):
         text = mock.token_text(token_id)
