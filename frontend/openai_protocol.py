@@ -69,7 +69,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields common to chat and completions requests."""
 
     model: str
-    stream: bool = False
+    stream: bool | None = False  # null accepted, as vLLM does
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
@@ -160,7 +160,7 @@ class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: PositiveInt | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     functions: Any = None
     function_call: Any = None
@@ -195,7 +195,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     # (msgspec takes one list type in a union: the element kinds are checked after decoding.)
     prompt: str | list[str | TokenId | list[TokenId]]
     max_tokens: PositiveInt | None = 16  # the default of OpenAI's and vLLM's completions API
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None

@@ -242,7 +242,7 @@ class OpenAIServing:
         """Run the choices' generations and answer; account for the request however it
         ends (``arrived``: ``time.monotonic()`` when serving it began)."""
         started = time.monotonic()
-        latency = _Latency(req.model, started, inter_token=req.stream)
+        latency = _Latency(req.model, started, inter_token=bool(req.stream))
         status = "200"
         prompt_tokens = sum(len(c.generation.prompt_ids) for c in choices if c.first_of_prompt(req.num_choices()))
         self.in_flight += 1

@@ -555,3 +555,9 @@ def test_completion_max_tokens_defaults_to_16_as_in_vllm() -> None:
     req = decode_completion_request(completion(max_tokens=None))  # explicit null: fill the context
     assert to_sampling_params(req, prompt_len=1, context_length=100, default_max_tokens=50, stop_token_ids=[],
                               vocab_size=10).max_tokens == 50
+
+
+def test_nulls_accepted_where_vllm_accepts_them() -> None:
+    req = decode_chat_request(chat(stream=None, logprobs=None, top_logprobs=None, n=None, stop=None, seed=None))
+    assert not req.stream and req.top_logprobs_count() is None and req.num_choices() == 1
+    assert not decode_completion_request(completion(echo=None, logprobs=None, stream=None)).echo

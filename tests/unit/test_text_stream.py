@@ -89,3 +89,16 @@ async def test_the_engines_stop_token_counts_but_its_text_is_left_out(include: b
     assert stream.completion_tokens == 3
     stream, deltas, _ = await run([TokenDelta(chars("ab") + [EOS_ID], "stop")])
     assert text(deltas) == "ab" and stream.completion_tokens == 3
+
+
+async def test_skip_special_tokens_false_shows_them() -> None:
+    from dynrt.frontend.tokenizer import load_tokenizer
+    from dynrt.runtime.mock_tokenizer import END_OF_TURN_ID
+    from dynrt.runtime.protocol import TokenizerSpec
+
+    tok = load_tokenizer(TokenizerSpec(kind="mock"))
+    ids = chars("ab") + [END_OF_TURN_ID] + chars("c")
+    for skip, expected in [(True, "abc"), (False, "ab<|end|>c")]:
+        detokenizer = tok.new_detokenizer([], skip_special_tokens=skip)
+        stream = TextStream(Source([TokenDelta(ids, "length")]), detokenizer, [])
+        assert text([d async for d in stream]) == expected
