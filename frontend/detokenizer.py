@@ -7,10 +7,7 @@
   context: vLLM's prefix/read-offset technique. Decode a short window ending at the new
   ids, subtract the decode of the window's already-emitted part, and emit the rest
   unless it ends in U+FFFD (an incomplete character: wait for more ids).
-* :class:`StopStringMatcher` holds back any tail of the text that could begin a stop
-  string, so a stop string split across deltas is still caught and nothing past it is
-  ever emitted. Where stop strings overlap, the result does not depend on how the text
-  was split into deltas.
+* :func:`find_stop` finds where stop strings end the text, as vLLM decides it.
 """
 
 from __future__ import annotations
@@ -82,51 +79,22 @@ class WindowDetokenizer:
         return text[len(prefix_text) :]
 
 
-class StopStringMatcher:
-    """Cuts streamed text at the first occurrence of any stop string.
+def find_stop(text: str, new_chars: int, stops: Sequence[str], include_in_output: bool) -> tuple[int, int] | None:
+    """The first stop string that ends in the last ``new_chars`` characters of ``text``:
+    ``(where the text is cut, where the stop string ends)``, or None.
 
-    ``feed(delta)`` returns ``(text safe to emit now, matched)``. Once matched, the
-    text before the stop string has been returned, the stop string itself is not, and
-    every later call returns ``("", True)``. ``flush()`` returns what was held back as
-    a possible start of a stop string when the stream ends without one.
+    vLLM's ``check_stop_strings``: the stop string that completes earliest wins (ties:
+    the first in ``stops``); the text is cut before it, or after it with
+    ``include_in_output``.
     """
-
-    __slots__ = ("_stops", "_prefixes", "_max_hold", "_held", "_matched")
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        # Every proper prefix of a stop string: a tail of the text equal to one of these
-        # might still become a stop string.
-        self._prefixes = frozenset(s[:i] for s in self._stops for i in range(1, len(s)))
-        self._max_hold = max((len(s) - 1 for s in self._stops), default=0)
-        self._held = ""
-        self._matched = False
-
-    @property
-    def matched(self) -> bool:
-        return self._matched
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        if self._matched:
-            return "", True
-        if not self._stops:
-            return delta, False
-        text = self._held + delta
-        # The stop string that completes first as the text grows wins (the longest, if
-        # several complete at the same character): generation would have ended there.
-        found = [(i + len(s), i) for s in self._stops if (i := text.find(s)) >= 0]
-        if found:
-            _, cut = min(found)
-            self._held = ""
-            self._matched = True
-            return text[:cut], True
-        hold = next(
-            (n for n in range(min(self._max_hold, len(text)), 0, -1) if text[-n:] in self._prefixes),
-            0,
-        )
-        self._held = text[len(text) - hold :]
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
+    if new_chars <= 0:
+        return None
+    best: tuple[int, int] | None = None  # (end, start)
+    for stop in stops:
+        start = text.find(stop, max(0, len(text) + 1 - new_chars - len(stop)))
+        if start != -1 and (best is None or start + len(stop) < best[0]):
+            best = (start + len(stop), start)
+    if best is None:
+        return None
+    end, start = best
+    return (end if include_in_output else start), end

@@ -1,8 +1,10 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
 
 Every failure the frontend reports to a client is an :class:`OpenAIError` built by one
-of the constructors below, so statuses, types and codes stay consistent. Messages are
-written for the client; they never carry a traceback or internal detail.
+of the constructors below (the generic HTTP ones live in ``dynrt.runtime.http_errors``,
+shared with the standalone router, and are re-exported here), so statuses, types and
+codes stay consistent. Messages are written for the client; they never carry a
+traceback or internal detail.
 
 Admission and the migration layer do not speak HTTP: they raise a
 :class:`GenerationError` (``Overloaded``, ``NoLiveInstance``, ``InvalidRequest``,
@@ -13,56 +15,23 @@ error each one is.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
-import msgspec
+from dynrt.runtime.http_errors import (  # the generic HTTP errors, re-exported
+    ErrorDetail,
+    ErrorResponse,
+    OpenAIError,
+    bad_request,
+    body_too_large,
+    internal,
+    method_not_allowed,
+    not_found,
+    not_ready,
+    unauthorized,
+    unsupported_media_type,
+)
 
-
-class ErrorDetail(msgspec.Struct, kw_only=True):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(msgspec.Struct, kw_only=True):
-    error: ErrorDetail
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-class OpenAIError(Exception):
-    """An error response: HTTP ``status``, the OpenAI error object, and extra headers."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers: dict[str, str] = dict(headers or {})
-
-    def detail(self) -> ErrorDetail:
-        return ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
-
-    def to_body(self) -> bytes:
-        return _encode(ErrorResponse(error=self.detail()))
-
-    def __repr__(self) -> str:
-        return (
-            f"OpenAIError({self.status}, {self.message!r}, type={self.type!r}, "
-            f"param={self.param!r}, code={self.code!r})"
-        )
+__all__ = ["ErrorDetail", "ErrorResponse", "OpenAIError", "bad_request", "body_too_large", "internal",
+           "method_not_allowed", "not_found", "not_ready", "unauthorized", "unsupported_media_type"]
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -70,33 +39,9 @@ def _retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def not_found(path: str) -> OpenAIError:
-    return OpenAIError(404, f"Unknown path {path}", "invalid_request_error", code="not_found")
-
-
-def method_not_allowed(method: str, path: str) -> OpenAIError:
-    return OpenAIError(405, f"Method {method} not allowed on {path}", "invalid_request_error",
-                       code="method_not_allowed")
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, "invalid_request_error", param, code)
-
-
 def unsupported_param(param: str, why: str = "is not supported by this server") -> OpenAIError:
     """A field that would change the result and that we cannot honour: never ignored."""
     return bad_request(f"'{param}' {why}", param, "unsupported_parameter")
-
-
-def unauthorized() -> OpenAIError:
-    return OpenAIError(
-        401,
-        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-        "invalid_request_error",
-        None,
-        "invalid_api_key",
-        {"WWW-Authenticate": "Bearer"},
-    )
 
 
 def model_not_found(model: str) -> OpenAIError:
@@ -106,16 +51,6 @@ def model_not_found(model: str) -> OpenAIError:
         "invalid_request_error",
         "model",
         "model_not_found",
-    )
-
-
-def body_too_large(limit_bytes: int) -> OpenAIError:
-    return OpenAIError(
-        413,
-        f"Request body is larger than the limit of {limit_bytes} bytes.",
-        "invalid_request_error",
-        None,
-        "request_too_large",
     )
 
 
@@ -166,12 +101,6 @@ def context_length_exceeded(
         "Please shorten the prompt or lower the completion length.",
         param,
         "context_length_exceeded",
-    )
-
-
-def internal() -> OpenAIError:
-    return OpenAIError(
-        500, "The server had an internal error while processing the request.", "server_error", None, "internal_error"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dynrt.frontend.chat_request import ChatSettings
 from dynrt.runtime import config as config_flags
 from dynrt.runtime.config import FrontendConfig, from_args
 from dynrt.runtime.lifecycle import run_main
@@ -22,5 +23,9 @@ async def _main(config: FrontendConfig) -> int:
 
 def main(args: argparse.Namespace) -> int:
     config = from_args(FrontendConfig, args)
+    try:  # chat flags (template file, parsers) fail here, before connecting anywhere
+        ChatSettings.from_config(config)
+    except ValueError as e:
+        raise SystemExit(f"dynrt frontend: {e}") from None
     setup_logging("frontend", config.log_level)
     return run_main(_main(config))

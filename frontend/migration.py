@@ -51,6 +51,7 @@ from dynrt.runtime.protocol import (
     MigrateFrame,
     SamplingParams,
     TokenFrame,
+    TokenLogprobs,
     encode,
 )
 from dynrt.runtime.transport import (
@@ -82,10 +83,13 @@ _NO_INSTANCE_PATIENCE = 1.0
 
 @dataclass
 class TokenDelta:
-    """New token ids for the client; the last one has ``finish_reason``."""
+    """New token ids for the client; the last one has ``finish_reason``. ``logprobs``
+    (when the request asked for them) has one entry per id, across migrations too: a
+    resent request returns only the tokens after the ones already delivered."""
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class StreamInterrupted(Exception):
@@ -257,6 +261,7 @@ class Generation:
                 window = max(self.config.silence_floor, min(_MAX_SILENCE_WINDOW, _SILENCE_ITL_MULTIPLE * itl))
                 self._last_token_at = now
             token_ids = list(frame.token_ids)
+            logprobs = self._logprobs_of(frame, None)
             finish = frame.finish_reason
             usage = frame.usage
             # Coalesce frames that are already here: fewer, larger SSE writes.
@@ -266,19 +271,33 @@ class Generation:
                     self._stashed = more  # handled on the next turn, after these tokens
                     break
                 token_ids.extend(more.token_ids)
+                logprobs = self._logprobs_of(more, logprobs)
                 finish, usage = more.finish_reason, more.usage
             self.generated.extend(token_ids)
             if usage is not None:
                 self.cached_tokens = max(self.cached_tokens, usage.cached_tokens)
             if finish == "abort":  # aborted on the worker without our asking
                 if token_ids:
-                    yield TokenDelta(token_ids=token_ids)
+                    yield TokenDelta(token_ids=token_ids, logprobs=logprobs)
                 raise StreamInterrupted("aborted")
             if finish == "cancelled":
                 finish = "stop"
-            yield TokenDelta(token_ids=token_ids, finish_reason=finish)
+            yield TokenDelta(token_ids=token_ids, finish_reason=finish, logprobs=logprobs)
             if finish is not None:
                 return
+
+    def _logprobs_of(self, frame: TokenFrame, so_far: list[TokenLogprobs] | None) -> list[TokenLogprobs] | None:
+        """``so_far`` extended by the frame's logprobs, one per token, when requested. A
+        worker that sends none (or too few) is faulty: the request moves elsewhere."""
+        if self.sampling.logprobs is None:
+            return None
+        if not frame.token_ids:
+            return so_far if so_far is not None else []
+        if frame.logprobs is None or len(frame.logprobs) != len(frame.token_ids):
+            log.error("logprobs_missing", request_id=self.request_id, tokens=len(frame.token_ids),
+                      logprobs=len(frame.logprobs or ()))
+            raise StreamInterrupted("engine_error")
+        return frame.logprobs if so_far is None else so_far + frame.logprobs
 
     async def _next_frame(self, stream: ResponseStream, timeout: float) -> Frame | None:
         """The next frame; None if silent for ``timeout``; end of stream or a broken

@@ -1,29 +1,51 @@
 """The OpenAI HTTP API as msgspec Structs: request bodies, their validation, the
-non-streaming responses, streaming chunks, the models list, and the mapping from a
-request to the engine's :class:`~dynrt.runtime.protocol.SamplingParams`.
+non-streaming responses, streaming chunks and the models list (the mapping to the
+engine's ``SamplingParams`` is ``frontend/sampling.py``).
 
 Decoding (:func:`decode_chat_request`, :func:`decode_completion_request`) either returns
 a valid request or raises an :class:`~dynrt.frontend.errors.OpenAIError` that names the
-offending parameter. Unknown fields are ignored; known fields that would change the
-result and that this server cannot honour (tools, structured output, logit_bias, n > 1,
-logprobs, ...) are rejected with 400, never silently dropped.
+offending parameter. Every field of a request is either honoured or refused: an unknown
+field is a 400 naming it (``forbid_unknown_fields``), and a known field this server
+cannot honour (``suffix``, ``best_of`` > 1, ``echo`` with logprobs, ...) is a 400
+saying why. The only fields accepted without effect are :data:`PASS_THROUGH_FIELDS`:
+they never change the output (account metadata, OpenAI storage and tier hints).
 
-``presence_penalty`` and ``frequency_penalty`` are validated (range [-2, 2]) and accepted
-but not applied: the engine's SamplingParams has no penalties. Clients commonly send
-them as 0, which is what the output corresponds to.
+Ranges follow vLLM's own protocol and ``SamplingParams`` checks, so a request vLLM's
+server accepts is accepted here and one it refuses is refused with the same reason.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from dynrt.frontend import errors
-from dynrt.runtime.protocol import SamplingParams
+from dynrt.frontend.chat_template import template_message
+from dynrt.frontend.logprobs import ChatLogprobs, CompletionLogprobs
+from dynrt.frontend.structured_output import (
+    ResponseFormat,
+    StructuredOutputsParams,
+    refuse_guided_fields,
+)
+from dynrt.frontend.tools import ChatTool, MessageToolCall, ToolCall, ToolChoice
 
 MAX_STOP_STRINGS = 16
+# vLLM's default ``--max-logprobs``: the most top logprobs a request may ask for.
+MAX_LOGPROBS = 20
+# vLLM's VLLM_MAX_COMPLETION_PROMPTS default: prompts in one /v1/completions request.
+MAX_COMPLETION_PROMPTS = 1024
+# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+# The most choices (n x prompts) one request may ask for: each is its own generation.
+MAX_CHOICES = 128
+
+# Fields accepted and ignored because they never change the output: OpenAI account and
+# storage metadata that real clients (the openai SDK, LangChain, agent frameworks) send.
+PASS_THROUGH_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key",
+                       "safety_identifier")
 
 # ---------------------------------------------------------------------------
 # Requests
@@ -34,32 +56,56 @@ Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, msgspec.Meta(ge=0)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
+class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM extension: refused when true
+    include_obfuscation: bool = False  # OpenAI: padding field against side channels; no effect here
 
 
-class _SamplingFields(msgspec.Struct, kw_only=True):
+class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields common to chat and completions requests."""
 
     model: str
-    stream: bool = False
+    stream: bool | None = False  # null accepted, as vLLM does
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None  # extension; -1 or 0: off
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] | None = None  # vLLM extension; -1 or 0: off; int32 (msgpack)
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None  # vLLM extension
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None  # vLLM extension
+    logit_bias: dict[str, float] | None = None
+    seed: Int64 | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None  # vLLM extension
+    include_stop_str_in_output: bool = False  # vLLM extension
+    skip_special_tokens: bool = True  # vLLM extension
+    spaces_between_special_tokens: bool = True  # vLLM extension: only the default
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # vLLM extension
     ignore_eos: bool = False  # vLLM extension
-    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as in the OpenAI API
-    stop: str | list[str] | None = None
+    allowed_token_ids: list[TokenId] | None = None  # vLLM extension
+    bad_words: list[str] | None = None  # vLLM extension
     n: PositiveInt | None = None
+    # PASS_THROUGH_FIELDS: accepted, no effect on the output.
     user: str | None = None
-    presence_penalty: Penalty | None = None  # accepted, not applied (module docstring)
-    frequency_penalty: Penalty | None = None  # accepted, not applied (module docstring)
-    # Recognised only to be refused: they change the result and are not supported.
-    logit_bias: Any = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # vLLM's removed guided-decoding fields: refused, naming their structured_outputs
+    # replacement (frontend/structured_output.py)
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+    guided_decoding_backend: Any = None
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The client's completion budget and the name of the field that set it."""
@@ -73,24 +119,38 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def num_choices(self) -> int:
+        return self.n or 1
 
-class ContentPart(msgspec.Struct, kw_only=True):
+    def top_logprobs_count(self) -> int | None:
+        """``SamplingParams.logprobs``: None = no logprobs, k = sampled + k most likely."""
+        raise NotImplementedError
+
+
+class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: str
     text: str | None = None
+    # Known so that they reach the check on ``type``, which refuses non-text parts.
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Role
-    content: str | list[ContentPart] | None  # required, may be null
+    # required, may be null; may be absent in an assistant turn that only calls tools
+    content: str | list[ContentPart] | None | msgspec.UnsetType = msgspec.UNSET
     name: str | None = None
-    tool_calls: Any = None  # refused when non-empty
+    # tools (frontend/tools.py): an assistant turn's calls, and the call a tool message answers
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text; text parts are joined with newlines (as vLLM does)."""
-        if self.content is None:
+        if self.content is None or self.content is msgspec.UNSET:
             return ""
         if isinstance(self.content, str):
             return self.content
@@ -100,40 +160,60 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: PositiveInt | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    # -- tools, structured output, templating: read by frontend/chat_request.py -------
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension
+    chat_template: str | None = None  # vLLM extension; refused (no --trust-request-chat-template)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension
+    add_generation_prompt: bool = True  # vLLM extension
+    continue_final_message: bool = False  # vLLM extension
+    include_reasoning: bool = True  # vLLM extension
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """The conversation as the chat template wants it: ``[{"role", "content"}]``."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation as the chat template wants it (chat_template.template_message)."""
+        return [template_message(m.role, m.text(), name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+                for m in self.messages]
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    # A string, a list holding one string, or token ids (flat, or one list of them).
+    # A string, a list of strings, token ids, or a list of token-id lists.
+    # (msgspec takes one list type in a union: the element kinds are checked after decoding.)
     prompt: str | list[str | TokenId | list[TokenId]]
-    echo: bool = False
+    max_tokens: PositiveInt | None = 16  # the default of OpenAI's and vLLM's completions API
+    echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # -- structured output: read by frontend/structured_output.py ----------------------
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension
 
-    def prompt_input(self) -> str | list[int]:
-        """The prompt as text to tokenize, or as token ids (validated by the decoder)."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """Each prompt, as text to tokenize or as token ids (one choice set per prompt)."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return prompt
-        if len(prompt) == 1 and isinstance(prompt[0], str | list):
-            return prompt[0]
-        return prompt  # type: ignore[return-value]  # token ids: _validate_completion checked
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [prompt]  # type: ignore[list-item]  # one prompt of token ids
+        return list(prompt)  # type: ignore[arg-type]
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 # ---------------------------------------------------------------------------
 # Decoding and validation
@@ -142,21 +222,22 @@ class CompletionRequest(_SamplingFields, kw_only=True):
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 
-_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_FIELD_IN_MESSAGE = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
 
 R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
 
 
 def _param_of(error: msgspec.ValidationError) -> tuple[str, str | None]:
-    """Split msgspec's ``"... - at `$.a[0].b`"`` into (message, "a[0].b")."""
+    """Split msgspec's ``"... - at `$.a[0].b`"`` into (message, "a[0].b"); a missing or
+    unknown field is named in the path."""
     text = str(error)
     message, sep, where = text.rpartition(" - at `")
     path = where.rstrip("`")[2:] if sep else ""  # drop "$." / "$"
     if not sep:
         message = text
-    missing = _MISSING_FIELD.search(message)
-    if missing:
-        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+    named = _FIELD_IN_MESSAGE.search(message)
+    if named:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
     return message, path or None
 
 
@@ -165,33 +246,68 @@ def _decode(decoder: msgspec.json.Decoder[R], body: bytes) -> R:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
         message, param = _param_of(e)
+        if message.startswith("Object contains unknown field"):
+            raise errors.bad_request(f"Unknown parameter '{param}': this server does not support it", param,
+                                     "unknown_parameter") from None
         target = f"'{param}'" if param else "the request body"
         raise errors.bad_request(f"Invalid value for {target}: {message}", param) from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string and
+        # RecursionError for very deep nesting (in Any-typed fields): malformed input.
         raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
 
 
+def _validate_logprobs_count(count: int | None, param: str) -> None:
+    if count is None:
+        return
+    if count < 0 and count != -1:
+        raise errors.bad_request(f"'{param}' must be a positive value or -1", param)
+    if count == -1 or count > MAX_LOGPROBS:  # -1: the whole vocabulary
+        requested = "the whole vocabulary" if count == -1 else str(count)
+        raise errors.bad_request(
+            f"Requested sample logprobs of {requested}, which is greater than max allowed: {MAX_LOGPROBS}", param)
+
+
 def _validate_common(req: _SamplingFields) -> None:
-    if req.n is not None and req.n > 1:
-        raise errors.unsupported_param("n", "greater than 1 is not supported")
-    if req.logit_bias:
-        raise errors.unsupported_param("logit_bias")
     if req.stream_options is not None and not req.stream:
         raise errors.bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise errors.unsupported_param("stream_options.continuous_usage_stats",
+                                       "is not supported: usage is sent once, after the last choice")
     stops = req.stop_strings()
     if len(stops) > MAX_STOP_STRINGS:
         raise errors.bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
     if any(not s for s in stops):
         raise errors.bad_request("Stop strings must not be empty", "stop")
+    if req.bad_words is not None and any(not w for w in req.bad_words):
+        raise errors.bad_request("'bad_words' must not contain an empty string", "bad_words")
+    if req.allowed_token_ids is not None and not req.allowed_token_ids:
+        raise errors.bad_request("'allowed_token_ids' must not be empty", "allowed_token_ids")
+    if req.repetition_penalty is not None and not math.isfinite(req.repetition_penalty):
+        raise errors.bad_request("'repetition_penalty' must be a finite number", "repetition_penalty")
+    if not req.spaces_between_special_tokens:
+        raise errors.unsupported_param("spaces_between_special_tokens", "= false is not supported: the frontend's "
+                                       "detokenizer (fast tokenizers, as vLLM's) does not put spaces between them")
+    for key in req.logit_bias or {}:
+        if not key.lstrip("-").isdigit():
+            raise errors.bad_request(f"logit_bias contains key(s) that cannot be converted to token ids: '{key}'",
+                                     "logit_bias")
+    if req.num_choices() > MAX_CHOICES:
+        raise errors.bad_request(f"'n' must be at most {MAX_CHOICES}", "n")
+    if req.num_choices() > 1 and req.temperature is not None and req.temperature < GREEDY_BELOW:
+        # vLLM's rule: greedy choices would all be the same answer.
+        raise errors.bad_request(f"n must be 1 when using greedy sampling, got {req.num_choices()}.", "n")
 
 
 def _validate_chat(req: ChatCompletionRequest) -> None:
     _validate_common(req)
     if not req.messages:
         raise errors.bad_request("'messages' must contain at least one message", "messages")
+    refuse_guided_fields(req)
     for i, message in enumerate(req.messages):
-        if message.tool_calls:
-            raise errors.unsupported_param(f"messages[{i}].tool_calls", "(tool calling) is not supported")
+        if message.content is msgspec.UNSET and not (message.role == "assistant" and message.tool_calls):
+            raise errors.bad_request("Invalid value for 'messages[{i}].content': Object missing required field "
+                                     "`content`".replace("{i}", str(i)), f"messages[{i}].content")
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type != "text":
@@ -200,43 +316,43 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
                     )
                 if part.text is None:
                     raise errors.bad_request("A text part needs 'text'", f"messages[{i}].content[{j}].text")
-    if req.tools:
-        raise errors.unsupported_param("tools", "(tool calling) is not supported")
     if req.functions:
-        raise errors.unsupported_param("functions", "(function calling) is not supported")
-    if req.tool_choice not in (None, "none"):
-        raise errors.unsupported_param("tool_choice", "(tool calling) is not supported")
+        raise errors.unsupported_param("functions", "(deprecated function calling) is not supported; use 'tools'")
     if req.function_call not in (None, "none"):
-        raise errors.unsupported_param("function_call", "(function calling) is not supported")
-    if req.response_format is not None:
-        kind = req.response_format.get("type") if isinstance(req.response_format, dict) else None
-        if kind != "text":
-            raise errors.unsupported_param(
-                "response_format", "other than {'type': 'text'} (structured output) is not supported"
-            )
-    if req.logprobs:
-        raise errors.unsupported_param("logprobs")
-    if req.top_logprobs:
-        raise errors.unsupported_param("top_logprobs")
+        raise errors.unsupported_param("function_call", "(deprecated function calling) is not supported; use "
+                                       "'tool_choice'")
+    top = req.top_logprobs
+    if top is not None and (top == -1 or top > 0) and not req.logprobs:
+        raise errors.bad_request("when using 'top_logprobs', 'logprobs' must be set to true", "top_logprobs")
+    _validate_logprobs_count(top, "top_logprobs")
 
 
 def _validate_completion(req: CompletionRequest) -> None:
     _validate_common(req)
+    refuse_guided_fields(req)
     prompt = req.prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(p, int) for p in prompt):
-        if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
-            raise errors.unsupported_param("prompt", "with more than one prompt (batching) is not supported")
-        raise errors.bad_request(
-            "'prompt' must be a string, a list of one string, or a list of token ids", "prompt"
-        )
-    if req.echo:
-        raise errors.unsupported_param("echo", "= true is not supported")
+    if prompt == "" or prompt == []:
+        raise errors.bad_request("'prompt' must be provided and non-empty", "prompt")
+    if isinstance(prompt, list) and len({type(p) for p in prompt}) > 1:
+        raise errors.bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
+                                 "lists of token ids", "prompt")
+    inputs = req.prompt_inputs()
+    if len(inputs) > MAX_COMPLETION_PROMPTS:
+        raise errors.bad_request(f"prompt list length {len(inputs)} exceeds the maximum allowed count of "
+                                 f"{MAX_COMPLETION_PROMPTS}", "prompt")
+    if any(len(p) == 0 for p in inputs):
+        raise errors.bad_request("Each prompt must be non-empty", "prompt")
+    if len(inputs) * req.num_choices() > MAX_CHOICES:
+        raise errors.bad_request(f"At most {MAX_CHOICES} choices (prompts x n) per request", "n")
+    if req.echo and req.logprobs is not None:
+        raise errors.unsupported_param("echo", "= true with 'logprobs' is not supported: it needs the prompt's "
+                                       "logprobs, which workers do not compute")
     if req.suffix:
-        raise errors.unsupported_param("suffix")
+        raise errors.unsupported_param("suffix", "is not supported: vLLM supports it only for models with a "
+                                       "fill-in-the-middle renderer, and dynrt has none")
     if req.best_of is not None and req.best_of > 1:
-        raise errors.unsupported_param("best_of", "greater than 1 is not supported")
-    if req.logprobs is not None:
-        raise errors.unsupported_param("logprobs")
+        raise errors.unsupported_param("best_of", "greater than 1 is not supported (vLLM 0.32 removed best_of)")
+    _validate_logprobs_count(req.logprobs, "logprobs")
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -253,54 +369,11 @@ def decode_completion_request(body: bytes) -> CompletionRequest:
     return req
 
 
-def to_sampling_params(
-    req: ChatCompletionRequest | CompletionRequest,
-    *,
-    prompt_len: int,
-    context_length: int,
-    default_max_tokens: int,
-    stop_token_ids: list[int],
-) -> SamplingParams:
-    """The engine's sampling parameters for ``req`` with a prompt of ``prompt_len`` tokens.
-
-    ``max_completion_tokens`` wins over ``max_tokens``; with neither, the completion may
-    fill the context, capped at ``default_max_tokens``. A prompt that leaves no room, or
-    a requested length past the context, is a 400 ``context_length_exceeded``.
-    """
-    prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-    if prompt_len < 1:
-        raise errors.bad_request("The prompt is empty", prompt_param)
-    room = context_length - prompt_len
-    requested, max_param = req.requested_max_tokens()
-    if room < 1:
-        raise errors.context_length_exceeded(context_length, prompt_len, requested, prompt_param)
-    if requested is None:
-        max_tokens = min(room, default_max_tokens)
-    elif requested > room:
-        raise errors.context_length_exceeded(context_length, prompt_len, requested, max_param)
-    else:
-        max_tokens = requested
-    if req.min_tokens > max_tokens:
-        raise errors.bad_request(
-            f"'min_tokens' ({req.min_tokens}) must not exceed the completion length ({max_tokens})", "min_tokens"
-        )
-    return SamplingParams(
-        max_tokens=max_tokens,
-        min_tokens=req.min_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=-1 if not req.top_k else req.top_k,
-        seed=req.seed,
-        stop_token_ids=list(stop_token_ids),
-        ignore_eos=req.ignore_eos,
-    )
-
-
 # ---------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(msgspec.Struct, kw_only=True):
@@ -325,13 +398,16 @@ class UsageInfo(msgspec.Struct, kw_only=True):
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    # Only with tools / a reasoning parser (frontend/chat_output.py); vLLM's names.
+    reasoning: str | None | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -347,7 +423,7 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
 class CompletionChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -372,7 +448,7 @@ class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -388,7 +464,7 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
 class CompletionChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

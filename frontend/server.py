@@ -1,10 +1,13 @@
 """``dynrt frontend``: a stateless OpenAI-compatible HTTP server (aiohttp on uvloop).
 
 This module is the HTTP layer: routes, the error middleware, the operations endpoints
-and the process lifecycle. A request body is decoded and validated here
+and the process lifecycle. Each route has an access level (``dynrt.runtime.auth``:
+open, API key, admin key) that ``http_guard`` checks, with the body's media type,
+before the handler runs. A request body is decoded and validated here
 (``openai_protocol``) and answered by ``dynrt.frontend.serving`` (admission, tokenizing,
-routing, generation through the migration layer, which survives worker failures). The
-frontend registers under an etcd lease so workers abort its requests if it dies.
+routing, generation through the migration layer, which survives worker failures);
+``/tokenize``, ``/detokenize`` and ``/version`` by ``tokenization``. The frontend
+registers under an etcd lease so workers abort its requests if it dies.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_request import ChatSettings
 from dynrt.frontend.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,17 +34,28 @@ from dynrt.frontend.openai_protocol import (
     decode_completion_request,
 )
 from dynrt.frontend.serving import OpenAIServing, json_response
-from dynrt.router.cost import BusyThresholdSettings
+from dynrt.frontend.tokenization import TokenizationRoutes
+from dynrt.router.cost import BusyThresholds
+from dynrt.router.http import add_busy_threshold_routes
 from dynrt.router.service import RoutingService
+from dynrt.runtime import metrics
+from dynrt.runtime.auth import Authenticator
 from dynrt.runtime.config import FrontendConfig
 from dynrt.runtime.discovery import EtcdClient, LeasedRegistration
 from dynrt.runtime.health import live_handler, metrics_handler
+from dynrt.runtime.http_errors import error_response
+from dynrt.runtime.http_guard import AUTO_DECOMPRESS, HttpGuard
 from dynrt.runtime.lifecycle import GracefulShutdown
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import FrontendRecord, encode_json, frontend_key
 from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("frontend")
+
+AUTH_FAILURES = metrics.counter("dynrt_frontend_auth_failures_total",
+                                "HTTP requests refused for a missing or wrong key, by endpoint (route path) and reason "
+                                "(missing: no bearer key; invalid: a key this endpoint does not take)",
+                                ("endpoint", "reason"))
 
 
 class _ModelOnly(msgspec.Struct):
@@ -52,21 +66,18 @@ _model_only_decoder = msgspec.json.Decoder(_ModelOnly)
 _Req = TypeVar("_Req", ChatCompletionRequest, CompletionRequest)
 
 
-def _error_response(error: errors.OpenAIError) -> web.Response:
-    return web.Response(body=error.to_body(), status=error.status, content_type="application/json",
-                        headers=error.headers)
-
-
 class FrontendService:
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
         self.frontend_id = uuid.uuid4().hex[:12]
-        self.api_key = config.api_key or (Path(config.api_key_file).read_text().strip() if config.api_key_file else "")
+        self.authenticator = Authenticator.from_config(config.auth)
+        self.guard = HttpGuard(self.authenticator, AUTH_FAILURES)
         self.etcd = EtcdClient.from_config(config)
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
         self.serving: OpenAIServing | None = None
+        self.tokenization: TokenizationRoutes | None = None
         self.shutdown = GracefulShutdown()
         self.runner: web.AppRunner | None = None
         self.port = config.http_port
@@ -75,14 +86,17 @@ class FrontendService:
     # -- app ----------------------------------------------------------------------
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._error_middleware])
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/live", live_handler)
-        app.router.add_get("/metrics", metrics_handler)
-        app.router.add_get("/busy_threshold", self.get_busy_threshold)
-        app.router.add_post("/busy_threshold", self.set_busy_threshold)
+        route = self.guard.add
+        route(app, "POST", "/v1/chat/completions", self.chat_completions, "api")
+        route(app, "POST", "/v1/completions", self.completions, "api")
+        route(app, "GET", "/v1/models", self.list_models, "api")
+        route(app, "POST", "/tokenize", self.tokenize, "api")
+        route(app, "POST", "/detokenize", self.detokenize, "api")
+        route(app, "GET", "/version", self.show_version, "open")
+        route(app, "GET", "/health", self.health, "open")
+        route(app, "GET", "/live", live_handler, "open")
+        route(app, "GET", "/metrics", metrics_handler, "open")
+        add_busy_threshold_routes(app, self.guard, self._thresholds)  # POST: admin
         return app
 
     @web.middleware
@@ -91,28 +105,26 @@ class FrontendService:
         """Every error is an OpenAI-shaped JSON body with the right status: never a
         stack trace, never an HTML page."""
         try:
-            if request.path.startswith("/v1/") and self.api_key:
-                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
-                    raise errors.unauthorized()
+            self.guard.check(request)  # 401 / 415 before the body is read
             return await handler(request)
         except (errors.OpenAIError, errors.GenerationError) as exc:
             error = exc if isinstance(exc, errors.OpenAIError) else errors.to_openai(exc)
             self._count_rejected(request, error.status)
-            return _error_response(error)
+            return error_response(error)
         except web.HTTPRequestEntityTooLarge:
             self._count_rejected(request, 413)
-            return _error_response(errors.body_too_large(self.config.max_body_bytes))
+            return error_response(errors.body_too_large(self.config.max_body_bytes))
         except web.HTTPNotFound:
-            return _error_response(errors.not_found(request.path))
+            return error_response(errors.not_found(request.path))
         except web.HTTPMethodNotAllowed:
-            return _error_response(errors.method_not_allowed(request.method, request.path))
+            return error_response(errors.method_not_allowed(request.method, request.path))
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except web.HTTPException:
             raise
         except Exception:
             log.exception("unhandled_error", path=request.path)
-            return _error_response(errors.internal())
+            return error_response(errors.internal())
 
     def _count_rejected(self, request: web.Request, status: int) -> None:
         if self.serving is not None:
@@ -127,8 +139,8 @@ class FrontendService:
         except errors.OpenAIError:
             try:
                 self.serving.label_model(request, _model_only_decoder.decode(body).model)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                pass
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+                pass  # UnicodeDecodeError: invalid UTF-8 in a string; RecursionError: deep nesting
             raise
         self.serving.label_model(request, req.model)
         return req
@@ -164,17 +176,22 @@ class FrontendService:
                 "frontend_id": self.frontend_id, "in_flight": self.serving.in_flight, "instances": instances}
         return json_response(body, status=200 if healthy else 503)
 
-    async def get_busy_threshold(self, _: web.Request) -> web.Response:
+    def _thresholds(self) -> BusyThresholds:
         assert self.routing is not None
-        return json_response(self.routing.state.thresholds.settings())
+        return self.routing.state.thresholds
 
-    async def set_busy_threshold(self, request: web.Request) -> web.Response:
-        assert self.routing is not None
-        try:
-            settings = msgspec.json.decode(await request.read(), type=BusyThresholdSettings)
-            return json_response(self.routing.state.thresholds.update(settings))
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-            raise errors.bad_request(str(exc)) from None
+    # -- tokenizer endpoints (vLLM's) ---------------------------------------------------
+    async def tokenize(self, request: web.Request) -> web.Response:
+        assert self.tokenization is not None
+        return await self.tokenization.tokenize(request)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        assert self.tokenization is not None
+        return await self.tokenization.detokenize(request)
+
+    async def show_version(self, request: web.Request) -> web.Response:
+        assert self.tokenization is not None
+        return await self.tokenization.show_version(request)
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,10 +209,13 @@ class FrontendService:
             self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy=config.router_mode,
                                           config=config.routing, sender_id=self.frontend_id)
         self.serving = OpenAIServing(frontend_id=self.frontend_id, routing=self.routing, transport=self.transport,
-                                     default_max_tokens=config.default_max_tokens, migration=config.migration)
+                                     default_max_tokens=config.default_max_tokens, migration=config.migration,
+                                     chat=ChatSettings.from_config(config))
+        self.tokenization = TokenizationRoutes(self.routing, self.serving.known_models)
         await self.registration.start(wait=30)
         await self.routing.start(wait=30)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,
+                                    auto_decompress=AUTO_DECOMPRESS)
         await self.runner.setup()
         site = web.TCPSite(self.runner, config.http_host, config.http_port, reuse_address=True)
         await site.start()
@@ -207,7 +227,7 @@ class FrontendService:
         self.shutdown.add("drain", self._drain, timeout=config.drain_timeout + 5)
         self.shutdown.add("release", self._release, timeout=10)
         log.info("frontend_ready", frontend_id=self.frontend_id, url=f"http://{config.http_host}:{self.port}",
-                 router_mode=config.router_mode, instances=len(self.routing.records))
+                 router_mode=config.router_mode, instances=len(self.routing.records), **self.authenticator.describe())
 
     async def run(self) -> int:
         outcome = await self.shutdown.serve(self.start(), self._release, "frontend")

@@ -20,30 +20,36 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import aclosing
 
 import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_output import ChatDeltaAssembler, ChatOutputRules
+from dynrt.frontend.chat_request import ChatSettings, plan_chat
+from dynrt.frontend.choices import Choice, all_or_none, choice_sampling, event_bytes, merged
+from dynrt.frontend.logprobs import ChatLogprobs, LogprobRenderer, merge_completion
 from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    to_sampling_params,
+    UsageInfo,
 )
+from dynrt.frontend.sampling import to_sampling_params
 from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
+from dynrt.frontend.structured_output import structured_output
 from dynrt.frontend.text_stream import TextStream
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
-from dynrt.runtime.protocol import InstanceRecord
+from dynrt.runtime.protocol import InstanceRecord, StructuredOutput
 from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("frontend")
@@ -126,12 +132,13 @@ class OpenAIServing:
     """Answers chat and completion requests on the instances ``routing`` knows."""
 
     def __init__(self, *, frontend_id: str, routing: RoutingService, transport: NatsTransport,
-                 default_max_tokens: int, migration: MigrationConfig) -> None:
+                 default_max_tokens: int, migration: MigrationConfig, chat: ChatSettings | None = None) -> None:
         self.frontend_id = frontend_id
         self.routing = routing
         self.transport = transport
         self.default_max_tokens = default_max_tokens
         self.migration = migration
+        self.chat = chat or ChatSettings()  # --chat-template, tool-call and reasoning parsers
         self.draining = False  # set on shutdown: new requests are turned away
         self.in_flight = 0
         self.known_models: set[str] = set()  # every model an instance ever served here
@@ -156,33 +163,62 @@ class OpenAIServing:
 
     # -- OpenAI endpoints ---------------------------------------------------------
     async def chat_completion(self, request: web.Request, req: ChatCompletionRequest) -> web.StreamResponse:
-        return await self._serve(request, req, "chat",
-                                 lambda tokenizer: tokenizer.apply_chat_template(req.template_messages()))
+        plan = plan_chat(req, self.chat)  # tools, structured output, template options
+
+        def prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
+            return [(tokenizer.apply_chat_template(req.template_messages(), plan.template), "")]
+
+        return await self._serve(request, req, "chat", prompts, structured=plan.structured,
+                                 output=plan.output if plan.output.needed else None)
 
     async def completion(self, request: web.Request, req: CompletionRequest) -> web.StreamResponse:
-        def prompt_ids(tokenizer: Tokenizer) -> list[int]:
-            prompt = req.prompt_input()
-            return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        def prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
+            """Each prompt's ids, and its text for ``echo`` (token ids are decoded)."""
+            out = []
+            for prompt in req.prompt_inputs():
+                ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                echo = "" if not req.echo else prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+                out.append((ids, echo))
+            return out
 
-        return await self._serve(request, req, "completions", prompt_ids)
+        return await self._serve(request, req, "completions", prompts,
+                                 structured=structured_output(req.response_format, req.structured_outputs))
 
     async def _serve(self, request: web.Request, req: OpenAIRequest, endpoint: str,
-                     prompt_ids_of: Callable[[Tokenizer], list[int]]) -> web.StreamResponse:
+                     prompts_of: Callable[[Tokenizer], list[tuple[list[int], str]]], *,
+                     structured: StructuredOutput | None = None,
+                     output: ChatOutputRules | None = None) -> web.StreamResponse:
+        """``prompts_of``: each prompt's ids and the text to echo before its output;
+        ``output``: how to read a chat output that is more than content (chat_output.py)."""
         arrived = time.monotonic()
         records, tokenizer = await self._admit(req.model)
-        prompt_ids = prompt_ids_of(tokenizer)
+        prompts = prompts_of(tokenizer)
         context_length = min(r.context_length for r in records)
-        sampling = to_sampling_params(req, prompt_len=len(prompt_ids), context_length=context_length,
-                                      default_max_tokens=self.default_max_tokens,
-                                      # ignore_eos: the end-of-turn ids are the chat model's
-                                      # EOS; vLLM would still stop on them if sent as stops.
-                                      stop_token_ids=[] if req.ignore_eos else tokenizer.stop_token_ids)
-        prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
-        generation = Generation(request_id=prefix + uuid.uuid4().hex[:24], model=req.model, prompt_ids=prompt_ids,
-                                sampling=sampling, frontend_id=self.frontend_id, config=self.migration,
-                                transport=self.transport, routing=self.routing,
-                                on_instance_stream=self._track_instance)
-        return await self._generate(request, req, endpoint, generation, tokenizer, arrived)
+        request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        n = req.num_choices()
+        choices: list[Choice] = []
+        for p, (prompt_ids, echo) in enumerate(prompts):
+            sampling = to_sampling_params(req, prompt_len=len(prompt_ids), context_length=context_length,
+                                          default_max_tokens=self.default_max_tokens, vocab_size=tokenizer.vocab_size,
+                                          # ignore_eos: the end-of-turn ids are the chat model's
+                                          # EOS; vLLM would still stop on them if sent as stops.
+                                          stop_token_ids=[] if req.ignore_eos else tokenizer.stop_token_ids)
+            if structured is not None:
+                sampling = msgspec.structs.replace(sampling, structured=structured)
+            for i in range(n):
+                index = p * n + i
+                generation = Generation(
+                    request_id=request_id if len(prompts) * n == 1 else f"{request_id}-{index}", model=req.model,
+                    prompt_ids=prompt_ids, sampling=choice_sampling(sampling, i), frontend_id=self.frontend_id,
+                    config=self.migration, transport=self.transport, routing=self.routing,
+                    on_instance_stream=self._track_instance)
+                text = TextStream(generation, tokenizer.new_detokenizer(prompt_ids, req.skip_special_tokens),
+                                  req.stop_strings(), include_stop_str_in_output=req.include_stop_str_in_output,
+                                  min_tokens=req.min_tokens)
+                renderer = LogprobRenderer(tokenizer) if sampling.logprobs is not None else None
+                choices.append(Choice(index, generation, text, renderer, sampling.logprobs or 0, echo, output,
+                                       None if output is None else ChatDeltaAssembler(output)))
+        return await self._generate(request, req, endpoint, request_id, choices, arrived)
 
     async def _admit(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
         """The model's instances and tokenizer, or the error that turns the request away
@@ -201,24 +237,25 @@ class OpenAIServing:
         tokenizer = await load_tokenizer_async(records[0].tokenizer)
         return records, tokenizer
 
-    async def _generate(self, request: web.Request, req: OpenAIRequest, endpoint: str, generation: Generation,
-                        tokenizer: Tokenizer, arrived: float) -> web.StreamResponse:
-        """Run the generation and answer; account for the request however it ends
-        (``arrived``: ``time.monotonic()`` when serving it began)."""
+    async def _generate(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
+                        choices: list[Choice], arrived: float) -> web.StreamResponse:
+        """Run the choices' generations and answer; account for the request however it
+        ends (``arrived``: ``time.monotonic()`` when serving it began)."""
         started = time.monotonic()
-        text = TextStream(generation, tokenizer.new_detokenizer(generation.prompt_ids), req.stop_strings())
-        latency = _Latency(req.model, started, inter_token=req.stream)
+        latency = _Latency(req.model, started, inter_token=bool(req.stream))
         status = "200"
+        prompt_tokens = sum(len(c.generation.prompt_ids) for c in choices if c.first_of_prompt(req.num_choices()))
         self.in_flight += 1
         IN_FLIGHT.inc()
-        INPUT_TOKENS.labels(req.model).inc(len(generation.prompt_ids))
-        PROMPT_LENGTH.labels(req.model).observe(len(generation.prompt_ids))
+        INPUT_TOKENS.labels(req.model).inc(prompt_tokens)
+        PROMPT_LENGTH.labels(req.model).observe(prompt_tokens)
         try:
-            await generation.start()
+            for choice in choices:
+                await choice.generation.start()
             QUEUE_TIME.labels(req.model).observe(time.monotonic() - arrived)
             if req.stream:
-                return await self._stream(request, req, endpoint, generation, text, latency)
-            return await self._complete(req, endpoint, generation, text, latency)
+                return await self._stream(request, req, endpoint, request_id, choices, latency)
+            return await self._complete(req, endpoint, request_id, choices, latency)
         except errors.GenerationError as exc:
             error = errors.to_openai(exc)
             status = str(error.status)
@@ -226,70 +263,99 @@ class OpenAIServing:
         except (asyncio.CancelledError, ConnectionResetError):
             status = "499"  # client closed the request
             CANCELLATIONS.labels(req.model).inc()
-            log.info("client_disconnected", request_id=generation.request_id, generated=len(generation.generated))
+            log.info("client_disconnected", request_id=request_id,
+                     generated=sum(len(c.generation.generated) for c in choices))
             raise
         finally:
-            await generation.close()
+            for choice in choices:
+                await choice.generation.close()
+            generated = sum(len(c.generation.generated) for c in choices)
             self.in_flight -= 1
             IN_FLIGHT.dec()
-            OUTPUT_TOKENS.labels(req.model).inc(len(generation.generated))
-            OUTPUT_LENGTH.labels(req.model).observe(len(generation.generated))
+            OUTPUT_TOKENS.labels(req.model).inc(generated)
+            OUTPUT_LENGTH.labels(req.model).observe(generated)
             if status == "200":
                 REQUEST_DURATION.labels(req.model).observe(time.monotonic() - arrived)
             REQUESTS.labels(req.model, endpoint, status).inc()
             request[_COUNTED] = True
-            log.info("request_done", request_id=generation.request_id, model=req.model, status=status,
-                     prompt_tokens=len(generation.prompt_ids), completion_tokens=len(generation.generated),
-                     migrations=generation.migrations, seconds=round(time.monotonic() - started, 3))
+            log.info("request_done", request_id=request_id, model=req.model, status=status, choices=len(choices),
+                     prompt_tokens=prompt_tokens, completion_tokens=generated,
+                     migrations=sum(c.generation.migrations for c in choices),
+                     seconds=round(time.monotonic() - started, 3))
 
-    async def _complete(self, req: OpenAIRequest, endpoint: str, generation: Generation, text: TextStream,
+    def _usage(self, req: OpenAIRequest, choices: list[Choice]) -> UsageInfo:
+        """The prompt counted once per prompt (not per choice); completions summed."""
+        n = req.num_choices()
+        firsts = [c for c in choices if c.first_of_prompt(n)]
+        return UsageInfo.of(sum(len(c.generation.prompt_ids) for c in firsts),
+                            sum(c.text.completion_tokens for c in choices),
+                            sum(c.generation.cached_tokens for c in firsts))
+
+    async def _complete(self, req: OpenAIRequest, endpoint: str, request_id: str, choices: list[Choice],
                         latency: _Latency) -> web.Response:
-        parts: list[str] = []
-        async for delta in text:
-            latency.observe(delta.token_count)
-            parts.append(delta.text)
-        content = "".join(parts)
-        usage = text.usage()
+        if len(choices) == 1:
+            await choices[0].collect(latency.observe, endpoint)
+        else:
+            await all_or_none([c.collect(latency.observe, endpoint) for c in choices])
         created = int(time.time())
         if endpoint == "chat":
             body: msgspec.Struct = ChatCompletionResponse(
-                id=generation.request_id, created=created, model=req.model, usage=usage,
-                choices=[ChatChoice(message=AssistantMessage(content=content), finish_reason=text.finish_reason)])
+                id=request_id, created=created, model=req.model, usage=self._usage(req, choices),
+                choices=[ChatChoice(index=c.index, message=c.message(),
+                                    logprobs=None if c.renderer is None else ChatLogprobs(content=c.chat_logprobs),
+                                    finish_reason=c.finish_reason(streamed=False)) for c in choices])  # type: ignore[arg-type]
         else:
-            body = CompletionResponse(id=generation.request_id, created=created, model=req.model, usage=usage,
-                                      choices=[CompletionChoice(text=content, finish_reason=text.finish_reason)])
+            body = CompletionResponse(
+                id=request_id, created=created, model=req.model, usage=self._usage(req, choices),
+                choices=[CompletionChoice(index=c.index, text=c.echo + "".join(c.parts),
+                                          logprobs=None if c.renderer is None else merge_completion(c.completion_logprobs),
+                                          finish_reason=c.text.finish_reason) for c in choices])
         return json_response(body)
 
-    async def _stream(self, request: web.Request, req: OpenAIRequest, endpoint: str, generation: Generation,
-                      text: TextStream, latency: _Latency) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
+                      choices: list[Choice], latency: _Latency) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         created = int(time.time())
-        encoder: ChatChunkEncoder | CompletionChunkEncoder
+        encoders: list[ChatChunkEncoder] | list[CompletionChunkEncoder]
         if endpoint == "chat":
-            encoder = ChatChunkEncoder(generation.request_id, req.model, created)
-            await response.write(encoder.role())
+            encoders = [ChatChunkEncoder(request_id, req.model, created, c.index) for c in choices]
+            await response.write(b"".join(e.role() for e in encoders))  # one role event per choice
+            for c in choices:
+                c.event_header = (request_id, req.model, created)
         else:
-            encoder = CompletionChunkEncoder(generation.request_id, req.model, created)
-        # The closing events (last content, finish, usage, [DONE]) go out together with
-        # the end of the chunked body: one write instead of up to five.
+            encoders = [CompletionChunkEncoder(request_id, req.model, created, c.index) for c in choices]
+            echoes = b"".join(e.content(c.echo) for e, c in zip(encoders, choices) if c.echo)
+            if echoes:
+                await response.write(echoes)
+        # The closing events (last content, finish, usage, [DONE]) of a one-choice
+        # request go out with the end of the chunked body: one write instead of up to five.
         tail = b""
         try:
-            async for delta in text:
-                latency.observe(delta.token_count)
-                if delta.text:
-                    if delta.finish_reason is None:
-                        await response.write(encoder.content(delta.text))
-                    else:
-                        tail = encoder.content(delta.text)
-            tail += encoder.finish(text.finish_reason)
+            if len(choices) == 1:  # the hot path: no merging of streams
+                choice, encoder = choices[0], encoders[0]
+                async for delta in choice.text:
+                    latency.observe(delta.token_count)
+                    data = event_bytes(choice, encoder, delta, endpoint)
+                    if delta.finish_reason is not None:
+                        tail = data
+                    elif data:
+                        await response.write(data)
+            else:
+                # Closed on the way out, whatever the way: its readers must not outlive the request.
+                async with aclosing(merged([c.text for c in choices])) as events:
+                    async for k, delta in events:
+                        latency.observe(delta.token_count)
+                        data = event_bytes(choices[k], encoders[k], delta, endpoint)
+                        if data:
+                            await response.write(data)
             if req.include_usage():
-                tail += encoder.usage(text.usage())
+                tail += encoders[0].usage(self._usage(req, choices))
             tail += DONE
         except errors.GenerationError as exc:
             # The response has started: the error goes in the stream, then [DONE].
             error = errors.to_openai(exc)
-            log.warning("stream_error", request_id=generation.request_id, status=error.status, error=error.message)
+            log.warning("stream_error", request_id=request_id, status=error.status, error=error.message)
             tail += error_event(error)
         await response.write_eof(tail)
         return response

@@ -19,11 +19,14 @@ cached per spec for the life of the process.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_template import TemplateOptions
 from dynrt.frontend.detokenizer import ByteDetokenizer, IncrementalDetokenizer, WindowDetokenizer
 from dynrt.runtime.mock_tokenizer import END_OF_TURN_ID, MockTokenizer, mock_tokenizer
 from dynrt.runtime.protocol import TokenizerSpec
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 # How many prompt ids prime a detokenizer's window (as vLLM does).
 DETOKENIZER_CONTEXT = 5
+_DEFAULT_OPTIONS = TemplateOptions()
 
 
 class Tokenizer(Protocol):
@@ -44,17 +48,32 @@ class Tokenizer(Protocol):
         """Ids that end generation: EOS and the chat template's end-of-turn token."""
         ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """The conversation rendered with the generation prompt, as token ids.
-        Raises a 400 :class:`~dynrt.frontend.errors.OpenAIError` if the template rejects it."""
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's vocabulary entry (``/tokenize``'s ``token_strs``)."""
         ...
 
-    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
+    @property
+    def vocab_size(self) -> int:
+        """Ids ``0 .. vocab_size - 1`` are tokens (added tokens included)."""
+        ...
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
+        """The conversation rendered (by default with the generation prompt), as token
+        ids. Raises a 400 :class:`~dynrt.frontend.errors.OpenAIError` if the template
+        rejects it."""
+        ...
+
+    def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         """A detokenizer for one output stream; ``context`` is the prompt's ids."""
+        ...
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone, special tokens included (logprobs' ``token``)."""
         ...
 
 
@@ -66,17 +85,39 @@ class MockModelTokenizer:
         self.eos_token_id: int | None = tokenizer.eos_token_id
         self.stop_token_ids: list[int] = [tokenizer.eos_token_id, END_OF_TURN_ID]
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text)  # the mock tokenizer adds no special tokens to text
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(token_ids)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self._tok.decode(token_ids)
+        return b"".join(self._tok.piece(t) for t in token_ids).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        return self._tok.apply_chat_template([dict(m) for m in messages])
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._tok.piece(t).decode("utf-8", errors="backslashreplace") for t in token_ids]
 
-    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
-        return ByteDetokenizer(self._tok.token_bytes)  # byte tokens need no context
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
+        """The mock's own format; with a ``--chat-template`` the template's text in
+        mock tokens (so templated tools can be tested without a real model)."""
+        if options.chat_template is not None:
+            return self._tok.encode(_render(options.chat_template, messages, options))
+        ids = self._tok.apply_chat_template([dict(m) for m in messages],
+                                            add_generation_prompt=options.add_generation_prompt)
+        if options.continue_final_message and ids and ids[-1] == END_OF_TURN_ID:
+            ids.pop()
+        return ids
+
+    def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        token_bytes = self._tok.token_bytes if skip_special_tokens else self._tok.piece
+        return ByteDetokenizer(token_bytes)  # byte tokens need no context
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.piece(token_id).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -91,29 +132,66 @@ class HFTokenizer:
             stops.append(end_of_turn)
         self.stop_token_ids: list[int] = stops
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text → ids with the tokenizer's special tokens (BOS if it adds one), as vLLM's
         completions endpoint does."""
-        return self._tok.encode(text)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return list(self._tok.convert_ids_to_tokens(list(token_ids)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            options: TemplateOptions = _DEFAULT_OPTIONS) -> list[int]:
         from jinja2 import TemplateError
 
-        if self._tok.chat_template is None:
+        if self._tok.chat_template is None and options.chat_template is None:
             raise errors.bad_request("This model has no chat template; use /v1/completions", "messages")
         try:
             ids = self._tok.apply_chat_template(
-                [dict(m) for m in messages], tokenize=True, add_generation_prompt=True, return_dict=False
-            )
+                [dict(m) for m in messages], tools=options.tools, chat_template=options.chat_template,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message, tokenize=True, return_dict=False,
+                **options.template_kwargs)
         except TemplateError as e:
             raise errors.bad_request(f"The model's chat template rejected the messages: {e}", "messages") from None
+        except ValueError as e:  # e.g. continue_final_message without a final message to continue
+            raise errors.bad_request(f"The chat template could not render the messages: {e}", "messages") from None
         return list(ids)
 
-    def new_detokenizer(self, context: Sequence[int] = ()) -> IncrementalDetokenizer:
-        return WindowDetokenizer(self.decode, context[-DETOKENIZER_CONTEXT:])
+    def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return WindowDetokenizer(functools.partial(self.decode, skip_special_tokens=skip_special_tokens),
+                                 context[-DETOKENIZER_CONTEXT:])
+
+    def token_text(self, token_id: int) -> str:
+        """vLLM's ``convert_ids_list_to_tokens``: the decode, with the leading spaces a
+        SentencePiece (Metaspace) decode strips put back from the vocabulary piece."""
+        text = self._tok.decode([token_id], skip_special_tokens=False) or ""
+        marker = self._space_marker
+        if marker is None:
+            return text
+        piece = self._tok.convert_ids_to_tokens(token_id) or ""
+        markers = len(piece) - len(piece.lstrip(marker))
+        missing = markers - (len(text) - len(text.lstrip(" ")))
+        return " " * missing + text if missing > 0 else text
+
+    @functools.cached_property
+    def _space_marker(self) -> str | None:
+        """The Metaspace replacement character of the tokenizer's pre-tokenizer, if any."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+        for step in [pre, *pre.get("pretokenizers", [])]:
+            if step.get("type") == "Metaspace":
+                return step.get("replacement", "\u2581")
+        return None
 
     def _end_of_turn_id(self) -> int | None:
         """The special token the template puts right after an assistant message
@@ -135,6 +213,23 @@ class HFTokenizer:
         if ids and ids[0] in self._tok.all_special_ids:
             return ids[0]
         return None
+
+
+def _render(template: str, messages: Sequence[Mapping[str, Any]], options: TemplateOptions) -> str:
+    """``template`` rendered by the Jinja setup Transformers uses for chat templates."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template(
+            [[dict(m) for m in messages]], tools=options.tools, chat_template=template,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, **options.template_kwargs)
+    except TemplateError as e:
+        raise errors.bad_request(f"The chat template rejected the messages: {e}", "messages") from None
+    except ValueError as e:
+        raise errors.bad_request(f"The chat template could not render the messages: {e}", "messages") from None
+    return rendered[0]
 
 
 # ---------------------------------------------------------------------------

@@ -59,9 +59,9 @@ RETRY_AFTER_MIN = 1
 RETRY_AFTER_MAX = 30
 
 
-class BusyThresholdSettings(msgspec.Struct, kw_only=True):
+class BusyThresholdSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """JSON body of ``GET /busy_threshold`` (every field set) and ``POST /busy_threshold``
-    (only the fields to change; ``null`` disables that rule)."""
+    (only the fields to change; ``null`` disables that rule; an unknown field is an error)."""
 
     kv_usage: float | None | msgspec.UnsetType = msgspec.UNSET
     queue_depth: int | None | msgspec.UnsetType = msgspec.UNSET

@@ -24,7 +24,9 @@ A ``RouteRequest`` with an empty ``model`` is a probe: answered with
 find out that the router is back).
 
 SIGTERM/SIGINT: unsubscribe (frontends switch to bypass at once), then close.
-Health, readiness and Prometheus metrics on ``--system-port``.
+Health, readiness and Prometheus metrics on ``--system-port``, and ``GET``/``POST
+/busy_threshold`` (``dynrt.router.http``: the thresholds this router sheds load with;
+``POST`` takes the admin key, see ``dynrt.runtime.auth``).
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from dynrt.router.cost import BusyThresholds
+from dynrt.router.http import add_busy_threshold_routes
 from dynrt.router.policies import Busy, Choice
 from dynrt.router.service import RoutingService
 from dynrt.runtime import config as config_flags
+from dynrt.runtime import http_errors as errors
 from dynrt.runtime import metrics
+from dynrt.runtime.auth import Authenticator
 from dynrt.runtime.config import RouterConfig, from_args
 from dynrt.runtime.discovery import EtcdClient
 from dynrt.runtime.health import HealthServer
+from dynrt.runtime.http_guard import HttpGuard, json_errors_middleware
 from dynrt.runtime.lifecycle import GracefulShutdown, run_main
 from dynrt.runtime.log import get_logger, setup_logging
 from dynrt.runtime.protocol import (
@@ -73,6 +80,9 @@ DECISION_SECONDS = metrics.histogram(
 COMPLETIONS = metrics.counter("dynrt_router_completions_total", "request completions reported by frontends")
 INSTANCES = metrics.gauge("dynrt_router_instances", "live instances in the router's view")
 INDEXED_BLOCKS = metrics.gauge("dynrt_router_indexed_blocks", "distinct KV block hashes in the index")
+AUTH_FAILURES = metrics.counter("dynrt_router_auth_failures_total",
+                                "HTTP requests refused for a missing or wrong key, by endpoint and reason",
+                                ("endpoint", "reason"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +95,12 @@ class StandaloneRouter:
         self.etcd = EtcdClient.from_config(config)
         self.transport: NatsTransport | None = None
         self.routing: RoutingService | None = None
-        self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
+        self.authenticator = Authenticator.from_config(config.auth)
+        guard = HttpGuard(self.authenticator, AUTH_FAILURES)
+        self.health_server = HealthServer(self._health, host=config.host, port=config.system_port,
+                                          middlewares=[json_errors_middleware(guard)])
+        guard.mark(self.health_server.app.router.routes(), "open")  # /live, /health, /metrics
+        add_busy_threshold_routes(self.health_server.app, guard, self._thresholds)
         self.shutdown = GracefulShutdown()
         self.serving = False
         self.synced = False
@@ -120,7 +135,8 @@ class StandaloneRouter:
         self.shutdown.add("release", self._release, timeout=10)
         log.info("router_ready", subject=router_subject(ns), system_port=system_port,
                  instances=len(self.routing.records), indexed_blocks=len(self.routing.state.index),
-                 synced=self.synced, startup_seconds=round(time.monotonic() - started, 3))
+                 synced=self.synced, startup_seconds=round(time.monotonic() - started, 3),
+                 **self.authenticator.describe())
 
     async def run(self) -> int:
         outcome = await self.shutdown.serve(self.start(), self._release, "router")
@@ -204,6 +220,11 @@ class StandaloneRouter:
             self.routing.state.expire_assignments(ASSIGNMENT_TTL)
             INSTANCES.set(len(self.routing.records))
             INDEXED_BLOCKS.set(len(self.routing.state.index))
+
+    def _thresholds(self) -> BusyThresholds:
+        if self.routing is None:
+            raise errors.not_ready("router")
+        return self.routing.state.thresholds
 
     # -- health -----------------------------------------------------------------------
     def _health(self) -> tuple[bool, dict[str, Any]]:

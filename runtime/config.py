@@ -111,11 +111,21 @@ class MigrationConfig(msgspec.Struct, kw_only=True):
     down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
 
 
+class AuthConfig(msgspec.Struct, kw_only=True):
+    """Who may call a component's HTTP endpoints (``dynrt.runtime.auth``): API keys for
+    the OpenAI endpoints, admin keys for the endpoints that change state. A list setting
+    is a repeatable flag, and comma-separated in its environment variable."""
+
+    api_key: Annotated[list[str], _doc("an accepted API key ('Authorization: Bearer KEY'); none at all = the OpenAI endpoints are open")] = msgspec.field(default_factory=list)
+    api_key_file: Annotated[str, _doc("file of accepted API keys, one per line ('#' comments), e.g. a secret")] = ""
+    admin_api_key: Annotated[list[str], _doc("an accepted admin key, for endpoints that change state (POST /busy_threshold); none = those take the API keys (no key at all: open)")] = msgspec.field(default_factory=list)
+    admin_api_key_file: Annotated[str, _doc("file of accepted admin keys, one per line")] = ""
+
+
 class FrontendConfig(CommonConfig, kw_only=True):
     http_host: Annotated[str, _doc("HTTP bind address")] = "127.0.0.1"
     http_port: Annotated[int, _doc("HTTP port")] = 8000
-    api_key: Annotated[str, _doc("require 'Authorization: Bearer KEY' (empty = no auth)")] = ""
-    api_key_file: Annotated[str, _doc("read the API key from this file (e.g. a secret)")] = ""
+    auth: Annotated[AuthConfig, _group()] = msgspec.field(default_factory=AuthConfig)
     max_body_bytes: Annotated[int, _doc("largest request body accepted (413 beyond)")] = 4 * 1024 * 1024
     drain_timeout: Annotated[float, _doc("SIGTERM: seconds to let open streams finish")] = 30.0
     default_max_tokens: Annotated[int, _doc("max_tokens when the client gives none")] = 4096
@@ -124,6 +134,11 @@ class FrontendConfig(CommonConfig, kw_only=True):
     # The policy is a choice here (--router-mode): the help names the policy a setting is for.
     routing: Annotated[RoutingConfig, _group(name_policy=True)] = msgspec.field(default_factory=RoutingConfig)
     migration: Annotated[MigrationConfig, _group()] = msgspec.field(default_factory=MigrationConfig)
+    # Chat: templates, tools, reasoning (vLLM's flags; frontend/chat_request.py)
+    chat_template: Annotated[str, _doc("chat template overriding the model's: a file, or the template itself")] = ""
+    enable_auto_tool_choice: Annotated[bool, _doc("parse tool calls from the output for tool_choice 'auto' (needs --tool-call-parser)")] = False
+    tool_call_parser: Annotated[Literal["", "hermes", "llama3_json", "mistral"], _doc("tool-call format the model writes (hermes: also Qwen2.5/3 JSON calls; mistral: [TOOL_CALLS] before tokenizer v11)")] = ""
+    reasoning_parser: Annotated[Literal["", "deepseek_r1"], _doc("fill message.reasoning from <think>...</think> output")] = ""
 
 
 class ControllerConfig(CommonConfig, kw_only=True):
@@ -136,7 +151,13 @@ class ControllerConfig(CommonConfig, kw_only=True):
 class RouterConfig(CommonConfig, kw_only=True):
     host: Annotated[str, _doc("address the system (health/metrics) server binds")] = "127.0.0.1"
     routing: Annotated[RoutingConfig, _group()] = msgspec.field(default_factory=RoutingConfig)
-    system_port: Annotated[int, _doc("health/metrics port (0 = pick a free one)")] = 0
+    system_port: Annotated[int, _doc("health/metrics/busy_threshold port (0 = pick a free one)")] = 0
+    # POST /busy_threshold on the system port takes an admin key (API keys: when no admin key is set)
+    auth: Annotated[AuthConfig, _group()] = msgspec.field(default_factory=AuthConfig)
+
+
+def _is_list(type_: Any) -> bool:
+    return typing.get_origin(type_) is list
 
 
 def _flag(name: str) -> str:
@@ -182,9 +203,13 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[msgspec.Str
         field = setting.field
         if field.name in skip:
             continue
-        default = "unset" if field.default is None else repr(field.default)
+        default = "unset" if field.default is None else repr(
+            field.default_factory() if field.default is msgspec.NODEFAULT else field.default)
         help_text = f"{setting.description} (default {default}; env {_env_name(field.name)})"
-        if setting.type is bool:
+        if _is_list(setting.type):
+            help_text = f"{setting.description} (repeatable; env {_env_name(field.name)}, comma-separated)"
+            parser.add_argument(_flag(field.name), dest=field.name, default=None, action="append", help=help_text)
+        elif setting.type is bool:
             parser.add_argument(_flag(field.name), dest=field.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -199,8 +224,10 @@ def from_args(config_type: type[T], args: argparse.Namespace | None = None, **ov
     for setting in _settings(config_type):
         name = setting.field.name
         target = values if setting.group is None else values.setdefault(setting.group, {})
-        env_value = os.environ.get(_env_name(name))
+        env_value: str | list[str] | None = os.environ.get(_env_name(name))
         if env_value is not None:
+            if _is_list(setting.type):
+                env_value = [item.strip() for item in env_value.split(",") if item.strip()]
             target[name] = env_value
         flag_value = getattr(args, name, None) if args is not None else None
         if flag_value is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -61,15 +61,18 @@ def add_health_routes(app: web.Application, check: HealthCheck) -> None:
 class HealthServer:
     """``/live``, ``/health``, ``/metrics`` on ``host:port`` (port 0 = pick one)."""
 
-    def __init__(self, check: HealthCheck, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.app = web.Application()
+    def __init__(self, check: HealthCheck, host: str = "127.0.0.1", port: int = 0,
+                 middlewares: Sequence[Any] = ()) -> None:
+        """``middlewares``: for a component that adds routes of its own to ``app``."""
+        self.app = web.Application(middlewares=middlewares)
         add_health_routes(self.app, check)
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # auto_decompress off: no route here takes a compressed body (never inflate one)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

@@ -111,6 +111,11 @@ class MockTokenizer:
             return b""
         return self._pieces[token_id]
 
+    def piece(self, token_id: int) -> bytes:
+        """A token's vocabulary entry, special tokens included (``<bos>``); empty for an
+        id outside the vocabulary."""
+        return self._pieces[token_id] if 0 <= token_id < self.vocab_size else b""
+
     def decode_bytes(self, token_ids: Iterable[int]) -> bytes:
         return b"".join(self.token_bytes(t) for t in token_ids)
 

@@ -394,20 +394,26 @@ async def test_request_errors_are_openai_shaped(cluster: Cluster) -> None:
     status, _, body = await post(comp, {"model": MODEL})
     assert_error(status, body, 400, param="prompt", message_has="prompt")
 
-    # semantic fields this server cannot honour are refused, never ignored
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    for field, value in [("tools", [tool]), ("response_format", schema), ("response_format", {"type": "json_object"}),
-                         ("logit_bias", {"300": 10}), ("n", 2)]:
-        status, _, body = await post(chat, {**chat_body(), field: value})
-        assert_error(status, body, 400, param=field, code="unsupported_parameter", message_has=field)
-    for field, value in [("logit_bias", {"300": 10}), ("n", 3), ("echo", True), ("best_of", 2)]:
-        status, _, body = await post(comp, {"model": MODEL, "prompt": PROMPT, field: value})
-        assert_error(status, body, 400, param=field, code="unsupported_parameter", message_has=field)
+    # semantic fields this server cannot honour are refused, never ignored (tools and
+    # response_format: tests/integration/test_chat_tools.py; logprobs, n:
+    # tests/integration/test_openai_choices.py)
+    for fields, param in [({"best_of": 2}, "best_of"), ({"suffix": "x"}, "suffix"),
+                          ({"echo": True, "logprobs": 1}, "echo")]:
+        status, _, body = await post(comp, {"model": MODEL, "prompt": PROMPT, **fields})
+        assert_error(status, body, 400, param=param, code="unsupported_parameter", message_has=param)
+    # unknown fields are named, at any depth; never silently dropped
+    for body_, param in [({**chat_body(), "repetition_penalti": 1.1}, "repetition_penalti"),
+                         ({**chat_body(), "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+                          "stream_options.x"),
+                         ({**chat_body(), "messages": [{"role": "user", "content": "hi", "nam": "a"}]},
+                          "messages[0].nam")]:
+        status, _, body = await post(chat, body_)
+        assert_error(status, body, 400, param=param, code="unknown_parameter", message_has=param)
     # ... and the openai client sees them as BadRequestError with the same body
     with pytest.raises(openai.BadRequestError) as info:
-        await cluster.client().chat.completions.create(model=MODEL, messages=MESSAGES, n=2)  # type: ignore[arg-type]
-    assert info.value.status_code == 400 and info.value.param == "n" and info.value.code == "unsupported_parameter"
+        await cluster.client().chat.completions.create(model=MODEL, messages=MESSAGES,  # type: ignore[arg-type]
+                                                       extra_body={"guided_jsn": {}})
+    assert info.value.status_code == 400 and info.value.param == "guided_jsn" and info.value.code == "unknown_parameter"
 
     # prompt + max_tokens over the context length (256)
     prompt_tokens = chat_prompt_tokens(chat_body()["messages"])
@@ -676,7 +682,7 @@ async def test_metrics_count_rejected_requests(cluster: Cluster) -> None:
     before = parse_metrics(await fe.metrics_text())
     status, _, _ = await post(f"{fe.url}/v1/chat/completions", chat_body(max_tokens=CONTEXT_LENGTH))
     assert status == 400
-    status, _, _ = await post(f"{fe.url}/v1/completions", {"model": MODEL, "prompt": PROMPT, "n": 2})
+    status, _, _ = await post(f"{fe.url}/v1/completions", {"model": MODEL, "prompt": PROMPT, "best_of": 2})
     assert status == 400
     after = parse_metrics(await fe.metrics_text())
     counted = {endpoint: metric(after, "dynrt_frontend_requests_total", model=MODEL, endpoint=endpoint, status="400")

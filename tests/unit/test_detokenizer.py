@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from dynrt.frontend.detokenizer import ByteDetokenizer, StopStringMatcher, WindowDetokenizer
+from dynrt.frontend.detokenizer import ByteDetokenizer, WindowDetokenizer, find_stop
 from dynrt.frontend.migration import TokenDelta
 from dynrt.frontend.text_stream import TextDelta, TextStream
 from dynrt.frontend.tokenizer import load_tokenizer
@@ -79,95 +79,20 @@ def test_window_detokenizer_flushes_broken_tail() -> None:
     assert detok.flush() == "\ufffd"
 
 
-# --- stop strings ---------------------------------------------------------------------
+# --- stop strings (vLLM's rules: tests/unit/test_text_stream.py runs them in a stream) --
 
 
-def run(matcher: StopStringMatcher, deltas: Sequence[str]) -> tuple[str, bool]:
-    out: list[str] = []
-    for delta in deltas:
-        text, matched = matcher.feed(delta)
-        out.append(text)
-        if matched:
-            return "".join(out), True
-    out.append(matcher.flush())
-    return "".join(out), False
+def test_find_stop_earliest_end_then_list_order() -> None:
+    assert find_stop("hello world", 11, ["world", "lo"], False) == (3, 5)
+    assert find_stop("xabc", 4, ["bc", "abc"], False) == (2, 4)  # tie on "c": the first listed
+    assert find_stop("xabc", 4, ["abc", "bc"], False) == (1, 4)
+    assert find_stop("xabc", 4, ["abc"], True) == (4, 4)  # included: cut after it
 
 
-def test_no_stop_strings_passes_through() -> None:
-    matcher = StopStringMatcher([])
-    assert matcher.feed("abc") == ("abc", False)
-    assert matcher.flush() == ""
-
-
-def test_stop_within_one_delta() -> None:
-    assert run(StopStringMatcher(["STOP"]), ["hello STOP world"]) == ("hello ", True)
-
-
-def test_stop_split_across_deltas() -> None:
-    matcher = StopStringMatcher(["STOP"])
-    assert matcher.feed("hello S") == ("hello ", False)
-    assert matcher.feed("T") == ("", False)
-    assert matcher.feed("OP and more") == ("", True)
-    assert matcher.matched
-    assert matcher.feed("later") == ("", True)
-    assert matcher.flush() == ""
-
-
-def test_stop_split_one_char_per_delta() -> None:
-    text = "abc<|end|>def"
-    assert run(StopStringMatcher(["<|end|>"]), list(text)) == ("abc", True)
-
-
-def test_stop_at_very_start() -> None:
-    assert run(StopStringMatcher(["Hi"]), ["Hi there"]) == ("", True)
-    assert run(StopStringMatcher(["Hi"]), ["H", "i there"]) == ("", True)
-
-
-def test_false_start_is_released() -> None:
-    matcher = StopStringMatcher(["STOP"])
-    assert matcher.feed("ST") == ("", False)
-    assert matcher.feed("ART") == ("START", False)
-    assert matcher.feed(" ST") == (" ", False)
-    assert matcher.flush() == "ST"
-
-
-def test_overlapping_prefixes() -> None:
-    # "aab": after "aa" a failed match must still find the stop one character later.
-    assert run(StopStringMatcher(["aab"]), ["a", "a", "a", "b", "x"]) == ("a", True)
-    assert run(StopStringMatcher(["abab"]), ["ab", "ab", "ab"]) == ("", True)
-    assert run(StopStringMatcher(["abab"]), ["xaba", "bab"]) == ("x", True)
-
-
-@pytest.mark.parametrize(
-    ("stops", "text", "expected"),
-    [
-        (["world", "lo"], "hello world", "hel"),
-        (["abc", "b"], "abc", "a"),  # "b" is complete one character before "abc"
-        (["ab", "abcd"], "xabcd", "x"),  # one stop a prefix of another: the shorter ends first
-        (["bc", "abc"], "xabc", "x"),  # both complete on "c": the longer one is cut
-        (["cd", "bcde"], "abcdef", "ab"),
-    ],
-)
-def test_multiple_stop_strings_first_completed_wins(stops: list[str], text: str, expected: str) -> None:
-    """Same answer whether the text arrives whole, char by char, or in pairs."""
-    for step in (len(text), 1, 2):
-        deltas = [text[i : i + step] for i in range(0, len(text), step)]
-        assert run(StopStringMatcher(stops), deltas) == (expected, True), step
-
-
-def test_multiple_stop_strings_hold_longest_possible_prefix() -> None:
-    matcher = StopStringMatcher(["xyz", "yq"])
-    assert matcher.feed("axy") == ("a", False)  # "xy" could start "xyz"
-    assert matcher.feed("q") == ("x", True)  # ... but "yq" completed
-
-
-def test_no_match_returns_everything() -> None:
-    text = "a stream that never stops, with S and ST and STO in it"
-    assert run(StopStringMatcher(["STOP"]), [text[i : i + 3] for i in range(0, len(text), 3)]) == (text, False)
-
-
-def test_stop_with_non_ascii() -> None:
-    assert run(StopStringMatcher(["日本"]), ["héllo 日", "本 🙂"]) == ("héllo ", True)
+def test_find_stop_looks_only_at_new_text() -> None:
+    assert find_stop("STOP and more", 4, ["STOP"], False) is None  # it ended before the new text
+    assert find_stop("xxSTOP", 1, ["STOP"], False) == (2, 6)  # ... but may begin before it
+    assert find_stop("STOP", 0, ["STOP"], False) is None
 
 
 # --- text stream: the one loop both response paths read -----------------------------
@@ -219,21 +144,22 @@ async def test_text_stream_flushes_held_text_at_the_finish() -> None:
     ids = ids_of("ends with EN")  # "EN" might have begun "END": held back until the end
     stream, source = text_stream([TokenDelta(ids[:-1]), TokenDelta(ids[-1:], "length")], stops=["END"])
     deltas = await read_all(stream)
-    assert deltas[0].text == "ends with "  # the mock model's last two ids are "E", "N"
+    assert deltas[0].text == "ends with"  # len("END") - 1 characters held back, as vLLM does
     assert "".join(d.text for d in deltas) == "ends with EN"
     assert (deltas[-1].finish_reason, stream.finish_reason) == ("length", "length")
     assert [d.token_count for d in deltas] == [len(ids) - 1, 1]
-    assert stream.usage().completion_tokens == len(ids) == len(source.generated)
-    assert stream.usage().prompt_tokens == 3
+    assert stream.completion_tokens == len(ids) == len(source.generated)
 
 
 async def test_text_stream_never_splits_a_character() -> None:
     ids = ids_of(MULTIBYTE)
-    stream, _ = text_stream([TokenDelta([i]) for i in ids[:-1]] + [TokenDelta(ids[-1:], "stop")])
+    # The engine's stop token (EOS, id 2) ends the last delta: counted, no text.
+    stream, _ = text_stream([TokenDelta([i]) for i in ids[:-1]] + [TokenDelta([ids[-1], 2], "stop")])
     deltas = await read_all(stream)
     assert "".join(d.text for d in deltas) == MULTIBYTE
     assert not any("\ufffd" in d.text for d in deltas)
     assert stream.finish_reason == "stop"
+    assert stream.completion_tokens == len(ids) + 1
 
 
 async def test_text_stream_without_a_finish_reason_ends_as_length() -> None:

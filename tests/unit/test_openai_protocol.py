@@ -23,8 +23,8 @@ from dynrt.frontend.openai_protocol import (
     UsageInfo,
     decode_chat_request,
     decode_completion_request,
-    to_sampling_params,
 )
+from dynrt.frontend.sampling import to_sampling_params
 from dynrt.runtime.protocol import SamplingParams
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -87,7 +87,9 @@ def test_chat_request_full() -> None:
             tools=[],
             tool_choice="none",
             response_format={"type": "text"},
-            some_future_field={"x": 1},
+            metadata={"k": "v"},
+            store=False,
+            service_tier="auto",
         )
     )
     assert isinstance(req, ChatCompletionRequest)
@@ -110,12 +112,13 @@ def test_chat_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "expected"),
-    [("hello", "hello"), (["hello"], "hello"), ([1, 2, 3], [1, 2, 3]), ([[4, 5]], [4, 5])],
+    [("hello", ["hello"]), (["hello"], ["hello"]), ([1, 2, 3], [[1, 2, 3]]), ([[4, 5]], [[4, 5]]),
+     (["a", "b"], ["a", "b"]), ([[1], [2, 3]], [[1], [2, 3]])],
 )
-def test_completion_prompt_forms(prompt: Any, expected: str | list[int]) -> None:
+def test_completion_prompt_forms(prompt: Any, expected: list[str | list[int]]) -> None:
     req = decode_completion_request(completion(prompt=prompt, stop=["a", "b"], echo=False))
     assert isinstance(req, CompletionRequest)
-    assert req.prompt_input() == expected
+    assert req.prompt_inputs() == expected
     assert req.stop_strings() == ["a", "b"]
 
 
@@ -195,27 +198,16 @@ def test_missing_prompt() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-        ({"logit_bias": {"50256": -100}}, "logit_bias"),
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0].type",
         ),
-        (
-            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
-            "messages[0].tool_calls",
-        ),
     ],
 )
+# tools, tool_choice, response_format and history tool_calls are supported now:
+# tests/unit/test_chat_tools.py and test_structured_output.py.
 def test_chat_unsupported_fields_rejected(fields: dict[str, Any], param: str) -> None:
     error = chat_error(chat(**fields))
     assert error.status == 400
@@ -232,14 +224,11 @@ def test_chat_unsupported_fields_rejected(fields: dict[str, Any], param: str) ->
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"echo": True}, "echo"),
+        ({"echo": True, "logprobs": 1}, "echo"),
         ({"suffix": "tail"}, "suffix"),
         ({"best_of": 2}, "best_of"),
-        ({"n": 3}, "n"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [[1], [2]]}, "prompt"),
+        ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
+        ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ],
 )
 def test_completion_unsupported_fields_rejected(fields: dict[str, Any], param: str) -> None:
@@ -334,7 +323,8 @@ def test_error_messages() -> None:
 def params(body: bytes, prompt_len: int = 10, context: int = 100, default: int = 50) -> SamplingParams:
     req = decode_chat_request(body)
     return to_sampling_params(
-        req, prompt_len=prompt_len, context_length=context, default_max_tokens=default, stop_token_ids=[2, 7]
+        req, prompt_len=prompt_len, context_length=context, default_max_tokens=default, stop_token_ids=[2, 7],
+        vocab_size=1000,
     )
 
 
@@ -384,10 +374,12 @@ def test_context_length_exceeded() -> None:
 def test_completion_context_param_and_empty_prompt() -> None:
     req = decode_completion_request(completion())
     with pytest.raises(OpenAIError) as info:
-        to_sampling_params(req, prompt_len=100, context_length=100, default_max_tokens=16, stop_token_ids=[])
+        to_sampling_params(req, prompt_len=100, context_length=100, default_max_tokens=16, stop_token_ids=[],
+                           vocab_size=1000)
     assert info.value.param == "prompt"
     with pytest.raises(OpenAIError) as info:
-        to_sampling_params(req, prompt_len=0, context_length=100, default_max_tokens=16, stop_token_ids=[])
+        to_sampling_params(req, prompt_len=0, context_length=100, default_max_tokens=16, stop_token_ids=[],
+                           vocab_size=1000)
     assert (info.value.status, info.value.param) == (400, "prompt")
 
 
@@ -469,3 +461,103 @@ def test_openai_client_types_parse_responses() -> None:
         usage=UsageInfo.of(1, 1),
     )
     assert Completion.model_validate_json(msgspec.json.encode(completion_body)).choices[0].text == "x"
+
+
+# --- issue 16: every sampling field, unknown fields, logprobs, n ----------------------
+
+
+def test_every_sampling_field_is_mapped() -> None:
+    sp = params(chat(temperature=0.3, top_p=0.8, top_k=7, min_p=0.05, presence_penalty=0.5, frequency_penalty=-1,
+                     repetition_penalty=1.2, logit_bias={"5": 250, "6": -3.5}, seed=11, stop_token_ids=[9, 2],
+                     allowed_token_ids=[5, 6, 9], bad_words=["bad"], logprobs=True, top_logprobs=3, min_tokens=1,
+                     max_completion_tokens=12))
+    assert sp == SamplingParams(
+        max_tokens=12, min_tokens=1, temperature=0.3, top_p=0.8, top_k=7, min_p=0.05, presence_penalty=0.5,
+        frequency_penalty=-1.0, repetition_penalty=1.2, logit_bias={5: 100.0, 6: -3.5},  # clamped as vLLM does
+        allowed_token_ids=[5, 6, 9], bad_words=["bad"], seed=11, stop_token_ids=[9, 2, 7], logprobs=3)
+    assert params(chat(logprobs=True)).logprobs == 0  # the sampled token's only
+    assert params(chat()).logprobs is None
+    comp = decode_completion_request(completion(logprobs=2))
+    assert to_sampling_params(comp, prompt_len=1, context_length=100, default_max_tokens=4, stop_token_ids=[],
+                              vocab_size=10).logprobs == 2
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logit_bias": {"1000": 1}}, "logit_bias"), ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"allowed_token_ids": [999, 1000]}, "allowed_token_ids"), ({"stop_token_ids": [1000]}, "stop_token_ids"),
+])
+def test_token_ids_checked_against_the_vocabulary(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        params(chat(**fields))
+    assert (info.value.status, info.value.param) == (400, param)
+    assert "1000" in info.value.message or "-1" in info.value.message
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs=true, as in vLLM
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # vLLM's default max_logprobs is 20
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -2}, "top_logprobs"),
+    ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"temperature": 2.5}, "temperature"),
+    ({"top_k": -2}, "top_k"), ({"bad_words": [""]}, "bad_words"), ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids[0]"), ({"n": 0}, "n"), ({"n": 129}, "n"),
+    ({"n": 2, "temperature": 0}, "n"),  # vLLM: n must be 1 when using greedy sampling
+])
+def test_sampling_values_refused_as_vllm_refuses_them(fields: dict[str, Any], param: str) -> None:
+    error = chat_error(chat(**fields))
+    assert (error.status, error.param) == (400, param)
+
+
+def test_completion_logprobs_limit_and_echo() -> None:
+    assert completion_error(completion(logprobs=21)).param == "logprobs"
+    assert decode_completion_request(completion(logprobs=20)).top_logprobs_count() == 20
+    assert decode_completion_request(completion(echo=True, best_of=1)).echo
+    assert completion_error(completion(prompt=["a", [1]])).param == "prompt"
+    assert completion_error(completion(prompt=["a", ""])).param == "prompt"
+    assert completion_error(completion(prompt=["a"] * 65, n=2)).param == "n"  # 130 choices
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (chat(repetition_penalti=1), "repetition_penalti"),
+    (chat(guided_jsn={}), "guided_jsn"),
+    (chat(stream=True, stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
+    (chat(messages=[{"role": "user", "content": "x", "extra": 1}]), "messages[0].extra"),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x", "extra": 1}]}]),
+     "messages[0].content[0].extra"),
+    (completion(best_of=1, use_beam_search=False), "use_beam_search"),
+])
+def test_unknown_fields_are_named(body: bytes, param: str) -> None:
+    decode = decode_completion_request if b'"prompt"' in body else decode_chat_request
+    with pytest.raises(OpenAIError) as info:
+        decode(body)
+    detail = body_of(info.value)
+    assert (info.value.status, detail["param"], detail["code"]) == (400, param, "unknown_parameter")
+    assert param in detail["message"]
+
+
+def test_pass_through_fields_are_accepted() -> None:
+    from dynrt.frontend.openai_protocol import PASS_THROUGH_FIELDS
+
+    values = {"user": "u", "metadata": {"a": "b"}, "store": True, "service_tier": "default",
+              "prompt_cache_key": "k", "safety_identifier": "s"}
+    assert set(values) == set(PASS_THROUGH_FIELDS)
+    decode_chat_request(chat(**values))
+    decode_completion_request(completion(**values))
+    decode_chat_request(chat(stream=True, stream_options={"include_usage": True, "include_obfuscation": False}))
+
+
+def test_completion_max_tokens_defaults_to_16_as_in_vllm() -> None:
+    req = decode_completion_request(completion())
+    assert to_sampling_params(req, prompt_len=1, context_length=100, default_max_tokens=50, stop_token_ids=[],
+                              vocab_size=10).max_tokens == 16
+    req = decode_completion_request(completion(max_tokens=None))  # explicit null: fill the context
+    assert to_sampling_params(req, prompt_len=1, context_length=100, default_max_tokens=50, stop_token_ids=[],
+                              vocab_size=10).max_tokens == 50
+
+
+def test_nulls_accepted_where_vllm_accepts_them() -> None:
+    req = decode_chat_request(chat(stream=None, logprobs=None, top_logprobs=None, n=None, stop=None, seed=None))
+    assert not req.stream and req.top_logprobs_count() is None and req.num_choices() == 1
+    assert not decode_completion_request(completion(echo=None, logprobs=None, stream=None)).echo
