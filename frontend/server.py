@@ -211,7 +211,7 @@ class FrontendService:
         self.serving = OpenAIServing(frontend_id=self.frontend_id, routing=self.routing, transport=self.transport,
                                      default_max_tokens=config.default_max_tokens, migration=config.migration,
                                      chat=ChatSettings.from_config(config))
-        self.tokenization = TokenizationRoutes(self.routing, self.serving.known_models)
+        self.tokenization = TokenizationRoutes(self.routing, self.serving.known_models, self.serving.chat)
         await self.registration.start(wait=30)
         await self.routing.start(wait=30)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True,

@@ -11,11 +11,13 @@ the frontend serves one model. Answer: ``{"count", "max_model_len", "tokens",
 null). ``/detokenize``: ``{"tokens": [ids]}`` → ``{"prompt": text}``, special tokens
 kept (vLLM's ``tokenizer.decode`` default); an id outside the vocabulary is a 400.
 
-Fields vLLM accepts that dynrt cannot honour yet are a 400 naming the field (never
-ignored): for ``messages``, a chat template other than the model's
-(``chat_template``, ``chat_template_kwargs``), ``tools``, ``continue_final_message``,
-``add_generation_prompt: false``, ``add_special_tokens: true``, multimodal kwargs.
-Unknown fields are a 400 too. Unknown model: 404, as the chat route.
+With ``messages``, ``tools``, ``chat_template_kwargs``, ``add_generation_prompt`` and
+``continue_final_message`` render as on the chat endpoint (the server's
+``--chat-template``; a per-request ``chat_template`` is refused as vLLM refuses it
+without ``--trust-request-chat-template``). Fields vLLM accepts that dynrt cannot honour
+are a 400 naming the field (never ignored): ``add_special_tokens: true`` with
+``messages`` (dynrt's templates yield ids, not text to re-tokenize) and the multimodal
+kwargs. Unknown fields are a 400 too. Unknown model: 404, as the chat route.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import msgspec
 from aiohttp import web
 
 from dynrt.frontend import errors
+from dynrt.frontend.chat_request import ChatSettings
+from dynrt.frontend.chat_template import template_options
 from dynrt.frontend.openai_protocol import decode_chat_request
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
 from dynrt.router.service import RoutingService
@@ -52,24 +56,17 @@ class TokenizeChatRequest(_Request, kw_only=True, forbid_unknown_fields=True):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     return_token_strs: bool | None = False
-    # Accepted by vLLM; refused here unless left at their defaults (module docstring).
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    # Accepted by vLLM; refused here unless left at their defaults (module docstring).
     media_io_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
 
     def refused_field(self) -> tuple[str, str] | None:
         """The first field set to a value this server cannot honour, and why."""
-        if self.continue_final_message and self.add_generation_prompt:
-            return "continue_final_message", "cannot be true together with 'add_generation_prompt'"
         checks = [
-            ("add_generation_prompt", not self.add_generation_prompt, "= false is not supported"),
-            ("continue_final_message", self.continue_final_message, "= true is not supported"),
             ("add_special_tokens", self.add_special_tokens, "= true is not supported with 'messages'"),
-            ("chat_template", self.chat_template is not None, "(a per-request template) is not supported"),
-            ("chat_template_kwargs", bool(self.chat_template_kwargs), "is not supported"),
-            ("tools", bool(self.tools), "is not supported on /tokenize"),
             ("media_io_kwargs", bool(self.media_io_kwargs), "(multimodal input) is not supported"),
             ("mm_processor_kwargs", bool(self.mm_processor_kwargs), "(multimodal input) is not supported"),
         ]
@@ -143,11 +140,13 @@ def _convert(obj: dict[str, Any], type_: type[Any]) -> Any:
 class TokenizationRoutes:
     """Handlers for ``/tokenize``, ``/detokenize`` and ``/version``."""
 
-    def __init__(self, routing: RoutingService, known_models: set[str]) -> None:
+    def __init__(self, routing: RoutingService, known_models: set[str], chat: ChatSettings) -> None:
         """``known_models``: models an instance ever served here (a 503, not a 404, when
-        such a model has no live instance right now)."""
+        such a model has no live instance right now); ``chat``: the chat endpoint's
+        settings (``--chat-template``)."""
         self.routing = routing
         self.known_models = known_models
+        self.chat = chat
         self.version = importlib.metadata.version("dynrt")
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -160,7 +159,7 @@ class TokenizationRoutes:
             if refused is not None:
                 raise errors.unsupported_param(*refused)
             model, records, tokenizer = await self._model(chat.model)
-            ids = chat_prompt_ids(tokenizer, model, chat.messages)
+            ids = chat_prompt_ids(tokenizer, model, chat, self.chat)
             strs = chat.return_token_strs
         elif "prompt" in obj:
             completion: TokenizeCompletionRequest = _convert(obj, TokenizeCompletionRequest)
@@ -199,8 +198,20 @@ class TokenizationRoutes:
         return model, records, await load_tokenizer_async(records[0].tokenizer)
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, model: str, messages: list[Any]) -> list[int]:
-    """The prompt ids ``/v1/chat/completions`` builds for ``messages``: the messages are
-    validated by the chat endpoint's own decoder and rendered as it renders them."""
-    chat = decode_chat_request(_encode({"model": model, "messages": messages}))
-    return tokenizer.apply_chat_template(chat.template_messages())
+def chat_prompt_ids(tokenizer: Tokenizer, model: str, req: TokenizeChatRequest, settings: ChatSettings) -> list[int]:
+    """The prompt ids ``/v1/chat/completions`` builds for these messages and template
+    fields: validated by the chat endpoint's own decoder and rendered as it renders them
+    (tools are rendered into the prompt; no tool-call parser is needed to count them)."""
+    body: dict[str, Any] = {"model": model, "messages": req.messages, "add_generation_prompt": req.add_generation_prompt,
+                            "continue_final_message": req.continue_final_message}
+    for name in ("tools", "chat_template", "chat_template_kwargs"):
+        if getattr(req, name) is not None:
+            body[name] = getattr(req, name)
+    chat = decode_chat_request(_encode(body))
+    if chat.chat_template is not None:  # as the chat endpoint (and vLLM without --trust-request-chat-template)
+        raise errors.bad_request("Chat template is passed with request, but --trust-request-chat-template is not "
+                                 "set. Refused request with untrusted chat template.", "chat_template")
+    options = template_options(tools=chat.tools, add_generation_prompt=chat.add_generation_prompt,
+                               continue_final_message=chat.continue_final_message,
+                               chat_template_kwargs=chat.chat_template_kwargs, chat_template=settings.chat_template)
+    return tokenizer.apply_chat_template(chat.template_messages(), options)

@@ -269,6 +269,9 @@ async def test_tokenize_detokenize_round_trip(dep: Deployment) -> None:
     status, body = await request(dep, "POST", f"{fe.url}/tokenize", {"model": MODEL, "messages": MESSAGES},
                                  headers=key)
     assert status == 200 and body["tokens"] == TOK.apply_chat_template(MESSAGES)
+    status, plain = await request(dep, "POST", f"{fe.url}/tokenize",
+                                  {"messages": MESSAGES, "add_generation_prompt": False}, headers=key)
+    assert status == 200 and plain["tokens"] == TOK.apply_chat_template(MESSAGES, add_generation_prompt=False)
     status, chat = await request(dep, "POST", f"{fe.url}/v1/chat/completions",
                                  {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}, headers=key)
     assert status == 200 and chat["usage"]["prompt_tokens"] == body["count"]
@@ -289,10 +292,10 @@ async def test_tokenizer_endpoints_refuse_bad_requests(dep: Deployment) -> None:
         ("/tokenize", {"prompt": 5}, 400, "prompt", None),
         ("/tokenize", {"messages": "hi"}, 400, "messages", None),
         ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role", None),
-        ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ 1 }}"}, 400, "chat_template",
+        ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ 1 }}"}, 400, "chat_template", None),
+        ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "add_special_tokens",
          "unsupported_parameter"),
-        ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}, 400, "add_generation_prompt",
-         "unsupported_parameter"),
+        ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, 400, "continue_final_message", None),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]", None),
         ("/detokenize", {"tokens": [5, TOK.vocab_size]}, 400, "tokens[1]", None),
         ("/detokenize", {"tokens": [2**64]}, 400, "tokens[0]", None),
