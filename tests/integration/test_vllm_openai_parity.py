@@ -169,12 +169,15 @@ class Deployment:
         return worker
 
     async def live_workers(self, count: int) -> None:
-        """At least ``count`` workers registered (waiting for replacements if need be)."""
-        while sum(w.proc is not None and w.proc.poll() is None for w in self.workers) < count:
+        """At least ``count`` workers registered (waiting for replacements if need be),
+        and the frontend sees every live one."""
+        alive = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        while len(alive) < count:
             assert self.replacements, "no replacement worker is starting"
             await self.replacements.pop(0)
+            alive = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
         assert self.frontend is not None
-        await self.frontend.wait_instances(count, timeout=60)
+        await self.frontend.wait_instances(len(alive), timeout=60)
 
 
 def with_model(case: Case, model: str, *, stream: bool) -> dict[str, Any]:
