@@ -41,7 +41,7 @@ if importlib.util.find_spec("vllm") is None:
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 WORKERS = 3
-KILL_AFTER_EVENTS = 8  # content events a stream has delivered when its worker is killed
+KILL_AFTER_EVENTS = 8  # output events a stream has delivered when its worker is killed (default)
 
 PERSON_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -94,6 +94,7 @@ class Case:
     migrate: bool = False
     schema: dict[str, Any] | None = None
     streamable: bool = True
+    kill_after: int = KILL_AFTER_EVENTS  # output events before the worker is killed
     status: int = 200  # vLLM's server answers this status; dynrt must too
 
 
@@ -126,9 +127,9 @@ CASES: list[Case] = [
          migrate=True, schema=PERSON_SCHEMA),
     Case("tool_auto_parsed", CHAT, {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": "auto",
                                     "structured_outputs": {"regex": FORCED_CALL_REGEX}, "max_tokens": 60,
-                                    "temperature": 0}, migrate=True),
+                                    "temperature": 0}, migrate=True, kill_after=2),
     Case("tool_required", CHAT, {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": "required",
-                                 "max_tokens": 60, "temperature": 0}, migrate=True),
+                                 "max_tokens": 60, "temperature": 0}, migrate=True, kill_after=2),
     Case("tool_named", CHAT, {"messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "max_tokens": 60,
                               "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
                               "temperature": 0}),
@@ -187,6 +188,11 @@ def with_model(case: Case, model: str, *, stream: bool) -> dict[str, Any]:
     return body
 
 
+def _has_output(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta", {})
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning") or choice.get("text"))
+
+
 async def ask(session: aiohttp.ClientSession, url: str, case: Case, model: str, *, stream: bool,
               on_event: Callable[[int], Awaitable[None]] | None = None) -> Answer:
     async with session.post(url + case.path, json=with_model(case, model, stream=stream)) as response:
@@ -203,8 +209,7 @@ async def ask(session: aiohttp.ClientSession, url: str, case: Case, model: str, 
         sse = SseStream(response)
         async for chunk in sse:
             chunks.append(chunk)
-            if on_event is not None and any(c.get("delta", {}).get("content") or c.get("text")
-                                            for c in chunk.get("choices", [])):
+            if on_event is not None and any(_has_output(c) for c in chunk.get("choices", [])):
                 events += 1
                 await on_event(events)
         assert sse.done, f"stream ended without [DONE] after {len(chunks)} chunks"
@@ -278,7 +283,7 @@ async def test_same_answer_when_worker_killed_mid_stream(dep: Deployment, case: 
     killed: list[WorkerProcess] = []
 
     async def kill_serving_worker(events: int) -> None:
-        if events != KILL_AFTER_EVENTS or killed:
+        if events != case.kill_after or killed:
             return
         for worker in list(dep.workers):
             if worker.proc is not None and worker.proc.poll() is None and await worker_in_flight(worker) > 0:
@@ -323,7 +328,7 @@ async def openai_client_answers(url: str, model: str) -> dict[str, Any]:
     """What the official client's parsing helpers make of a server's answers: structured
     output parsed into a Pydantic model, and a streamed tool call's parsed arguments."""
     import openai
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, Field
 
     class Person(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -332,7 +337,7 @@ async def openai_client_answers(url: str, model: str) -> dict[str, Any]:
         city: str
 
     class GetWeather(BaseModel):
-        city: str
+        city: str = Field(max_length=24)  # a small model's free text must not run to max_tokens
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     try:
@@ -341,11 +346,13 @@ async def openai_client_answers(url: str, model: str) -> dict[str, Any]:
             max_tokens=80, temperature=0)
         person = parsed.choices[0].message.parsed
         assert isinstance(person, Person), parsed
+        # A strict tool (what pydantic_function_tool makes), named in tool_choice: both
+        # servers constrain the output to a call of it (vLLM 0.32's structural tag), then
+        # parse it back.
         tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
-        regex = FORCED_CALL_REGEX
         async with client.chat.completions.stream(
-                model=model, messages=WEATHER_QUESTION, tools=[tool], max_tokens=60, temperature=0,  # type: ignore[arg-type]
-                extra_body={"structured_outputs": {"regex": regex}}) as stream:
+                model=model, messages=WEATHER_QUESTION, tools=[tool], max_tokens=120, temperature=0,  # type: ignore[arg-type]
+                tool_choice={"type": "function", "function": {"name": "get_weather"}}) as stream:
             arguments = [event.parsed_arguments async for event in stream
                          if event.type == "tool_calls.function.arguments.done"]
             final = await stream.get_final_completion()
