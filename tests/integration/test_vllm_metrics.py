@@ -25,16 +25,8 @@ from harness.frontend import FrontendProcess
 from harness.metrics import Samples
 from harness.worker import WorkerProcess
 from tests.deploy.test_compose_files import _dashboard_expressions, _series_in
-from tests.integration.test_vllm import (
-    DTYPE,
-    LONG_CHAT,
-    MAX_MODEL_LEN,
-    START_TIMEOUT,
-    _model_folder,
-    body,
-    stream_chat,
-    worker_metrics,
-)
+from harness.vllm import DTYPE, MAX_MODEL_LEN, START_TIMEOUT, model_folder
+from tests.integration.test_vllm import LONG_CHAT, body, stream_chat, worker_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -52,7 +44,7 @@ class Deployment:
 async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Deployment]:
     tmp: Path = tmp_path_factory.mktemp("vllm-metrics")
-    model, _ = _model_folder()
+    model, _ = model_folder()
     namespace = "t" + uuid.uuid4().hex[:10]
     worker = WorkerProcess(tmp, namespace=namespace, etcd_endpoints=etcd_server.endpoint, nats_url=nats_server.url,
                            name="vllm-worker", start_timeout=START_TIMEOUT, health_period=None, engine="vllm",

