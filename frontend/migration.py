@@ -29,6 +29,7 @@ it re-registers), so no other request is sent to it meanwhile.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ _SILENCE_ITL_MULTIPLE = 4.0
 _MAX_SILENCE_WINDOW = 0.5
 # How long to keep looking for a live instance when all known ones have failed.
 _NO_INSTANCE_PATIENCE = 1.0
+
+# For benchmarks (``benchmarks/serve.py --chunking one``): with this set to 1 in the
+# frontend's environment every token is its own delta, hence its own SSE chunk — frames
+# already received are not coalesced and a frame of several tokens is split — so the
+# per-token cost of a frontend that cannot coalesce can be measured. Off by default:
+# coalescing costs clients nothing and saves CPU and writes.
+ONE_TOKEN_PER_CHUNK_ENV = "DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK"
+_ONE_TOKEN_PER_CHUNK = os.environ.get(ONE_TOKEN_PER_CHUNK_ENV, "") == "1"
 
 
 @dataclass
@@ -265,7 +274,7 @@ class Generation:
             finish = frame.finish_reason
             usage = frame.usage
             # Coalesce frames that are already here: fewer, larger SSE writes.
-            while finish is None and stream.pending():
+            while finish is None and stream.pending() and not _ONE_TOKEN_PER_CHUNK:
                 more = await self._next_frame(stream, 0)
                 if not isinstance(more, TokenFrame):
                     self._stashed = more  # handled on the next turn, after these tokens
@@ -276,6 +285,11 @@ class Generation:
             self.generated.extend(token_ids)
             if usage is not None:
                 self.cached_tokens = max(self.cached_tokens, usage.cached_tokens)
+            if _ONE_TOKEN_PER_CHUNK:
+                for i in range(len(token_ids) - 1):  # all but the last token, one delta each
+                    yield TokenDelta(token_ids=token_ids[i:i + 1],
+                                     logprobs=None if logprobs is None else logprobs[i:i + 1])
+                token_ids, logprobs = token_ids[-1:], None if logprobs is None else logprobs[-1:]
             if finish == "abort":  # aborted on the worker without our asking
                 if token_ids:
                     yield TokenDelta(token_ids=token_ids, logprobs=logprobs)
