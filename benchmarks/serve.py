@@ -44,6 +44,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -515,6 +516,9 @@ async def main(args: argparse.Namespace) -> int:
                     for func, pct in top["self"][:12]:
                         print(f"    {pct:5.1f}%  {func}")
             plotted[label] = results
+        for _, layout in trees:
+            if layout is not None:
+                shutil.rmtree(layout, ignore_errors=True)
 
     print()
     print(f"{args.requests} requests, concurrency {args.concurrency}, ~{args.prompt_tokens}-token prompts, "

@@ -182,13 +182,19 @@ class HFTokenizer:
     def _decoding_backend(self) -> Any:
         """The ``tokenizers.Tokenizer`` whose ``decode`` is exactly this tokenizer's (so
         ``DecodeStream`` on it gives the same text), or None: a tokenizer class with its
-        own ``_decode``, or one that cleans up tokenization spaces after decoding."""
+        own ``_decode``, one that cleans up tokenization spaces after decoding, or a
+        ``tokenizers`` older than 0.22 (no ``DecodeStream`` prefilled with the context)."""
         from tokenizers import Tokenizer as BackendTokenizer
+        from tokenizers.decoders import DecodeStream
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
         backend = getattr(self._tok, "backend_tokenizer", None)
         own_decode = getattr(type(self._tok), "_decode", None) is not TokenizersBackend._decode
         if not isinstance(backend, BackendTokenizer) or own_decode or self._tok.clean_up_tokenization_spaces:
+            return None
+        try:
+            DecodeStream(ids=[], skip_special_tokens=True)
+        except TypeError:
             return None
         return backend
 
