@@ -22,10 +22,10 @@ code of another source tree (e.g. ``git worktree add /tmp/base <commit>``) in th
 run, each configuration baseline first: its processes are started from a package
 layout of that tree, so they import its ``dynrt``.
 
-    python -m benchmarks.serve                          # the standard workload, both speedups
+    python -m benchmarks.serve                          # the standard workload, both speedups, both chunkings
     python -m benchmarks.serve --repeats 2 --profile    # + py-spy profiles of frontend and workers
     python -m benchmarks.serve --url http://127.0.0.1:8000 --model mock-model
-    python -m benchmarks.serve --speedup inf --requests 300 --chunking coalesced,one \
+    python -m benchmarks.serve --speedup inf --requests 300 --repeats 3 \
         --baseline-tree /tmp/base --name serve-cpu     # frontend CPU per token, before/after
 
 The client is aiohttp with msgspec parsing (not the openai package) so that it costs
@@ -590,7 +590,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="mock workers in the deployment")
     parser.add_argument("--speedup", default="inf,1", help="comma-separated mock speedups, one deployment each")
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per configuration (best is reported)")
-    parser.add_argument("--chunking", default="coalesced",
+    parser.add_argument("--chunking", default="coalesced,one",
                         help="comma-separated: coalesced (the frontend's normal SSE chunks) and/or one (one token "
                              "per chunk, DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1); one deployment each")
     parser.add_argument("--baseline-tree", default="",
