@@ -8,12 +8,25 @@ latency and errors; writes ``benchmarks/results/serve.json`` (``--results-dir``)
 
 By default it starts its own deployment (``harness.deployment``: etcd + NATS, one frontend,
 ``--workers`` mock workers as subprocesses, all stopped at the end) once per ``--speedup`` value
-(default ``inf,1``: pure runtime overhead, then the mock's modelled GPU timing). With
-``--url`` it targets a running frontend instead.
+(default ``inf,1``: pure runtime overhead, then the mock's modelled GPU timing) and
+``--chunking`` mode. With ``--url`` it targets a running frontend instead.
 
-    python -m benchmarks.serve                          # the standard workload, both speedups
+Frontend CPU per output token is the frontend process's user + system CPU time
+(``/proc``) over the measured run, divided by the tokens received; every process of the
+deployment is reported the same way. ``--chunking`` says how the frontend sends tokens:
+``coalesced`` (its normal behaviour: frames already received when one is read go out as
+one SSE chunk) and/or ``one`` (every token its own chunk: the frontend runs with
+``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1``, see ``dynrt.frontend.migration``), the
+per-token cost of a frontend that cannot coalesce. ``--baseline-tree DIR`` measures the
+code of another source tree (e.g. ``git worktree add /tmp/base <commit>``) in the same
+run, each configuration baseline first: its processes are started from a package
+layout of that tree, so they import its ``dynrt``.
+
+    python -m benchmarks.serve                          # the standard workload, both speedups, both chunkings
     python -m benchmarks.serve --repeats 2 --profile    # + py-spy profiles of frontend and workers
     python -m benchmarks.serve --url http://127.0.0.1:8000 --model mock-model
+    python -m benchmarks.serve --speedup inf --requests 300 --repeats 3 \
+        --baseline-tree /tmp/base --name serve-cpu     # frontend CPU per token, before/after
 
 The client is aiohttp with msgspec parsing (not the openai package) so that it costs
 little CPU next to the server on a small machine. ITL is the gap between consecutive
@@ -30,6 +43,7 @@ import collections
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +57,7 @@ import aiohttp
 import msgspec
 
 from benchmarks.common import RESULTS_DIR, add_results_dir_argument, print_table, pyplot, write_results
+from benchmarks.frontend_setup import frontend_setup, package_layout
 from dynrt.runtime.mock_tokenizer import mock_tokenizer
 from dynrt.runtime.procs import read_stat, spawn, wait_process
 from harness.deployment import Deployment
@@ -397,7 +412,11 @@ def _cpu(summary: dict[str, Any], prefix: str) -> str:
 def _best_and_spread(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(summaries, key=lambda s: s["output_tok_s"])
     rates = [s["output_tok_s"] for s in summaries]
-    return {**best, "output_tok_s_min": min(rates), "output_tok_s_max": max(rates), "runs": len(rates)}
+    # CPU per token: the median over runs (the best run by tok/s need not be the leanest).
+    frontend_cpu = sorted(s["cpu_us_per_token"].get("frontend", math.nan) for s in summaries)
+    return {**best, "output_tok_s_min": min(rates), "output_tok_s_max": max(rates), "runs": len(rates),
+            "frontend_cpu_us_per_token_median": frontend_cpu[len(frontend_cpu) // 2],
+            "frontend_cpu_us_per_token_runs": frontend_cpu}
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -410,26 +429,34 @@ async def main(args: argparse.Namespace) -> int:
         plotted[args.url] = results
     else:
         state = Path(tempfile.mkdtemp(prefix="dynrt-bench-"))
-        for speedup in args.speedup.split(","):
-            label = f"speedup {speedup}"
-            log_dir = state / f"speedup-{speedup}"
+        trees: list[tuple[str, Path | None]] = [("current", None)]
+        if args.baseline_tree:
+            trees.insert(0, ("baseline", package_layout(Path(args.baseline_tree))))
+        configs = [(speedup, chunking, code, layout) for speedup in args.speedup.split(",")
+                   for chunking in args.chunking.split(",") for code, layout in trees]
+        for speedup, chunking, code, layout in configs:
+            label = f"speedup {speedup}, {chunking}" + (f", {code}" if args.baseline_tree else "")
+            slug = f"speedup-{speedup}-{chunking}-{code}"
+            log_dir = state / slug
             log_dir.mkdir(exist_ok=True)
             print(f"{label}: starting etcd + NATS, 1 frontend + {args.workers} mock workers (logs in {log_dir})",
                   flush=True)
             quiet = ["--log-level", "warning"]
-            async with Deployment(log_dir, workers=args.workers, speedup=speedup,
-                                  worker_self_checks=True, frontend_args=quiet,
-                                  worker_args=[*quiet, "--engine", "mock", *args.worker_args]) as deployment:
-                profile_dir = None
-                if profile_root is not None:
-                    profile_dir = profile_root / f"speedup-{speedup}"
-                    profile_dir.mkdir(parents=True, exist_ok=True)
-                pids = {"frontend": deployment.frontends[0].pid,
-                        **{f"worker-{i}": w.pid for i, w in enumerate(deployment.workers)}}
-                nats = deployment.nats.process
-                summaries, results, profiles = await bench_target(deployment.urls[0], args, label, pids, profile_dir,
-                                                                  {"nats": nats.pid} if nats else {})
-            runs[label] = {"speedup": speedup, "best": _best_and_spread(summaries), "runs": summaries}
+            with frontend_setup(chunking, layout):
+                async with Deployment(log_dir, workers=args.workers, speedup=speedup,
+                                      worker_self_checks=True, frontend_args=quiet,
+                                      worker_args=[*quiet, "--engine", "mock", *args.worker_args]) as deployment:
+                    profile_dir = None
+                    if profile_root is not None:
+                        profile_dir = profile_root / slug
+                        profile_dir.mkdir(parents=True, exist_ok=True)
+                    pids = {"frontend": deployment.frontends[0].pid,
+                            **{f"worker-{i}": w.pid for i, w in enumerate(deployment.workers)}}
+                    nats = deployment.nats.process
+                    summaries, results, profiles = await bench_target(
+                        deployment.urls[0], args, label, pids, profile_dir, {"nats": nats.pid} if nats else {})
+            runs[label] = {"speedup": speedup, "chunking": chunking, "code": code,
+                           "best": _best_and_spread(summaries), "runs": summaries}
             if profiles:
                 runs[label]["profile_top"] = profiles
                 for name, top in profiles.items():
@@ -437,6 +464,9 @@ async def main(args: argparse.Namespace) -> int:
                     for func, pct in top["self"][:12]:
                         print(f"    {pct:5.1f}%  {func}")
             plotted[label] = results
+        for _, layout in trees:
+            if layout is not None:
+                shutil.rmtree(layout, ignore_errors=True)
 
     print()
     print(f"{args.requests} requests, concurrency {args.concurrency}, ~{args.prompt_tokens}-token prompts, "
@@ -452,17 +482,48 @@ async def main(args: argparse.Namespace) -> int:
     print_table(["config", "out tok/s", "range", "TTFT p50 ms", "TTFT p99", "ITL p50 ms", "ITL p99", "TPOT p50",
                  "latency p50 ms", "latency p99", "tok/chunk", "CPU us/tok: frontend", "workers", "nats",
                  "client", "errors"], rows)
+    frontend_cpu = frontend_cpu_table(runs)
+    if frontend_cpu:
+        print()
+        print(f"frontend CPU us per output token (median of {args.repeats} run(s)), mock tokenizer path")
+        columns = sorted({code for row in frontend_cpu for code in row["us_per_token"]}, reverse=True)
+        ratio = ["current / baseline"] if len(columns) > 1 else []
+        print_table(["speedup", "chunking", "tok/chunk", *columns, *ratio],
+                    [[row["speedup"], row["chunking"], row["tokens_per_chunk"],
+                      *(row["us_per_token"].get(c, "-") for c in columns),
+                      *([row["current_over_baseline"]] if ratio else [])] for row in frontend_cpu])
     name = args.name
     workload = {"requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                 "output_tokens": args.output_tokens, "workers": args.workers, "repeats": args.repeats,
-                "worker_args": args.worker_args, "client": "aiohttp + msgspec, same machine"}
-    path = write_results(name, {"workload": workload, "results": runs}, args.results_dir)
+                "worker_args": args.worker_args, "chunking": args.chunking, "baseline_tree": args.baseline_tree,
+                "client": "aiohttp + msgspec, same machine"}
+    path = write_results(name, {"workload": workload, "frontend_cpu_us_per_token": frontend_cpu, "results": runs},
+                         args.results_dir)
     print(f"wrote {path}")
     png = args.results_dir / f"{name}.png"
     if plot(plotted, png):
         print(f"wrote {png}")
     failed = any(run["best"]["errors"] for run in runs.values())
     return 1 if failed else 0
+
+
+def frontend_cpu_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (speedup, chunking): the frontend's CPU us per output token of each code tree
+    (median over runs), the tokens per chunk of the current code, and current / baseline."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs.values():
+        if "chunking" not in run:
+            continue
+        row = rows.setdefault((run["speedup"], run["chunking"]), {
+            "speedup": run["speedup"], "chunking": run["chunking"], "us_per_token": {}, "tokens_per_chunk": None})
+        best = run["best"]
+        row["us_per_token"][run["code"]] = best["frontend_cpu_us_per_token_median"]
+        if run["code"] == "current":
+            row["tokens_per_chunk"] = round(best["tokens_per_chunk"], 2)
+    for row in rows.values():
+        us = row["us_per_token"]
+        row["current_over_baseline"] = round(us["current"] / us["baseline"], 2) if len(us) == 2 else None
+    return list(rows.values())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -477,6 +538,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="mock workers in the deployment")
     parser.add_argument("--speedup", default="inf,1", help="comma-separated mock speedups, one deployment each")
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per configuration (best is reported)")
+    parser.add_argument("--chunking", default="coalesced,one",
+                        help="comma-separated: coalesced (the frontend's normal SSE chunks) and/or one (one token "
+                             "per chunk, DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1); one deployment each")
+    parser.add_argument("--baseline-tree", default="",
+                        help="also run every configuration with the code of this source tree (a checkout of "
+                             "another commit), first, in the same run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="py-spy the frontend and workers in the first run")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")

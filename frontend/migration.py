@@ -29,6 +29,7 @@ it re-registers), so no other request is sent to it meanwhile.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -80,8 +81,16 @@ _MAX_SILENCE_WINDOW = 0.5
 # How long to keep looking for a live instance when all known ones have failed.
 _NO_INSTANCE_PATIENCE = 1.0
 
+# For benchmarks (``benchmarks/serve.py --chunking one``): with this set to 1 in the
+# frontend's environment every token is its own delta, hence its own SSE chunk — frames
+# already received are not coalesced and a frame of several tokens is split — so the
+# per-token cost of a frontend that cannot coalesce can be measured. Off by default:
+# coalescing costs clients nothing and saves CPU and writes.
+ONE_TOKEN_PER_CHUNK_ENV = "DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK"
+_ONE_TOKEN_PER_CHUNK = os.environ.get(ONE_TOKEN_PER_CHUNK_ENV, "") == "1"
 
-@dataclass
+
+@dataclass(slots=True)
 class TokenDelta:
     """New token ids for the client; the last one has ``finish_reason``. ``logprobs``
     (when the request asked for them) has one entry per id, across migrations too: a
@@ -237,54 +246,62 @@ class Generation:
             await asyncio.sleep(0.05)
 
     async def _read(self, stream: ResponseStream) -> AsyncIterator[TokenDelta]:
+        # Per frame, i.e. per token when tokens arrive one at a time: kept lean.
         itl = 0.0
-        window = self.config.silence_floor
+        floor = self.config.silence_floor
+        window = floor
+        with_logprobs = self.sampling.logprobs is not None
+        coalesce = not _ONE_TOKEN_PER_CHUNK
         self._stashed = None
         while True:
             frame = await self._next_frame(stream, window)
-            if frame is None:  # silent for ``window``: is the worker still there?
-                await self._check_alive(stream)
-                window = min(window * 2, _MAX_SILENCE_WINDOW)
+            if type(frame) is not TokenFrame:
+                if frame is None:  # silent for ``window``: is the worker still there?
+                    await self._check_alive(stream)
+                    window = min(window * 2, _MAX_SILENCE_WINDOW)
+                elif isinstance(frame, MigrateFrame):
+                    raise StreamInterrupted("drained")
+                elif isinstance(frame, ErrorFrame):
+                    if frame.code == "bad_request":
+                        raise InvalidRequest(frame.message)
+                    raise StreamInterrupted(frame.code)
                 continue
-            if isinstance(frame, MigrateFrame):
-                raise StreamInterrupted("drained")
-            if isinstance(frame, ErrorFrame):
-                if frame.code == "bad_request":
-                    raise InvalidRequest(frame.message)
-                raise StreamInterrupted(frame.code)
-            if not isinstance(frame, TokenFrame):
-                continue
-            now = time.monotonic()
-            if frame.token_ids:
+            token_ids = frame.token_ids  # decoded for this read: ours to extend
+            if token_ids:
+                now = time.monotonic()
                 gap = now - self._last_token_at
                 itl = gap if itl == 0.0 else 0.8 * itl + 0.2 * gap
-                window = max(self.config.silence_floor, min(_MAX_SILENCE_WINDOW, _SILENCE_ITL_MULTIPLE * itl))
+                window = max(floor, min(_MAX_SILENCE_WINDOW, _SILENCE_ITL_MULTIPLE * itl))
                 self._last_token_at = now
-            token_ids = list(frame.token_ids)
-            logprobs = self._logprobs_of(frame, None)
+            logprobs = self._logprobs_of(frame, None) if with_logprobs else None
             finish = frame.finish_reason
             usage = frame.usage
             # Coalesce frames that are already here: fewer, larger SSE writes.
-            while finish is None and stream.pending():
+            while finish is None and coalesce and stream.pending():
                 more = await self._next_frame(stream, 0)
-                if not isinstance(more, TokenFrame):
+                if type(more) is not TokenFrame:
                     self._stashed = more  # handled on the next turn, after these tokens
                     break
                 token_ids.extend(more.token_ids)
-                logprobs = self._logprobs_of(more, logprobs)
+                if with_logprobs:
+                    logprobs = self._logprobs_of(more, logprobs)
                 finish, usage = more.finish_reason, more.usage
             self.generated.extend(token_ids)
             if usage is not None:
                 self.cached_tokens = max(self.cached_tokens, usage.cached_tokens)
+            if not coalesce:
+                for i in range(len(token_ids) - 1):  # all but the last token, one delta each
+                    yield TokenDelta(token_ids[i:i + 1], None, None if logprobs is None else logprobs[i:i + 1])
+                token_ids, logprobs = token_ids[-1:], None if logprobs is None else logprobs[-1:]
+            if finish is None:
+                yield TokenDelta(token_ids, None, logprobs)
+                continue
             if finish == "abort":  # aborted on the worker without our asking
                 if token_ids:
                     yield TokenDelta(token_ids=token_ids, logprobs=logprobs)
                 raise StreamInterrupted("aborted")
-            if finish == "cancelled":
-                finish = "stop"
-            yield TokenDelta(token_ids=token_ids, finish_reason=finish, logprobs=logprobs)
-            if finish is not None:
-                return
+            yield TokenDelta(token_ids, "stop" if finish == "cancelled" else finish, logprobs)
+            return
 
     def _logprobs_of(self, frame: TokenFrame, so_far: list[TokenLogprobs] | None) -> list[TokenLogprobs] | None:
         """``so_far`` extended by the frame's logprobs, one per token, when requested. A

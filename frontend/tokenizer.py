@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dynrt.frontend import errors
 from dynrt.frontend.chat_template import TemplateOptions
-from dynrt.frontend.detokenizer import ByteDetokenizer, IncrementalDetokenizer, WindowDetokenizer
+from dynrt.frontend.detokenizer import (
+    ByteDetokenizer,
+    DecodeStreamDetokenizer,
+    IncrementalDetokenizer,
+    WindowDetokenizer,
+)
 from dynrt.runtime.mock_tokenizer import END_OF_TURN_ID, MockTokenizer, mock_tokenizer
 from dynrt.runtime.protocol import TokenizerSpec
 
@@ -166,8 +171,32 @@ class HFTokenizer:
         return list(ids)
 
     def new_detokenizer(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
-        return WindowDetokenizer(functools.partial(self.decode, skip_special_tokens=skip_special_tokens),
-                                 context[-DETOKENIZER_CONTEXT:])
+        decode = functools.partial(self.decode, skip_special_tokens=skip_special_tokens)
+        context = context[-DETOKENIZER_CONTEXT:]
+        backend = self._decoding_backend
+        if backend is not None:
+            return DecodeStreamDetokenizer.for_backend(backend, decode, context, skip_special_tokens)
+        return WindowDetokenizer(decode, context)
+
+    @functools.cached_property
+    def _decoding_backend(self) -> Any:
+        """The ``tokenizers.Tokenizer`` whose ``decode`` is exactly this tokenizer's (so
+        ``DecodeStream`` on it gives the same text), or None: a tokenizer class with its
+        own ``_decode``, one that cleans up tokenization spaces after decoding, or a
+        ``tokenizers`` older than 0.22 (no ``DecodeStream`` prefilled with the context)."""
+        from tokenizers import Tokenizer as BackendTokenizer
+        from tokenizers.decoders import DecodeStream
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        own_decode = getattr(type(self._tok), "_decode", None) is not TokenizersBackend._decode
+        if not isinstance(backend, BackendTokenizer) or own_decode or self._tok.clean_up_tokenization_spaces:
+            return None
+        try:
+            DecodeStream(ids=[], skip_special_tokens=True)
+        except TypeError:
+            return None
+        return backend
 
     def token_text(self, token_id: int) -> str:
         """vLLM's ``convert_ids_list_to_tokens``: the decode, with the leading spaces a
