@@ -13,8 +13,11 @@ What counts as broken (the ``cause`` label of ``dynrt_frontend_migrations_total`
 - ``killed``: the stream went silent longer than expected (a small multiple of its recent
   inter-token time, ``silence_floor`` at least); a ping to the instance got no-responders:
   NATS dropped the dead process's subscriptions.
-- ``stalled``: no frame and no heartbeat for ``stream_stall_timeout`` (hung process, or
-  a partition); pings are not answered either.
+- ``suspect``: the instance's load reports stopped (``RouterState.is_suspect``: a hung
+  process, or a partition) and a ping got no answer within ``ping_timeout``; checked as
+  soon as the router notices (``OpenAIServing``), and whenever the stream goes silent.
+- ``stalled``: no frame and no heartbeat for ``stream_stall_timeout`` (the last resort:
+  a stuck stream on an instance whose reports continue); pings are not answered either.
 - ``lease_expired``: the instance's etcd key was deleted (lease expiry or deregistration).
 - ``drained``: the worker sent a ``MigrateFrame`` (SIGTERM past its drain timeout).
 - ``nats_restart``: the NATS connection dropped under the stream.
@@ -23,7 +26,8 @@ What counts as broken (the ``cause`` label of ``dynrt_frontend_migrations_total`
 Not migrated: client cancellation (the caller closes the stream), and the request's own
 errors (``bad_request``), which surface to the client (``InvalidRequest``). A failed instance is excluded from
 this request's later attempts and marked down for routing for ``down_seconds`` (or until
-it re-registers), so no other request is sent to it meanwhile.
+it re-registers), so no other request is sent to it meanwhile — except a suspect one,
+which is out of routing exactly while its reports are missing and back when they resume.
 """
 
 from __future__ import annotations
@@ -343,7 +347,9 @@ class Generation:
         except NoRespondersError:
             raise StreamInterrupted("killed") from None
         except PingTimeoutError:
-            pass  # busy or hung: the stall timeout decides
+            # Busy or hung. Hung if its load reports stopped too; else the stall timeout decides.
+            if self.instance is not None and self.routing.is_suspect(self.instance.instance_id):
+                raise StreamInterrupted("suspect") from None
         except StreamBrokenError:
             raise StreamInterrupted("nats_restart") from None
 

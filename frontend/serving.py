@@ -7,7 +7,10 @@ parameters, a :class:`~dynrt.frontend.migration.Generation` that survives worker
 failures, and the response — one JSON body, or server-sent events — both read from one
 :class:`~dynrt.frontend.text_stream.TextStream`. It keeps the request metrics and the
 ``request_done`` log line, and knows which generation streams from which instance, so an
-instance leaving discovery interrupts exactly those.
+instance leaving discovery interrupts exactly those, and an instance whose load reports
+stopped (suspect: SIGSTOP, a partition) gets one ping, and, unanswered within
+``--ping-timeout``, its streams move elsewhere at once (cause ``suspect``) instead of
+waiting out ``--stream-stall-timeout``.
 
 Failures the migration layer and admission raise (``errors.GenerationError``) become
 OpenAI errors through ``errors.to_openai``: as the response when it has not started, as
@@ -50,7 +53,7 @@ from dynrt.runtime import metrics
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import InstanceRecord, StructuredOutput
-from dynrt.runtime.transport import NatsTransport
+from dynrt.runtime.transport import NatsTransport, NoRespondersError, PingTimeoutError, TransportError
 
 log = get_logger("frontend")
 
@@ -143,8 +146,10 @@ class OpenAIServing:
         self.in_flight = 0
         self.known_models: set[str] = set()  # every model an instance ever served here
         self.generations_by_instance: dict[str, set[Generation]] = {}
+        self._pings: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
         routing.on_added.append(self._on_instance_added)
         routing.on_removed.append(self._on_instance_removed)
+        routing.on_suspect.append(self._on_instance_suspect)
 
     # -- request metrics ----------------------------------------------------------
     def label_model(self, request: web.Request, model: str) -> None:
@@ -378,9 +383,37 @@ class OpenAIServing:
             return
         self._interrupt_streams(record.instance_id)
 
-    def _interrupt_streams(self, instance_id: str) -> None:
+    def _interrupt_streams(self, instance_id: str, cause: str = "lease_expired") -> None:
         for generation in list(self.generations_by_instance.pop(instance_id, ())):
-            generation.interrupt("lease_expired")
+            generation.interrupt(cause)
+
+    def _on_instance_suspect(self, record: InstanceRecord) -> None:
+        """Its load reports stopped (no new requests go there already): if it holds
+        streams of ours, ping it now."""
+        if not self.generations_by_instance.get(record.instance_id):
+            return
+        task = asyncio.get_running_loop().create_task(self._ping_suspect(record))
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
+
+    async def _ping_suspect(self, record: InstanceRecord) -> None:
+        """One ping to a suspect instance; unanswered, its streams move (``suspect``),
+        no responders, they move as from a dead one (``killed``). Answered — its loop
+        runs, only the reports are late — they stay; the stall timeout is the last resort."""
+        try:
+            await self.transport.ping(record.subject, timeout=self.migration.ping_timeout)
+        except PingTimeoutError:
+            cause = "suspect"
+        except NoRespondersError:
+            cause = "killed"
+        except TransportError:
+            return  # NATS itself is in trouble: the streams' own checks decide
+        else:
+            log.info("suspect_answered_ping", instance_id=record.instance_id)
+            return
+        streams = len(self.generations_by_instance.get(record.instance_id, ()))
+        log.warning("suspect_streams_moving", instance_id=record.instance_id, cause=cause, streams=streams)
+        self._interrupt_streams(record.instance_id, cause)
 
     def _on_instance_added(self, record: InstanceRecord) -> None:
         self.known_models.add(record.model)

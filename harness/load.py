@@ -40,9 +40,12 @@ from harness.sse import SseStream
 MODEL = "mock-model"
 
 
-def messages(tag: str, index: int) -> list[dict[str, str]]:
-    """A prompt of its own per (tag, index): no two requests share a first KV block."""
-    return [{"role": "user", "content": f"{tag} request {index}: tell me a long story about the river and the city"}]
+def messages(tag: str, index: int, prompt_words: int = 0) -> list[dict[str, str]]:
+    """A prompt of its own per (tag, index): no two requests share a first KV block.
+    ``prompt_words``: that many words more of it (long prompts: long prefills)."""
+    filler = "".join(f" word{(index + i) % 97}" for i in range(prompt_words))
+    return [{"role": "user",
+             "content": f"{tag} request {index}: tell me a long story about the river and the city{filler}"}]
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Stream:
     max_tokens: int
     seed: int
     cancel_after: int | None = None  # content chunks after which the client disconnects
+    prompt_words: int = 0  # words added to the prompt (``messages``)
     sent: bool = False
     sent_at: float = math.nan  # time.monotonic()
     ended_at: float = math.nan
@@ -95,17 +99,18 @@ class Stream:
         return self.sent and self.sent_at <= end and (math.isnan(self.ended_at) or self.ended_at >= start)
 
     def body(self) -> dict[str, Any]:
-        return {"model": MODEL, "messages": messages(self.tag, self.index), "max_tokens": self.max_tokens,
+        return {"model": MODEL, "messages": messages(self.tag, self.index, self.prompt_words), "max_tokens": self.max_tokens,
                 "seed": self.seed, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
 class Load:
     def __init__(self, urls: str | Sequence[str], *, requests: int, concurrency: int, max_tokens: int | Sequence[int],
                  tag: str = "ft", cancel_after: dict[int, int] | None = None, first_index: int = 0,
-                 request_timeout: float = 120.0, headers: dict[str, str] | None = None) -> None:
+                 request_timeout: float = 120.0, headers: dict[str, str] | None = None,
+                 prompt_words: int = 0) -> None:
         """``max_tokens``: one value, or one per request. ``cancel_after``: request index
         → content chunks after which that client disconnects. ``headers``: sent with every
-        request (e.g. ``Authorization``)."""
+        request (e.g. ``Authorization``). ``prompt_words``: longer prompts (``messages``)."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.headers = dict(headers or {})
         self.concurrency = concurrency
@@ -114,7 +119,7 @@ class Load:
         per_request = [max_tokens] * requests if isinstance(max_tokens, int) else list(max_tokens)
         assert len(per_request) == requests
         self.streams = [Stream(index=i, url=self.urls[i % len(self.urls)], tag=tag, max_tokens=per_request[i - first_index],
-                               seed=i, cancel_after=cancel_after.get(i))
+                               seed=i, cancel_after=cancel_after.get(i), prompt_words=prompt_words)
                         for i in range(first_index, first_index + requests)]
         self._next = 0
         self._stop = False

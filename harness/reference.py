@@ -34,7 +34,7 @@ async def references(streams: Iterable[Stream]) -> dict[int, Reference]:
     await engine.start()
 
     async def one(stream: Stream) -> tuple[int, Reference]:
-        prompt = tokenizer.apply_chat_template(messages(stream.tag, stream.index))
+        prompt = tokenizer.apply_chat_template(messages(stream.tag, stream.index, stream.prompt_words))
         request = GenerateRequest(request_id=f"ref-{stream.tag}-{stream.index}", model=MODEL, token_ids=prompt,
                                   sampling=SamplingParams(max_tokens=stream.max_tokens, seed=stream.seed,
                                                           ignore_eos=True,

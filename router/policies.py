@@ -7,7 +7,8 @@ Pure logic with no I/O: the NATS/etcd wiring feeds ``RouterState`` (instances, l
 reports, KV events, dumps, assignments, completions) and asks ``Router.choose``.
 
 Admission rule (the same for every policy): an instance is a candidate when it serves
-the model, is not excluded by the caller, and is not marked down; a candidate is *busy*
+the model, is not excluded by the caller, and is not marked down or suspect (its load
+reports stopped: ``RouterState.is_suspect``); a candidate is *busy*
 when its projected load (latest report + pending assignments, ``cost.InstanceLoad``)
 breaks a threshold. Busy candidates are skipped; if all are busy the answer is
 ``Busy(retry_after)``. Pending assignments count toward busyness, so a burst between two

@@ -4,7 +4,10 @@ and NATS (load reports, KV events, cache dumps), plus ``Router`` decisions on it
 Runs inside every frontend (local routing) and inside the standalone ``dynrt router``.
 A new instance, or a gap in an instance's KV event ids, triggers a resync from that
 instance's ``DumpCachedBlocks``; dumps that fail are retried until they succeed or the
-instance leaves.
+instance leaves. Every ``SUSPECT_CHECK_INTERVAL`` it looks for instances whose load
+reports stopped (``RouterState.is_suspect``; they are out of routing from that moment
+anyway), logs each change, and tells the ``on_suspect`` listeners (the frontend pings
+their streams).
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ log = get_logger("router")
 
 REJECTIONS = metrics.counter("dynrt_router_rejections_total", "requests refused by the router, by reason", ("reason",))
 RESYNCS = metrics.counter("dynrt_router_resyncs_total", "KV index resyncs from a worker's cache dump")
+SUSPECTED = metrics.counter("dynrt_router_instances_suspected_total",
+                            "times an instance became suspect: its load reports stopped for --suspect-after")
+SUSPECT_NOW = metrics.gauge("dynrt_router_suspect_instances", "instances suspect now (reports stopped)")
+
+# How often to look for instances that became suspect or came back. Routing itself
+# reads suspicion at decision time; this only bounds how late listeners hear of it.
+SUSPECT_CHECK_INTERVAL = 0.02
 
 InstanceListener = Callable[[InstanceRecord], None]
 
@@ -55,7 +65,7 @@ class RoutingService:
         self.namespace = namespace
         thresholds = BusyThresholds.from_flags(
             config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
-        self.state = RouterState(thresholds=thresholds, sender_id=sender_id)
+        self.state = RouterState(thresholds=thresholds, sender_id=sender_id, suspect_after=config.suspect_after)
         self.router = Router(self.state, policy, prefill_weight=config.prefill_weight,
                              temperature=config.router_temperature,
                              on_reject=lambda reason: REJECTIONS.labels(reason).inc())
@@ -64,23 +74,28 @@ class RoutingService:
         self._instance_by_key: dict[str, str] = {}
         self.on_removed: list[InstanceListener] = []
         self.on_added: list[InstanceListener] = []
+        self.on_suspect: list[InstanceListener] = []
+        self.suspected: set[str] = set()
         self._watcher = PrefixWatcher(etcd, instances_prefix(namespace), self._on_put, self._on_delete)
         self._subs: list[Subscription] = []
         self._resync_wanted: set[str] = set()
         self._resync_wake = asyncio.Event()
         self._resync_task: asyncio.Task[None] | None = None
+        self._suspect_task: asyncio.Task[None] | None = None
 
     async def start(self, wait: float | None = 30.0) -> None:
         ns = self.namespace
         self._subs.append(await self.transport.subscribe(load_subject_wildcard(ns), self._on_load))
         self._subs.append(await self.transport.subscribe(kv_events_subject_wildcard(ns), self._on_kv_events))
         self._resync_task = asyncio.create_task(self._resync_loop(), name="router-resync")
+        self._suspect_task = asyncio.create_task(self._suspect_loop(), name="router-suspects")
         await self._watcher.start(wait=wait)
 
     async def close(self) -> None:
         await self._watcher.close()
-        if self._resync_task is not None:
-            self._resync_task.cancel()
+        for task in (self._resync_task, self._suspect_task):
+            if task is not None:
+                task.cancel()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -169,6 +184,36 @@ class RoutingService:
             if self._resync_wanted:
                 await asyncio.sleep(0.5)  # retry the ones that failed
                 self._resync_wake.set()
+
+    # -- hung instances ---------------------------------------------------------
+    async def _suspect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SUSPECT_CHECK_INTERVAL)
+            self.check_suspects()
+
+    def check_suspects(self) -> None:
+        """Note instances that became suspect (log, count, tell ``on_suspect``) or whose
+        reports resumed (log)."""
+        now = set(self.state.suspects())
+        if now == self.suspected:
+            return
+        for instance_id in self.suspected - now:
+            log.info("instance_resumed", instance_id=instance_id)
+        became = now - self.suspected
+        self.suspected = now
+        SUSPECT_NOW.set(len(now))
+        for instance_id in became:
+            record = self.records.get(instance_id)
+            if record is None:
+                continue
+            SUSPECTED.inc()
+            silent = self.state.silent_for(instance_id) or 0.0
+            log.warning("instance_suspect", instance_id=instance_id, silent_ms=round(silent * 1000))
+            for listener in self.on_suspect:
+                listener(record)
+
+    def is_suspect(self, instance_id: str) -> bool:
+        return self.state.is_suspect(instance_id)
 
     # -- decisions --------------------------------------------------------------
     def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = ()) -> Outcome:

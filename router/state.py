@@ -1,7 +1,19 @@
 """The router's view of the pool: ``RouterState`` — instances, their latest load
-reports, the assignments those reports do not reflect yet, instances marked down, and
-the KV index — and the ``Candidate`` instances a request may go to, with their projected
-load (``cost.InstanceLoad``).
+reports, the assignments those reports do not reflect yet, instances marked down or
+suspect, and the KV index — and the ``Candidate`` instances a request may go to, with
+their projected load (``cost.InstanceLoad``).
+
+Suspect instances: a worker reports its load at least every heartbeat
+(``LoadReport.heartbeat``) from its event loop. One whose reports stop for
+``suspect_after`` seconds (at least ``SUSPECT_HEARTBEATS`` heartbeats) is probably hung
+(SIGSTOP, a partition): it gets no new requests until its next report arrives. Two
+guards against false suspicion: an instance is never suspect before its first report
+(nor one whose reports carry no heartbeat); and when this router's own event loop
+stalls, or NATS is down, every instance goes quiet at once — so an instance is suspect
+only while another has been heard from since (``OBSERVER_LAG_HEARTBEATS`` of its
+heartbeats after its last report), and after a silence of the whole pool its silence
+counts from the first report heard again (the reports queued behind it are processed
+one at a time, not all in the same instant).
 
 Pure logic with no I/O: the NATS/etcd wiring (``dynrt.router.service``) feeds it, and
 ``dynrt.router.policies.Router`` decides on it. Times come from an injectable clock.
@@ -15,6 +27,13 @@ from collections.abc import Callable, Collection
 from dynrt.router.cost import BusyThresholds, InstanceLoad, PendingAssignments
 from dynrt.router.kv_index import KvIndex
 from dynrt.runtime.protocol import CachedBlocks, InstanceRecord, KvEventBatch, LoadReport
+
+# An instance is suspect after at least this many of its heartbeats without a report...
+SUSPECT_HEARTBEATS = 3.0
+# ...and only while another instance was heard from at least this many of its heartbeats
+# after its last report (a router whose own loop stalled sees every instance go quiet);
+# no report from anyone for this many heartbeats is a silence of the whole pool.
+OBSERVER_LAG_HEARTBEATS = 2.0
 
 
 class Candidate:
@@ -41,6 +60,7 @@ class RouterState:
         absorb_delay: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         index: KvIndex | None = None,
+        suspect_after: float = 0.3,
     ) -> None:
         """``sender_id``: who this router's requests come from in the workers' eyes —
         the frontend's id for a frontend's own router, the standalone router's id
@@ -55,7 +75,10 @@ class RouterState:
         local time ``t`` is taken to reflect the assignments made up to
         ``t − absorb_delay``. Too short lets a burst slip through between reports (the
         request and the report that reflects it take longer than that under load); too
-        long double-counts (sheds early)."""
+        long double-counts (sheds early).
+
+        ``suspect_after``: seconds without a load report before an instance is suspect
+        (module docstring); 0 or below: never."""
         self.thresholds = thresholds or BusyThresholds()
         self.index = index or KvIndex()
         self.sender_id = sender_id
@@ -67,6 +90,13 @@ class RouterState:
         self._loads: dict[str, LoadReport] = {}
         self._pending: dict[str, PendingAssignments] = {}
         self._down_until: dict[str, float] = {}
+        self.suspect_after = suspect_after
+        # Local clock time of each instance's latest report, its heartbeat, and the
+        # latest report from any instance.
+        self._heard_at: dict[str, float] = {}
+        self._heartbeat: dict[str, float] = {}
+        self._heard_any_at = float("-inf")
+        self._pool_heard_again_at = float("-inf")  # the first report after a silence of the whole pool
         # ``InstanceLoad.project`` of each instance, computed when first asked for and
         # dropped when its record, report or pending assignments change: admission and
         # the choice that follows it read one computation.
@@ -109,10 +139,12 @@ class RouterState:
         self._loads.pop(iid, None)
         self._pending.pop(iid, None)
         self._projected.pop(iid, None)
+        self._heard_at.pop(iid, None)
+        self._heartbeat.pop(iid, None)
         self.index.remove_instance(iid)
 
     def instances(self, model: str) -> list[InstanceRecord]:
-        """Live instances of a model (including ones marked down)."""
+        """Live instances of a model (including ones marked down or suspect)."""
         return list(self._by_model.get(model, {}).values())
 
     def mark_down(self, instance_id: str, seconds: float) -> None:
@@ -136,6 +168,28 @@ class RouterState:
         now = self.clock()
         return [iid for iid in list(self._down_until) if self.is_down(iid, now)]
 
+    def is_suspect(self, instance_id: str, now: float | None = None) -> bool:
+        """True while the instance's load reports have stopped (module docstring)."""
+        if self.suspect_after <= 0:
+            return False
+        heard = self._heard_at.get(instance_id)
+        heartbeat = self._heartbeat.get(instance_id, 0.0)
+        if heard is None or heartbeat <= 0:
+            return False  # no report yet (still within its grace), or no heartbeat promised
+        silent = (self.clock() if now is None else now) - max(heard, self._pool_heard_again_at)
+        return (silent > max(self.suspect_after, SUSPECT_HEARTBEATS * heartbeat)
+                and self._heard_any_at - heard > OBSERVER_LAG_HEARTBEATS * heartbeat)
+
+    def suspects(self) -> list[str]:
+        """Instances suspect right now."""
+        now = self.clock()
+        return [iid for iid in self._heard_at if self.is_suspect(iid, now)]
+
+    def silent_for(self, instance_id: str) -> float | None:
+        """Seconds since the instance's latest report (None: none yet)."""
+        heard = self._heard_at.get(instance_id)
+        return None if heard is None else self.clock() - heard
+
     # -- inputs from workers -------------------------------------------------
 
     def on_load(self, report: LoadReport) -> None:
@@ -144,6 +198,11 @@ class RouterState:
         iid = report.instance_id
         if iid not in self._records:
             return
+        now = self.clock()
+        if now - self._heard_any_at > OBSERVER_LAG_HEARTBEATS * (report.heartbeat or self.suspect_after):
+            self._pool_heard_again_at = now
+        self._heard_at[iid] = self._heard_any_at = now
+        self._heartbeat[iid] = report.heartbeat
         self._loads[iid] = report
         self._projected.pop(iid, None)
         pending = self._pending.get(iid)
@@ -152,9 +211,9 @@ class RouterState:
         if self.sender_id is not None and report.received is not None:
             pending.ack(report.received.get(self.sender_id, 0))
             if pending.unacknowledged:
-                pending.expire(self.clock() - self.ack_timeout)
+                pending.expire(now - self.ack_timeout)
         else:
-            pending.absorb(self.clock() - self.absorb_delay)
+            pending.absorb(now - self.absorb_delay)
 
     def on_kv_events(self, batch: KvEventBatch) -> bool:
         """Apply a worker's KV events. True when the caller should now ask the worker for
@@ -205,13 +264,14 @@ class RouterState:
     # -- view for policies ---------------------------------------------------
 
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Candidate]:
-        """Instances of the model that are not excluded or down, with projected loads."""
+        """Instances of the model that are not excluded, down or suspect, with projected
+        loads."""
         now = self.clock()
         down = self._down_until
         return [
             Candidate(rec, self._load(iid, rec))
             for iid, rec in self._by_model.get(model, {}).items()
-            if iid not in exclude and not (down and self.is_down(iid, now))
+            if iid not in exclude and not (down and self.is_down(iid, now)) and not self.is_suspect(iid, now)
         ]
 
     def _load(self, instance_id: str, record: InstanceRecord) -> InstanceLoad:

@@ -73,7 +73,10 @@ class WorkerConfig(CommonConfig, kw_only=True):
     canary_timeout: Annotated[float, _doc("seconds a canary may take")] = 10.0
     health_period: Annotated[float, _doc("seconds between engine check_health calls (0 disables)")] = 10.0
     max_queued: Annotated[int, _doc("requests waiting in the engine beyond which new ones get a busy error")] = 1024
-    load_interval: Annotated[float, _doc("seconds between load reports")] = 0.1
+    load_interval: Annotated[float, _doc("seconds between load reports while the load changes")] = 0.1
+    # 0.1 s: 10 small messages a second per worker, and with --suspect-after 0.3 a hung
+    # worker is out of routing 0.2-0.3 s after its last report.
+    load_heartbeat: Annotated[float, _doc("most seconds between load reports, even idle: routers take a worker whose reports stop for --suspect-after (at least 3 of these) as hung"), msgspec.Meta(gt=0)] = 0.1
     replica_id: Annotated[str, _doc("set by the controller: the replica this process is (put in the instance record)")] = ""
     tokenizer: Annotated[str, _doc("tokenizer path for the instance record (default: model)")] = ""
     # mock engine
@@ -98,6 +101,9 @@ class RoutingConfig(msgspec.Struct, kw_only=True):
     # (TTFT p50 ~45 vs 55-62 ms, hit rate ~0.8 vs ~0.6, same throughput; results/routing.json).
     prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks", policy="kv")] = 4.0
     router_temperature: Annotated[float, _doc("softmax temperature (0 = best)", policy="kv")] = 0.0
+    # 0.3 s, 3 heartbeats: a SIGSTOPped worker's streams move ~0.4 s after their last
+    # token (benchmarks/migration.py); a busy worker still reports from its event loop.
+    suspect_after: Annotated[float, _doc("an instance whose load reports stop this long (s; at least 3 of its heartbeats) while others' arrive is suspect: no new requests until they resume; a frontend pings its streams there and moves them if it does not answer (0 disables)")] = 0.3
 
 
 class MigrationConfig(msgspec.Struct, kw_only=True):

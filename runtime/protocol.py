@@ -294,6 +294,10 @@ class LoadReport(msgspec.Struct, kw_only=True):
     # pending assignments up to that count (``dynrt.router.cost.PendingAssignments``).
     # ``None``: a worker that does not count (routers then absorb by time).
     received: dict[str, int] | None = None
+    # The longest the worker goes between reports, even idle (``--load-heartbeat``):
+    # routers take an instance whose reports stop for a few of these as hung
+    # (``RouterState.is_suspect``). 0: a worker without a heartbeat, never suspected.
+    heartbeat: float = 0.0
 
     @property
     def kv_usage(self) -> float:

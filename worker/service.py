@@ -278,23 +278,31 @@ class WorkerService:
 
     # -- router inputs ------------------------------------------------------------
     async def _publish_load(self) -> None:
+        """A report every ``load_interval`` while the load changes, and at least every
+        ``load_heartbeat`` (idle too): routers take a worker whose reports stop as hung.
+        Sent from this event loop, so a report proves the loop — what serves streams and
+        answers pings — is running."""
         assert self.transport is not None
         subject = load_subject(self.config.namespace, self.model_name)
+        heartbeat = self.config.load_heartbeat
+        tick = min(self.config.load_interval, heartbeat)
         last: tuple[int, int, int, int, int] | None = None
         last_sent = 0.0
         while True:
-            await asyncio.sleep(self.config.load_interval)
+            await asyncio.sleep(tick)
             report = self.engine.load()
             report.instance_id = self.instance_id
             report.model = self.model_name
             report.timestamp = time.time()
             report.received = dict(self.received)
+            report.heartbeat = heartbeat
             KV_USAGE.set(report.kv_usage)
             RUNNING.set(report.running)
             WAITING.set(report.waiting)
             shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens,
                      self.received_total)
-            if shape != last or time.monotonic() - last_sent > 1.0:
+            # Half a tick of slack: a sleep that overshoots must not skip a heartbeat.
+            if shape != last or time.monotonic() - last_sent >= heartbeat - tick / 2:
                 try:
                     await self.transport.publish(subject, encode(report))
                     last, last_sent = shape, time.monotonic()

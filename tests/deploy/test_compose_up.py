@@ -252,7 +252,7 @@ async def test_nats_restarted(stack: ComposeStack) -> None:
     report, row, _ = await under_load(stack, "NATS restarted (docker restart)", fault, requests=32)
     report.assert_perfect()
     assert sum(row.migrations.values()) >= 1, row
-    assert set(row.migrations) <= {"nats_restart", "killed", "no_responders", "stalled"}, row
+    assert set(row.migrations) <= {"nats_restart", "killed", "no_responders", "suspect", "stalled"}, row
     await assert_idle(stack)
 
 
@@ -265,7 +265,7 @@ async def test_worker_paused_10s(stack: ComposeStack) -> None:
         return {"container": worker.name, "streams_on_it": in_flight}
 
     report, row, _ = await under_load(stack, "worker paused 10 s (docker pause)", fault, requests=40)
-    assert_streams_moved(report, row, causes={"stalled", "killed", "no_responders", "lease_expired"})
+    assert_streams_moved(report, row, causes={"suspect", "stalled", "killed", "no_responders", "lease_expired"})
     await assert_idle(stack)
 
 
@@ -278,7 +278,7 @@ async def test_worker_partitioned_10s(stack: ComposeStack) -> None:
         return {"container": worker.name, "streams_on_it": in_flight, "aliases": aliases}
 
     report, row, _ = await under_load(stack, "worker partitioned 10 s (network disconnect)", fault, requests=40)
-    assert_streams_moved(report, row, causes={"stalled", "killed", "no_responders", "lease_expired"})
+    assert_streams_moved(report, row, causes={"suspect", "stalled", "killed", "no_responders", "lease_expired"})
     # Back on the network, the worker serves again: registered (its lease may have
     # expired: then under a new one) and reachable by the frontends.
     container = row.notes["container"]

@@ -186,11 +186,33 @@ async def test_sigkill_mid_stream_migrates_with_identical_output(tmp_path: Path,
         await c.assert_no_kv_leak([w for w in c.workers if w is not victim])
 
 
-async def test_sigstop_mid_stream_migrates_after_stall_timeout(tmp_path: Path, namespace: str,
-                                                               etcd_server: EtcdServer, nats_server: NatsServer) -> None:
+async def test_sigstop_mid_stream_migrates_when_its_load_reports_stop(tmp_path: Path, namespace: str,
+                                                                       etcd_server: EtcdServer,
+                                                                       nats_server: NatsServer) -> None:
+    """A hung worker (SIGSTOP) keeps its subscriptions and its key, but its load reports
+    stop: suspect after --suspect-after (0.3 s), pinged, moved — well before the 2 s
+    stall timeout."""
+    reference = await reference_text()
+    async with cluster(tmp_path, namespace, etcd_server.endpoint, nats_server.url) as c:
+        async def stop(worker: WorkerProcess) -> None:
+            worker.send_signal(signal.SIGSTOP)
+
+        result, victim = await _fault_mid_stream(c, stop)
+        _assert_complete(result, reference)
+        assert await c.migrations() == {"suspect": 1}
+        assert result.max_gap < 1.0  # detection by missed load reports, not the 2 s stall timeout
+        # Resumed, the hung worker gets the frontend's cancel and frees the request.
+        victim.send_signal(signal.SIGCONT)
+        await c.assert_no_kv_leak(c.workers, timeout=3.0)
+
+
+async def test_stall_timeout_still_moves_a_stuck_stream_whose_worker_keeps_reporting(
+        tmp_path: Path, namespace: str, etcd_server: EtcdServer, nats_server: NatsServer) -> None:
+    """With suspicion off (--suspect-after 0) a hung worker is found by the last resort,
+    the stall timeout, as before."""
     reference = await reference_text()
     async with cluster(tmp_path, namespace, etcd_server.endpoint, nats_server.url,
-                       frontend_args=["--stream-stall-timeout", "1.0"]) as c:
+                       frontend_args=["--stream-stall-timeout", "1.0", "--suspect-after", "0"]) as c:
         async def stop(worker: WorkerProcess) -> None:
             worker.send_signal(signal.SIGSTOP)
 
@@ -198,7 +220,6 @@ async def test_sigstop_mid_stream_migrates_after_stall_timeout(tmp_path: Path, n
         _assert_complete(result, reference)
         assert await c.migrations() == {"stalled": 1}
         assert 0.9 < result.max_gap < 3.0
-        # Resumed, the hung worker gets the frontend's cancel and frees the request.
         victim.send_signal(signal.SIGCONT)
         await c.assert_no_kv_leak(c.workers, timeout=3.0)
 

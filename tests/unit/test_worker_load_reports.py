@@ -1,0 +1,49 @@
+"""The worker's load reports: a heartbeat even when idle (routers take a worker whose
+reports stop as hung), more often while the load changes. A fake transport counts them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dynrt.runtime.config import WorkerConfig
+from dynrt.runtime.protocol import LoadReport, load_report_decoder
+from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
+from dynrt.worker.service import WorkerService
+
+
+class CountingTransport:
+    def __init__(self) -> None:
+        self.reports: list[LoadReport] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.reports.append(load_report_decoder.decode(payload))
+
+
+async def reports_in(seconds: float, **config: float) -> list[LoadReport]:
+    engine = MockEngine(MockEngineConfig(speedup=float("inf")))
+    await engine.start()
+    service = WorkerService(WorkerConfig(engine="mock", **config), engine)  # type: ignore[arg-type]
+    transport = CountingTransport()
+    service.transport = transport  # type: ignore[assignment]
+    task = asyncio.create_task(service._publish_load())
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        task.cancel()
+        await engine.shutdown()
+    return transport.reports
+
+
+@pytest.mark.parametrize(("heartbeat", "expected"), [(0.1, 10), (0.2, 5)])
+async def test_idle_worker_reports_every_heartbeat(heartbeat: float, expected: int) -> None:
+    reports = await reports_in(1.05, load_interval=0.1, load_heartbeat=heartbeat)
+    # (a busy machine delays the sleeps: fewer, never more)
+    assert expected // 2 <= len(reports) <= expected + 1, len(reports)
+    assert all(r.heartbeat == heartbeat for r in reports)
+
+
+async def test_idle_worker_reports_no_more_often_than_its_heartbeat() -> None:
+    reports = await reports_in(1.05, load_interval=0.05, load_heartbeat=0.5)
+    assert 1 <= len(reports) <= 3, len(reports)  # the first one, then every 0.5 s
