@@ -79,7 +79,7 @@ STREAM_GAP = metrics.histogram("dynrt_frontend_migration_gap_seconds",
 
 # Silence longer than this multiple of the stream's recent inter-token time gets the
 # worker pinged.
-_SILENCE_ITL_MULTIPLE = 4.0
+_SILENCE_ITL_MULTIPLE = 2.5
 # Longest wait between pings while a live worker is busy (long prefill, big batch).
 _MAX_SILENCE_WINDOW = 0.5
 # How long to keep looking for a live instance when all known ones have failed.
@@ -118,7 +118,8 @@ class Generation:
 
     def __init__(self, *, request_id: str, model: str, prompt_ids: list[int], sampling: SamplingParams,
                  frontend_id: str, config: MigrationConfig, transport: NatsTransport, routing: RoutingService,
-                 on_instance_stream: Callable[["Generation", str | None], None] | None = None) -> None:
+                 on_instance_stream: Callable[["Generation", str | None], None] | None = None,
+                 on_instance_dead: Callable[[str], None] | None = None) -> None:
         self.request_id = request_id
         self.model = model
         self.prompt_ids = prompt_ids
@@ -138,6 +139,9 @@ class Generation:
         self._stashed: Frame | None = None
         self._last_token_at = 0.0  # time.monotonic() of the latest token (or of the send)
         self._on_instance_stream = on_instance_stream
+        # Told when a ping proves the instance gone (no responders), so the caller can
+        # move its other streams at once instead of each waiting out its own silence.
+        self._on_instance_dead = on_instance_dead
         self.finished = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -375,6 +379,8 @@ class Generation:
             self._exclude.add(failed.instance_id)
             if cause in ("no_responders", "killed", "stalled", "lease_expired", "engine_error", "aborted"):
                 self.routing.mark_down(failed.instance_id, self.config.down_seconds)
+            if cause in ("no_responders", "killed") and self._on_instance_dead is not None:
+                self._on_instance_dead(failed.instance_id)
         total = len(self.prompt_ids) + len(self.generated)
         if self.config.migration_limit <= self.migrations:
             self._exhausted(f"worker failed ({cause}) and the migration limit ({self.config.migration_limit}) is reached")

@@ -216,7 +216,7 @@ class OpenAIServing:
                     request_id=request_id if len(prompts) * n == 1 else f"{request_id}-{index}", model=req.model,
                     prompt_ids=prompt_ids, sampling=choice_sampling(sampling, i), frontend_id=self.frontend_id,
                     config=self.migration, transport=self.transport, routing=self.routing,
-                    on_instance_stream=self._track_instance)
+                    on_instance_stream=self._track_instance, on_instance_dead=self._on_instance_dead)
                 text = TextStream(generation, tokenizer.new_detokenizer(prompt_ids, req.skip_special_tokens),
                                   req.stop_strings(), include_stop_str_in_output=req.include_stop_str_in_output,
                                   min_tokens=req.min_tokens)
@@ -386,6 +386,14 @@ class OpenAIServing:
     def _interrupt_streams(self, instance_id: str, cause: str = "lease_expired") -> None:
         for generation in list(self.generations_by_instance.pop(instance_id, ())):
             generation.interrupt(cause)
+
+    def _on_instance_dead(self, instance_id: str) -> None:
+        """One of our streams found the instance gone (a ping got no responders): its
+        other streams move now, not each after its own silence window."""
+        if self.generations_by_instance.get(instance_id):
+            log.warning("dead_instance_streams_moving", instance_id=instance_id,
+                        streams=len(self.generations_by_instance[instance_id]))
+            self._interrupt_streams(instance_id, "killed")
 
     def _on_instance_suspect(self, record: InstanceRecord) -> None:
         """Its load reports stopped (no new requests go there already): if it holds

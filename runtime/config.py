@@ -113,7 +113,7 @@ class MigrationConfig(msgspec.Struct, kw_only=True):
     migration_max_seq_len: Annotated[int, _doc("no migration past this many prompt+output tokens (0 = no limit)")] = 0
     stream_stall_timeout: Annotated[float, _doc("seconds without frames or heartbeats before a stream counts as broken")] = 2.0
     ping_timeout: Annotated[float, _doc("seconds a silent worker has to answer a ping")] = 0.05
-    silence_floor: Annotated[float, _doc("a stream silent this long (s, at least) gets its worker pinged")] = 0.05
+    silence_floor: Annotated[float, _doc("a stream silent this long (s, at least) gets its worker pinged")] = 0.03
     down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
 
 

@@ -52,6 +52,13 @@ async def test_worker_sigkill_under_load(tmp_path: Path) -> None:
                    for moves in d.migrated_requests().values() for _, source in moves)
         assert report.max_gap < 1.5, report.max_gap  # ping detection, far below the stall timeout
         assert left_after <= LEASE_TTL + 2, left_after
+        # The first stream whose ping finds the victim gone moves the victim's other
+        # streams at once: one such event, naming the victim, whenever more than one moved.
+        victim_id = victim.record.instance_id  # type: ignore[attr-defined]
+        moved_together = [line for fe in d.frontends for line in fe.log_text().splitlines()
+                          if "event=dead_instance_streams_moving" in line]
+        assert len(moved_together) == (1 if moved >= 2 else 0), moved_together
+        assert all(f"instance_id={victim_id}" in line for line in moved_together), moved_together
         await d.assert_kv_idle(timeout=3)
 
 
