@@ -368,6 +368,53 @@ async def test_shared_prefix_routed_to_worker_holding_it(dep: Deployment) -> Non
             dep.results.setdefault("prefix_hits_tokens", []).append(int(hit))
 
 
+HEAVY_STREAMS = 16  # 8 per worker: vLLM's CPU engine steps long prefills and big batches
+HEAVY_PROMPT_WORDS = 600
+
+
+async def test_heavy_load_no_vllm_worker_is_suspect_and_nothing_migrates(dep: Deployment) -> None:
+    """A busy vLLM worker (long prefills, a full batch, both cores saturated) keeps
+    reporting its load every --load-heartbeat: the frontend never takes it for a hung
+    one, so nothing is migrated."""
+    await dep.ensure_workers(2)
+    assert dep.frontend is not None
+    log_before = len(dep.frontend.log_text().splitlines())
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+    def heavy_prompt(i: int) -> list[dict[str, str]]:  # distinct from the first word: no prefix reuse
+        text = " ".join(words[(i * 7 + j * 5) % len(words)] for j in range(HEAVY_PROMPT_WORDS))
+        return [{"role": "user", "content": f"Request {i}. Summarize: {text}"}]
+
+    peak_in_flight = [0, 0]
+    stop = asyncio.Event()
+
+    async def watch_load() -> None:
+        while not stop.is_set():
+            for k, worker in enumerate(dep.workers[:2]):
+                peak_in_flight[k] = max(peak_in_flight[k], (await worker_health(worker))["in_flight"])
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch_load())
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            answers = await asyncio.gather(*(
+                stream_chat(session, dep.url, body(heavy_prompt(i), dep.model, 32, stream=True, ignore_eos=True))
+                for i in range(HEAVY_STREAMS)))
+    finally:
+        stop.set()
+        await watcher
+    assert all(a.completion_tokens == 32 for a in answers)
+    assert min(peak_in_flight) >= 4, peak_in_flight  # both workers were really loaded
+    events = dep.frontend.log_text().splitlines()[log_before:]
+    suspects = [line for line in events if "event=instance_suspect" in line]
+    moved = [line for line in events if "event=migrating" in line]
+    dep.results["heavy_load"] = {"streams": HEAVY_STREAMS, "prompt_words": HEAVY_PROMPT_WORDS,
+                                 "peak_in_flight": peak_in_flight, "seconds": round(time.monotonic() - started, 1),
+                                 "suspect_events": len(suspects), "migrations": len(moved)}
+    assert suspects == [] and moved == [], (suspects, moved)
+
+
 async def test_sigkill_mid_stream_migrates_to_other_worker(dep: Deployment) -> None:
     import psutil
 
