@@ -16,8 +16,9 @@ Requests the router routed are reported back on ``router_complete_subject`` when
 end (fire-and-forget), so its pending-assignment view covers every frontend's traffic.
 Every remote decision is also recorded in the local state, so when the router goes away
 the local fallback already knows this frontend's in-flight load. Instances this
-frontend marked down (no-responders, stalls) are added to the request's ``exclude``
-list, so the router never sends this frontend back to a worker it saw fail.
+frontend marked down (no-responders, stalls) or holds as suspect (its load reports stopped
+reaching this frontend) are added to the request's ``exclude`` list, so the router never
+sends this frontend back to a worker it saw fail or cannot hear from.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class RemoteRoutingService(RoutingService):
                    exclude: Collection[str]) -> tuple[RouteDecision | None, str]:
         excluded = set(exclude)
         excluded.update(self.state.down_instances())
+        excluded.update(self.state.suspects())
         payload = encode(RouteRequest(model=model, token_ids=list(token_ids), exclude=sorted(excluded),
                                       request_id=request_id))
         started = time.perf_counter()
