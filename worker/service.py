@@ -48,33 +48,25 @@ from dynrt.runtime.protocol import (
     Frame,
     GenerateRequest,
     InstanceRecord,
-    KvEventBatch,
     MigrateFrame,
     SamplingParams,
     TokenFrame,
     Usage,
-    encode,
     encode_json,
     frontends_prefix,
     generate_request_decoder,
     instance_key,
-    kv_events_subject,
-    load_subject,
     request_subject,
 )
 from dynrt.runtime.transport import Endpoint, NatsTransport, RequestContext
 from dynrt.worker.engine import Engine, RequestRejected, TokenBatch
+from dynrt.worker.router_feed import RouterFeed
 
 log = get_logger("worker")
 
 REQUESTS = metrics.counter("dynrt_worker_requests_total", "generate requests by outcome", ("outcome",))
 IN_FLIGHT = metrics.gauge("dynrt_worker_in_flight_requests", "requests being served")
-KV_USAGE = metrics.gauge("dynrt_worker_kv_usage_ratio", "fraction of KV blocks in use")
 OUTPUT_TOKENS = metrics.counter("dynrt_worker_output_tokens_total", "tokens generated")
-RUNNING = metrics.gauge("dynrt_worker_running_requests",
-                        "requests in the engine's running batch, as in the last load report (vLLM: num_running_reqs)")
-WAITING = metrics.gauge("dynrt_worker_waiting_requests",
-                        "requests queued in the engine for a place in the batch, as in the last load report")
 
 State = Literal["starting", "loading", "ready", "draining", "unhealthy", "stopped"]
 
@@ -110,10 +102,7 @@ class WorkerService:
         self.frontend_watcher: PrefixWatcher | None = None
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
         self.requests_by_frontend: dict[str, set[str]] = {}
-        # Generate requests received per sender (frontend id, standalone router id),
-        # published in load reports so routers can tell which assignments they reflect.
-        self.received: dict[str, int] = {}
-        self.received_total = 0
+        self.router_feed = RouterFeed(config, engine, self.instance_id, self.model_name)
         self.last_request_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self._aborts: set[asyncio.Task[None]] = set()
@@ -142,8 +131,8 @@ class WorkerService:
                                               lambda k, v: None, self._on_frontend_gone)
         await self.frontend_watcher.start()
         self._tasks = [
-            asyncio.create_task(self._publish_load(), name="load-reports"),
-            asyncio.create_task(self._publish_kv_events(), name="kv-events"),
+            asyncio.create_task(self.router_feed.publish_load(self.transport), name="load-reports"),
+            asyncio.create_task(self.router_feed.publish_kv_events(self.transport), name="kv-events"),
             asyncio.create_task(self._health_loop(), name="health-checks"),
         ]
         self.shutdown.add("deregister", self._deregister, timeout=5)
@@ -193,7 +182,7 @@ class WorkerService:
         # Counted before any await: by the time a load report shows the count, the engine
         # holds the request (the mock queues it synchronously on the first iteration
         # below) or it was refused here — either way routers may stop counting it.
-        self._count_received(request)
+        self.router_feed.count_received(request)
         if self.state != "ready":
             REQUESTS.labels("busy").inc()
             yield ErrorFrame(code="busy", message=f"worker is {self.state}")
@@ -246,13 +235,6 @@ class WorkerService:
             self.last_request_at = time.monotonic()
             log.debug("request_done", request_id=request_id, outcome=outcome, generated=generated)
 
-    def _count_received(self, request: GenerateRequest) -> None:
-        received = self.received
-        received[request.frontend_id] = received.get(request.frontend_id, 0) + 1
-        if request.router_id:
-            received[request.router_id] = received.get(request.router_id, 0) + 1
-        self.received_total += 1
-
     def _cancel(self, request_id: str, mode: Literal["stop", "kill"]) -> None:
         log.info("request_cancelled", request_id=request_id, mode=mode)
         # Kept until it ends: the event loop holds only a weak reference to a task.
@@ -268,58 +250,13 @@ class WorkerService:
 
     def _on_frontend_gone(self, key: str) -> None:
         frontend_id = key.rsplit("/", 1)[-1]
-        self.received.pop(frontend_id, None)  # its router is gone with it
+        self.router_feed.forget_sender(frontend_id)  # its router is gone with it
         orphans = self.requests_by_frontend.pop(frontend_id, set())
         if not orphans or self.endpoint is None:
             return
         log.warning("frontend_gone_aborting", frontend_id=frontend_id, requests=len(orphans))
         for request_id in orphans:
             self.endpoint.cancel(request_id, "kill")
-
-    # -- router inputs ------------------------------------------------------------
-    async def _publish_load(self) -> None:
-        """A report every ``load_interval`` while the load changes, and at least every
-        ``load_heartbeat`` (idle too): routers take a worker whose reports stop as hung.
-        Sent from this event loop, so a report proves the loop — what serves streams and
-        answers pings — is running."""
-        assert self.transport is not None
-        subject = load_subject(self.config.namespace, self.model_name)
-        heartbeat = self.config.load_heartbeat
-        tick = min(self.config.load_interval, heartbeat)
-        last: tuple[int, int, int, int, int] | None = None
-        last_sent = 0.0
-        while True:
-            await asyncio.sleep(tick)
-            report = self.engine.load()
-            report.instance_id = self.instance_id
-            report.model = self.model_name
-            report.timestamp = time.time()
-            report.received = dict(self.received)
-            report.heartbeat = heartbeat
-            KV_USAGE.set(report.kv_usage)
-            RUNNING.set(report.running)
-            WAITING.set(report.waiting)
-            shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens,
-                     self.received_total)
-            # Half a tick of slack: a sleep that overshoots must not skip a heartbeat.
-            if shape != last or time.monotonic() - last_sent >= heartbeat - tick / 2:
-                try:
-                    await self.transport.publish(subject, encode(report))
-                    last, last_sent = shape, time.monotonic()
-                except Exception as exc:  # NATS reconnecting: the next report catches up
-                    log.debug("load_publish_failed", error=str(exc))
-
-    async def _publish_kv_events(self) -> None:
-        assert self.transport is not None
-        subject = kv_events_subject(self.config.namespace, self.model_name)
-        async for events in self.engine.kv_events():
-            if not events:
-                continue
-            batch = KvEventBatch(instance_id=self.instance_id, model=self.model_name, events=events)
-            try:
-                await self.transport.publish(subject, encode(batch))
-            except Exception as exc:  # routers see the event-id gap and resync
-                log.debug("kv_events_publish_failed", error=str(exc))
 
     # -- health -------------------------------------------------------------------
     def _health(self) -> tuple[bool, dict[str, Any]]:

@@ -10,7 +10,7 @@ import pytest
 from dynrt.runtime.config import WorkerConfig
 from dynrt.runtime.protocol import LoadReport, load_report_decoder
 from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
-from dynrt.worker.service import WorkerService
+from dynrt.worker.router_feed import RouterFeed
 
 
 class CountingTransport:
@@ -24,10 +24,9 @@ class CountingTransport:
 async def reports_in(seconds: float, **config: float) -> list[LoadReport]:
     engine = MockEngine(MockEngineConfig(speedup=float("inf")))
     await engine.start()
-    service = WorkerService(WorkerConfig(engine="mock", **config), engine)  # type: ignore[arg-type]
+    feed = RouterFeed(WorkerConfig(engine="mock", **config), engine, "a", "mock-model")  # type: ignore[arg-type]
     transport = CountingTransport()
-    service.transport = transport  # type: ignore[assignment]
-    task = asyncio.create_task(service._publish_load())
+    task = asyncio.create_task(feed.publish_load(transport))  # type: ignore[arg-type]
     try:
         await asyncio.sleep(seconds)
     finally:
