@@ -113,9 +113,12 @@ def stall_waits(stream: Stream) -> int:
     return sum(1 for a, b in zip(times, times[1:]) if b - a >= 0.9 * STALL_TIMEOUT)
 
 
-def gaps_per_kill(streams: list[Stream], migrated: set[str], kills: list[float]) -> tuple[list[float], dict[int, list[float]]]:
+def gaps_per_kill(streams: list[Stream], migrated: set[str], kills: list[float],
+                  after_fault: list[float] | None = None) -> tuple[list[float], dict[int, list[float]]]:
     """The longest client-visible gap (ms) of every migrated stream, and the same gaps by
-    the fault that preceded the gap's end (-1: before the first)."""
+    the fault that preceded the gap's end (-1: before the first). ``after_fault`` gets,
+    per gap that spans a fault, the part after the signal (ms): detection, re-routing and
+    the new worker's prefill, without the time the last token happened to precede it."""
     gaps: list[float] = []
     per_kill: dict[int, list[float]] = {}
     for stream in streams:
@@ -126,6 +129,8 @@ def gaps_per_kill(streams: list[Stream], migrated: set[str], kills: list[float])
         gaps.append(gap)
         kill = max((k for k, t in enumerate(kills) if t <= end), default=-1)
         per_kill.setdefault(kill, []).append(gap)
+        if after_fault is not None and kill >= 0 and kills[kill] >= start:
+            after_fault.append((end - kills[kill]) * 1000)
     return gaps, per_kill
 
 
@@ -160,7 +165,8 @@ async def run_once(name: str, args: argparse.Namespace) -> dict[str, Any]:
         migrated = deployment.migrated_requests()
         suspect_events = deployment.frontends[0].log_text().count("instance_suspect")
     refs = await references(streams)
-    gaps, per_kill = gaps_per_kill(streams, set(migrated), chaos.kills)
+    after_fault: list[float] = []
+    gaps, per_kill = gaps_per_kill(streams, set(migrated), chaos.kills, after_fault)
     causes = [cause for moves in migrated.values() for cause, _ in moves]
     waits = [stall_waits(s) for s in streams]
     return {
@@ -181,6 +187,8 @@ async def run_once(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "gap_ms_p50": percentile(gaps, 50),
         "gap_ms_p99": percentile(gaps, 99),
         "gap_ms_max": max(gaps, default=float("nan")),
+        "after_fault_ms_p50": percentile(after_fault, 50),
+        "after_fault_ms_p99": percentile(after_fault, 99),
         "gap_ms_per_kill": {str(k): {"streams": len(v), "p50": percentile(v, 50), "max": max(v)}
                             for k, v in sorted(per_kill.items())},
         "wall_seconds": load.ended_at - load.started_at,
@@ -260,12 +268,14 @@ RUNS = ("kill", "stop", "mixed", "heavy")
 async def main(args: argparse.Namespace) -> None:
     runs = [await run_once(name, args) for name in args.runs.split(",")]
     print_table(["run", "faults", "completed", "failed", "identical", "migrated", "causes", "suspect events",
-                 "stall waits x1/x2+", "gap p50 ms", "gap p99 ms", "gap max ms"],
+                 "stall waits x1/x2+", "gap p50 ms", "gap p99 ms", "gap max ms", "after fault p50/p99 ms"],
                 [[r["run"], r["faults"], r["completed"], r["failed"], r["identical"], r["migrated_streams"],
                   ",".join(f"{k}={v}" for k, v in r["migration_causes"].items()) or "-", r["suspect_events"],
                   f"{r.get('streams_waiting_stall_timeout_once', 0)}/"
                   f"{r.get('streams_waiting_stall_timeout_twice_or_more', 0)}",
-                  r["gap_ms_p50"], r["gap_ms_p99"], r["gap_ms_max"]] for r in runs])
+                  r["gap_ms_p50"], r["gap_ms_p99"], r["gap_ms_max"],
+                  f"{r.get('after_fault_ms_p50', float('nan')):.0f}/{r.get('after_fault_ms_p99', float('nan')):.0f}"]
+                 for r in runs])
     path = write_results(args.results_name, {"config": options_of(args), "runs": runs}, args.results_dir)
     print(f"wrote {path}")
     png = args.results_dir / f"{args.results_name}.png"

@@ -79,7 +79,7 @@ STREAM_GAP = metrics.histogram("dynrt_frontend_migration_gap_seconds",
 
 # Silence longer than this multiple of the stream's recent inter-token time gets the
 # worker pinged.
-_SILENCE_ITL_MULTIPLE = 2.5
+_SILENCE_ITL_MULTIPLE = 2.0
 # Longest wait between pings while a live worker is busy (long prefill, big batch).
 _MAX_SILENCE_WINDOW = 0.5
 # How long to keep looking for a live instance when all known ones have failed.
