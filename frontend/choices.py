@@ -118,6 +118,21 @@ def event_bytes(choice: Choice, encoder: ChatChunkEncoder | CompletionChunkEncod
     return data
 
 
+def batch_bytes(choice: Choice, encoder: ChatChunkEncoder | CompletionChunkEncoder, batch: list[TextDelta],
+                endpoint: str) -> bytes:
+    """The SSE events of a batch of deltas of a choice (see ``TextStream.batches``),
+    written at once: :func:`event_bytes` of each, joined. Plain text without logprobs
+    (the hot path) is spliced into the encoder's template in one join."""
+    if choice.assembler is not None or choice.renderer is not None:
+        return b"".join([event_bytes(choice, encoder, delta, endpoint) for delta in batch])
+    texts = [delta.text for delta in batch if delta.text]
+    data = encoder.contents(texts) if texts else b""
+    finish = batch[-1].finish_reason
+    if finish is not None:  # output is None here (output rules come with an assembler)
+        data += encoder.finish(finish)
+    return data
+
+
 async def merged(streams: list[TextStream]) -> AsyncIterator[tuple[int, TextDelta]]:
     """The deltas of several choices as they arrive, each tagged with its position. A
     failure of one ends all; so does closing this iterator (the readers are cancelled)."""

@@ -31,7 +31,7 @@ from aiohttp import web
 from dynrt.frontend import errors
 from dynrt.frontend.chat_output import ChatDeltaAssembler, ChatOutputRules
 from dynrt.frontend.chat_request import ChatSettings, plan_chat
-from dynrt.frontend.choices import Choice, all_or_none, choice_sampling, event_bytes, merged
+from dynrt.frontend.choices import Choice, all_or_none, batch_bytes, choice_sampling, event_bytes, merged
 from dynrt.frontend.logprobs import ChatLogprobs, LogprobRenderer, merge_completion
 from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import (
@@ -110,7 +110,9 @@ def json_response(obj: object, status: int = 200) -> web.Response:
 
 class _Latency:
     """Time to first token of every request; inter-token latency of streamed ones (the
-    gaps a streaming client sees)."""
+    gaps a streaming client sees): one observation per write to the client — the time
+    since the previous write over the tokens this one carries (a write of one-token
+    events sent together counts once, as a coalesced chunk of as many tokens would)."""
 
     __slots__ = ("_ttft", "_itl", "_last", "_first")
 
@@ -338,11 +340,16 @@ class OpenAIServing:
         tail = b""
         try:
             if len(choices) == 1:  # the hot path: no merging of streams
-                choice, encoder = choices[0], encoders[0]
-                async for delta in choice.text:
-                    latency.observe(delta.token_count)
-                    data = event_bytes(choice, encoder, delta, endpoint)
-                    if delta.finish_reason is not None:
+                # A batch is every delta the generation had ready at once: its events go
+                # out in one write (one send), before the next frame is awaited — no token
+                # waits for another.
+                choice, encoder, text = choices[0], encoders[0], choices[0].text
+                counted = 0
+                async for batch in text.batches():
+                    latency.observe(text.completion_tokens - counted)
+                    counted = text.completion_tokens
+                    data = batch_bytes(choice, encoder, batch, endpoint)
+                    if batch[-1].finish_reason is not None:
                         tail = data
                     elif data:
                         await response.write(data)
