@@ -113,6 +113,15 @@ class StreamInterrupted(Exception):
         self.cause = cause
 
 
+def _interrupted(exc: EOFError | NoRespondersError | StreamBrokenError) -> StreamInterrupted:
+    """The migration cause of a stream that ended early or broke."""
+    if isinstance(exc, NoRespondersError):
+        return StreamInterrupted("no_responders")
+    if isinstance(exc, StreamBrokenError):
+        return StreamInterrupted("nats_restart" if exc.cause == "nats_disconnected" else exc.cause)
+    return StreamInterrupted("ended_early")
+
+
 class Generation:
     """Generate ``sampling.max_tokens`` tokens for ``prompt_ids`` on whatever live
     workers it takes. Iterate ``tokens()``; call ``close()`` when done (or to cancel:
@@ -298,7 +307,7 @@ class Generation:
             # The frames that are already here join this batch (the consumer writes a
             # batch at once); anything else waits for the next turn, after these tokens.
             while finish is None and stream.pending():
-                more = await self._next_frame(stream, 0)
+                more = self._ready_frame(stream)
                 if type(more) is not TokenFrame:
                     self._stashed = more
                     break
@@ -350,12 +359,16 @@ class Generation:
             return await stream.next(timeout)
         except StreamSilent:
             return None
-        except EOFError:
-            raise StreamInterrupted("ended_early") from None
-        except NoRespondersError:
-            raise StreamInterrupted("no_responders") from None
-        except StreamBrokenError as exc:
-            raise StreamInterrupted("nats_restart" if exc.cause == "nats_disconnected" else exc.cause) from None
+        except (EOFError, NoRespondersError, StreamBrokenError) as exc:
+            raise _interrupted(exc) from None
+
+    def _ready_frame(self, stream: ResponseStream) -> Frame | None:
+        """The next frame if one has been received, else None (no waiting); the errors
+        of :meth:`_next_frame`."""
+        try:
+            return stream.ready()
+        except (EOFError, NoRespondersError, StreamBrokenError) as exc:
+            raise _interrupted(exc) from None
 
     async def _check_alive(self, stream: ResponseStream) -> None:
         """The stream is silent: is the worker still there?"""

@@ -145,12 +145,19 @@ class ResponseStream:
         """The next non-heartbeat frame. Raises ``StreamSilent`` if nothing at all
         (heartbeats included) arrives within ``timeout`` (the stream stays usable),
         ``EOFError`` at the end, ``NoRespondersError`` / ``StreamBrokenError``."""
+        while True:
+            frame = self.ready()
+            if frame is not None:
+                return frame
+            await self._wait(timeout)
+
+    def ready(self) -> Frame | None:
+        """The next non-heartbeat frame if one has been received, else None (no
+        waiting); the errors of :meth:`next`."""
         if self.done:
             raise EOFError
         items = self._items
-        while True:
-            if not items:
-                await self._wait(timeout)
+        while items:
             item = items.popleft()
             self.last_activity = time.monotonic()
             if item is _BROKEN:
@@ -160,12 +167,13 @@ class ResponseStream:
                 self._finish()
                 raise NoRespondersError(self.subject)
             frame = frame_decoder.decode(item)
-            if isinstance(frame, HeartbeatFrame):
+            if type(frame) is HeartbeatFrame:
                 continue
-            if isinstance(frame, EndFrame):
+            if type(frame) is EndFrame:
                 self._finish()
                 raise EOFError
             return frame
+        return None
 
     def interrupt(self, cause: str) -> None:
         """Break the stream from outside (e.g. its instance left discovery): the
