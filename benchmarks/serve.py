@@ -17,10 +17,12 @@ deployment is reported the same way. ``--chunking`` says how the frontend sends 
 ``coalesced`` (its normal behaviour: frames already received when one is read go out as
 one SSE chunk) and/or ``one`` (every token its own chunk: the frontend runs with
 ``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1``, see ``dynrt.frontend.migration``), the
-per-token cost of a frontend that cannot coalesce. ``--baseline-tree DIR`` measures the
-code of another source tree (e.g. ``git worktree add /tmp/base <commit>``) in the same
-run, each configuration baseline first: its processes are started from a package
-layout of that tree, so they import its ``dynrt``.
+per-token cost of a frontend that cannot coalesce (its tokens are still written a batch at
+a time: the one-token events of the frames already received, in one write).
+``--baseline-tree DIR`` measures the code of another source tree (e.g. ``git worktree add
+/tmp/base <commit>``) in the same run, each configuration baseline first, and ``--tree
+NAME=DIR`` more trees after it: their processes are started from a package layout of
+that tree, so they import its ``dynrt``.
 
     python -m benchmarks.serve                          # the standard workload, both speedups, both chunkings
     python -m benchmarks.serve --repeats 2 --profile    # + py-spy profiles of frontend and workers
@@ -430,12 +432,12 @@ async def main(args: argparse.Namespace) -> int:
     else:
         state = Path(tempfile.mkdtemp(prefix="dynrt-bench-"))
         trees: list[tuple[str, Path | None]] = [("current", None)]
-        if args.baseline_tree:
-            trees.insert(0, ("baseline", package_layout(Path(args.baseline_tree))))
+        for name, tree in reversed(_other_trees(args)):
+            trees.insert(0, (name, package_layout(Path(tree))))
         configs = [(speedup, chunking, code, layout) for speedup in args.speedup.split(",")
                    for chunking in args.chunking.split(",") for code, layout in trees]
         for speedup, chunking, code, layout in configs:
-            label = f"speedup {speedup}, {chunking}" + (f", {code}" if args.baseline_tree else "")
+            label = f"speedup {speedup}, {chunking}" + (f", {code}" if len(trees) > 1 else "")
             slug = f"speedup-{speedup}-{chunking}-{code}"
             log_dir = state / slug
             log_dir.mkdir(exist_ok=True)
@@ -486,18 +488,19 @@ async def main(args: argparse.Namespace) -> int:
     if frontend_cpu:
         print()
         print(f"frontend CPU us per output token (median of {args.repeats} run(s)), mock tokenizer path")
-        columns = sorted({code for row in frontend_cpu for code in row["us_per_token"]}, reverse=True)
-        ratio = ["current / baseline"] if len(columns) > 1 else []
-        print_table(["speedup", "chunking", "tok/chunk", *columns, *ratio],
+        codes = [name for name, _ in _other_trees(args)] + ["current"]
+        columns = [c for c in codes if any(c in row["us_per_token"] for row in frontend_cpu)]
+        others = [c for c in columns if c != "current"] if "current" in columns else []
+        print_table(["speedup", "chunking", "tok/chunk", *columns, *(f"current / {c}" for c in others)],
                     [[row["speedup"], row["chunking"], row["tokens_per_chunk"],
                       *(row["us_per_token"].get(c, "-") for c in columns),
-                      *([row["current_over_baseline"]] if ratio else [])] for row in frontend_cpu])
+                      *(row["current_over"].get(c, "-") for c in others)] for row in frontend_cpu])
     name = args.name
     workload = {"requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                 "output_tokens": args.output_tokens, "workers": args.workers, "repeats": args.repeats,
                 "worker_args": args.worker_args, "chunking": args.chunking, "baseline_tree": args.baseline_tree,
-                "client": "aiohttp + msgspec, same machine"}
-    path = write_results(name, {"workload": workload, "frontend_cpu_us_per_token": frontend_cpu, "results": runs},
+                "trees": dict(_other_trees(args)), "client": "aiohttp + msgspec, same machine"}
+    path = write_results(name, {"machine_note": args.machine, "workload": workload, "frontend_cpu_us_per_token": frontend_cpu, "results": runs},
                          args.results_dir)
     print(f"wrote {path}")
     png = args.results_dir / f"{name}.png"
@@ -507,9 +510,20 @@ async def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _other_trees(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, source tree) of the code measured besides the current one, in run order."""
+    trees = [("baseline", args.baseline_tree)] if args.baseline_tree else []
+    for entry in args.tree:
+        name, sep, tree = entry.partition("=")
+        if not sep or not name or not tree or name in ("current", "baseline"):
+            raise SystemExit(f"--tree {entry!r}: expected NAME=DIR with NAME neither 'current' nor 'baseline'")
+        trees.append((name, tree))
+    return trees
+
+
 def frontend_cpu_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (speedup, chunking): the frontend's CPU us per output token of each code tree
-    (median over runs), the tokens per chunk of the current code, and current / baseline."""
+    (median over runs), the tokens per chunk of the current code, and current / each other tree."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs.values():
         if "chunking" not in run:
@@ -522,7 +536,9 @@ def frontend_cpu_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             row["tokens_per_chunk"] = round(best["tokens_per_chunk"], 2)
     for row in rows.values():
         us = row["us_per_token"]
-        row["current_over_baseline"] = round(us["current"] / us["baseline"], 2) if len(us) == 2 else None
+        row["current_over"] = {code: round(us["current"] / value, 2) for code, value in us.items()
+                               if code != "current" and "current" in us and value}
+        row["current_over_baseline"] = row["current_over"].get("baseline")
     return list(rows.values())
 
 
@@ -544,6 +560,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-tree", default="",
                         help="also run every configuration with the code of this source tree (a checkout of "
                              "another commit), first, in the same run")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="also run every configuration with the code of this source tree, labelled NAME, after "
+                             "the baseline (repeatable; e.g. the previous round's code)")
+    parser.add_argument("--machine", default="", help="the machine, as the results should name it (e.g. '2-core VM "
+                                                      "(AMD EPYC), quiet')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="py-spy the frontend and workers in the first run")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")

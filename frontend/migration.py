@@ -282,7 +282,13 @@ class Generation:
         coalesce = not _ONE_TOKEN_PER_CHUNK
         self._stashed = None
         while True:
-            frame = await self._next_frame(stream, window)
+            frame = self._ready_frame(stream)
+            if frame is None:
+                try:
+                    await stream.wait(window)  # awaited here: one coroutine frame less per wake-up
+                    continue
+                except StreamSilent:
+                    pass
             if type(frame) is not TokenFrame:
                 if frame is None:  # silent for ``window``: is the worker still there?
                     await self._check_alive(stream)
@@ -349,22 +355,12 @@ class Generation:
             raise StreamInterrupted("engine_error")
         return frame.logprobs if so_far is None else so_far + frame.logprobs
 
-    async def _next_frame(self, stream: ResponseStream, timeout: float) -> Frame | None:
-        """The next frame; None if silent for ``timeout``; end of stream or a broken
-        one becomes ``StreamInterrupted``."""
+    def _ready_frame(self, stream: ResponseStream) -> Frame | None:
+        """The next frame if one has been received, else None (no waiting); end of
+        stream or a broken one becomes ``StreamInterrupted``."""
         if self._stashed is not None:
             frame, self._stashed = self._stashed, None
             return frame
-        try:
-            return await stream.next(timeout)
-        except StreamSilent:
-            return None
-        except (EOFError, NoRespondersError, StreamBrokenError) as exc:
-            raise _interrupted(exc) from None
-
-    def _ready_frame(self, stream: ResponseStream) -> Frame | None:
-        """The next frame if one has been received, else None (no waiting); the errors
-        of :meth:`_next_frame`."""
         try:
             return stream.ready()
         except (EOFError, NoRespondersError, StreamBrokenError) as exc:

@@ -149,7 +149,7 @@ class ResponseStream:
             frame = self.ready()
             if frame is not None:
                 return frame
-            await self._wait(timeout)
+            await self.wait(timeout)
 
     def ready(self) -> Frame | None:
         """The next non-heartbeat frame if one has been received, else None (no
@@ -182,7 +182,7 @@ class ResponseStream:
             self.broken_cause = cause
             self._deliver(_BROKEN)
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def wait(self, timeout: float | None) -> None:
         """Until an item is received; ``StreamSilent`` if none within ``timeout``."""
         if timeout is not None and timeout <= 0:
             raise StreamSilent
