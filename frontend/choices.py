@@ -85,15 +85,16 @@ class Choice:
 
     async def collect(self, observe: Callable[[int], None], endpoint: str) -> None:
         """Read the whole choice (non-streaming responses)."""
-        async for delta in self.text:
-            observe(delta.token_count)
-            self.parts.append(delta.text)
-            if self.renderer is not None and delta.token_ids:
-                rendered = self.render(delta, endpoint)
-                if isinstance(rendered, ChatLogprobs):
-                    self.chat_logprobs += rendered.content or []
-                else:
-                    self.completion_logprobs.append(rendered)
+        async for batch in self.text.batches():
+            observe(sum(delta.token_count for delta in batch))
+            for delta in batch:
+                self.parts.append(delta.text)
+                if self.renderer is not None and delta.token_ids:
+                    rendered = self.render(delta, endpoint)
+                    if isinstance(rendered, ChatLogprobs):
+                        self.chat_logprobs += rendered.content or []
+                    else:
+                        self.completion_logprobs.append(rendered)
 
 
 def event_bytes(choice: Choice, encoder: ChatChunkEncoder | CompletionChunkEncoder, delta: TextDelta,
