@@ -127,6 +127,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # content chunks, since request start
+    content_reads: int = 0  # socket reads that brought content (several chunks may come in one)
     finish_reason: str | None = None
 
 
@@ -147,6 +148,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, ind
                 now = time.perf_counter() - started
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
+                chunks_before = len(chunk_times)
                 for event in events:
                     if not event.startswith(b"data: "):
                         continue
@@ -167,6 +169,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, ind
                             chunk_times.append(now)
                         if choice.finish_reason is not None:
                             result.finish_reason = choice.finish_reason
+                if len(chunk_times) > chunks_before:
+                    result.content_reads += 1
             result.latency = time.perf_counter() - started
             if chunk_times:
                 result.ttft = chunk_times[0]
@@ -229,6 +233,7 @@ def summarize(wall: float, results: list[RequestResult], output_tokens: int) -> 
         "output_tok_s": tokens / wall if wall else 0.0,
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "tokens_per_chunk": tokens / chunks if chunks else 0.0,
+        "tokens_per_read": tokens / reads if (reads := sum(r.content_reads for r in ok)) else 0.0,
         "ttft_ms_p50": percentile(ttfts, 50), "ttft_ms_p99": percentile(ttfts, 99),
         "itl_ms_p50": percentile(itls, 50), "itl_ms_p99": percentile(itls, 99),
         "tpot_ms_p50": percentile(tpots, 50), "tpot_ms_p99": percentile(tpots, 99),
@@ -248,6 +253,12 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def system_cpu_seconds(pid: int) -> float:
+    """System (kernel) CPU seconds of a process so far (NaN if gone): sends and receives."""
+    stat = read_stat(pid)
+    return math.nan if stat is None else stat.system_ticks / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------
@@ -376,8 +387,10 @@ async def bench_target(url: str, args: argparse.Namespace, label: str, pids: dic
             await asyncio.sleep(0.5)
         cpu_pids = {**(pids or {}), **(other_pids or {}), "client": os.getpid()}
         cpu_before = cpu_snapshot(cpu_pids)
+        system_before = {name: system_cpu_seconds(pid) for name, pid in cpu_pids.items()}
         wall, results = await run_load(url, args.model, prompts, args.output_tokens, args.concurrency, args.api_key)
         cpu_after = cpu_snapshot(cpu_pids)
+        system_after = {name: system_cpu_seconds(pid) for name, pid in cpu_pids.items()}
         for p in profilers:  # SIGINT: py-spy writes what it sampled and exits
             p.send_signal(signal.SIGINT)
         for p in profilers:
@@ -394,6 +407,8 @@ async def bench_target(url: str, args: argparse.Namespace, label: str, pids: dic
         # CPU microseconds per output token, by process: robust to a shared machine.
         summary["cpu_us_per_token"] = {name: round((cpu_after[name] - cpu_before[name]) * 1e6 / tokens, 2)
                                        for name in cpu_pids}
+        summary["system_cpu_us_per_token"] = {name: round((system_after[name] - system_before[name]) * 1e6 / tokens, 2)
+                                              for name in cpu_pids}
         per = summary["cpu_us_per_token"]
         summary["cpu_us_per_token_total"] = round(sum(v for v in per.values() if not math.isnan(v)), 2)
         summary["cpu_cores_busy"] = {name: round((cpu_after[name] - cpu_before[name]) / wall, 2) for name in cpu_pids}
@@ -480,9 +495,10 @@ async def main(args: argparse.Namespace) -> int:
         rows.append([label, round(b["output_tok_s"]), f"{b['output_tok_s_min']:.0f}-{b['output_tok_s_max']:.0f}",
                      b["ttft_ms_p50"], b["ttft_ms_p99"], b["itl_ms_p50"], b["itl_ms_p99"], b["tpot_ms_p50"],
                      b["latency_ms_p50"], b["latency_ms_p99"], round(b["tokens_per_chunk"], 2),
+                     round(b["tokens_per_read"], 2),
                      _cpu(b, "frontend"), _cpu(b, "worker-"), _cpu(b, "nats"), _cpu(b, "client"), b["errors"]])
     print_table(["config", "out tok/s", "range", "TTFT p50 ms", "TTFT p99", "ITL p50 ms", "ITL p99", "TPOT p50",
-                 "latency p50 ms", "latency p99", "tok/chunk", "CPU us/tok: frontend", "workers", "nats",
+                 "latency p50 ms", "latency p99", "tok/chunk", "tok/read", "CPU us/tok: frontend", "workers", "nats",
                  "client", "errors"], rows)
     frontend_cpu = frontend_cpu_table(runs)
     if frontend_cpu:
