@@ -116,6 +116,25 @@ class _EventStreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class _ModelMetrics:
+    """The request metrics' children for one model, looked up once: ``labels()`` takes a
+    lock and builds a key, and a request would call it ten times."""
+
+    __slots__ = ("ttft", "itl", "input_tokens", "prompt_length", "queue_time", "output_tokens", "output_length",
+                 "duration", "cancellations")
+
+    def __init__(self, model: str) -> None:
+        self.ttft = TTFT.labels(model)
+        self.itl = ITL.labels(model)
+        self.input_tokens = INPUT_TOKENS.labels(model)
+        self.prompt_length = PROMPT_LENGTH.labels(model)
+        self.queue_time = QUEUE_TIME.labels(model)
+        self.output_tokens = OUTPUT_TOKENS.labels(model)
+        self.output_length = OUTPUT_LENGTH.labels(model)
+        self.duration = REQUEST_DURATION.labels(model)
+        self.cancellations = CANCELLATIONS.labels(model)
+
+
 class _Latency:
     """Time to first token of every request; inter-token latency of streamed ones (the
     gaps a streaming client sees): one observation per write to the client — the time
@@ -124,9 +143,9 @@ class _Latency:
 
     __slots__ = ("_ttft", "_itl", "_last", "_first")
 
-    def __init__(self, model: str, started: float, inter_token: bool) -> None:
-        self._ttft = TTFT.labels(model)
-        self._itl = ITL.labels(model) if inter_token else None
+    def __init__(self, model: _ModelMetrics, started: float, inter_token: bool) -> None:
+        self._ttft = model.ttft
+        self._itl = model.itl if inter_token else None
         self._last = started
         self._first = True
 
@@ -157,6 +176,7 @@ class OpenAIServing:
         self.known_models: set[str] = set()  # every model an instance ever served here
         self.generations_by_instance: dict[str, set[Generation]] = {}
         self._pings: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
+        self._model_metrics: dict[str, _ModelMetrics] = {}  # models admitted here (bounded)
         routing.on_added.append(self._on_instance_added)
         routing.on_removed.append(self._on_instance_removed)
         routing.on_suspect.append(self._on_instance_suspect)
@@ -167,6 +187,13 @@ class OpenAIServing:
         (client input must not create label values without bound)."""
         if model in self.known_models or model in self.routing.models():
             request[_MODEL_LABEL] = model
+
+    def _metrics_of(self, model: str) -> _ModelMetrics:
+        """The metrics' children for an admitted (hence served) model."""
+        children = self._model_metrics.get(model)
+        if children is None:
+            children = self._model_metrics[model] = _ModelMetrics(model)
+        return children
 
     def count_rejected(self, request: web.Request, status: int) -> None:
         """Requests refused before generation started (bad input, unknown model, no
@@ -257,17 +284,18 @@ class OpenAIServing:
         """Run the choices' generations and answer; account for the request however it
         ends (``arrived``: ``time.monotonic()`` when serving it began)."""
         started = time.monotonic()
-        latency = _Latency(req.model, started, inter_token=bool(req.stream))
+        model = self._metrics_of(req.model)
+        latency = _Latency(model, started, inter_token=bool(req.stream))
         status = "200"
         prompt_tokens = sum(len(c.generation.prompt_ids) for c in choices if c.first_of_prompt(req.num_choices()))
         self.in_flight += 1
         IN_FLIGHT.inc()
-        INPUT_TOKENS.labels(req.model).inc(prompt_tokens)
-        PROMPT_LENGTH.labels(req.model).observe(prompt_tokens)
+        model.input_tokens.inc(prompt_tokens)
+        model.prompt_length.observe(prompt_tokens)
         try:
             for choice in choices:
                 await choice.generation.start()
-            QUEUE_TIME.labels(req.model).observe(time.monotonic() - arrived)
+            model.queue_time.observe(time.monotonic() - arrived)
             if req.stream:
                 return await self._stream(request, req, endpoint, request_id, choices, latency)
             return await self._complete(req, endpoint, request_id, choices, latency)
@@ -277,7 +305,7 @@ class OpenAIServing:
             raise error from None
         except (asyncio.CancelledError, ConnectionResetError):
             status = "499"  # client closed the request
-            CANCELLATIONS.labels(req.model).inc()
+            model.cancellations.inc()
             log.info("client_disconnected", request_id=request_id,
                      generated=sum(len(c.generation.generated) for c in choices))
             raise
@@ -287,10 +315,10 @@ class OpenAIServing:
             generated = sum(len(c.generation.generated) for c in choices)
             self.in_flight -= 1
             IN_FLIGHT.dec()
-            OUTPUT_TOKENS.labels(req.model).inc(generated)
-            OUTPUT_LENGTH.labels(req.model).observe(generated)
+            model.output_tokens.inc(generated)
+            model.output_length.observe(generated)
             if status == "200":
-                REQUEST_DURATION.labels(req.model).observe(time.monotonic() - arrived)
+                model.duration.observe(time.monotonic() - arrived)
             REQUESTS.labels(req.model, endpoint, status).inc()
             request[_COUNTED] = True
             log.info("request_done", request_id=request_id, model=req.model, status=status, choices=len(choices),
