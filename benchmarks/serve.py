@@ -17,10 +17,12 @@ deployment is reported the same way. ``--chunking`` says how the frontend sends 
 ``coalesced`` (its normal behaviour: frames already received when one is read go out as
 one SSE chunk) and/or ``one`` (every token its own chunk: the frontend runs with
 ``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1``, see ``dynrt.frontend.migration``), the
-per-token cost of a frontend that cannot coalesce. ``--baseline-tree DIR`` measures the
-code of another source tree (e.g. ``git worktree add /tmp/base <commit>``) in the same
-run, each configuration baseline first: its processes are started from a package
-layout of that tree, so they import its ``dynrt``.
+per-token cost of a frontend that cannot coalesce (its tokens are still written a batch at
+a time: the one-token events of the frames already received, in one write).
+``--baseline-tree DIR`` measures the code of another source tree (e.g. ``git worktree add
+/tmp/base <commit>``) in the same run, each configuration baseline first, and ``--tree
+NAME=DIR`` more trees after it: their processes are started from a package layout of
+that tree, so they import its ``dynrt``.
 
     python -m benchmarks.serve                          # the standard workload, both speedups, both chunkings
     python -m benchmarks.serve --repeats 2 --profile    # + py-spy profiles of frontend and workers
@@ -125,6 +127,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # content chunks, since request start
+    content_reads: int = 0  # socket reads that brought content (several chunks may come in one)
     finish_reason: str | None = None
 
 
@@ -145,6 +148,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, ind
                 now = time.perf_counter() - started
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
+                chunks_before = len(chunk_times)
                 for event in events:
                     if not event.startswith(b"data: "):
                         continue
@@ -165,6 +169,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, ind
                             chunk_times.append(now)
                         if choice.finish_reason is not None:
                             result.finish_reason = choice.finish_reason
+                if len(chunk_times) > chunks_before:
+                    result.content_reads += 1
             result.latency = time.perf_counter() - started
             if chunk_times:
                 result.ttft = chunk_times[0]
@@ -227,6 +233,7 @@ def summarize(wall: float, results: list[RequestResult], output_tokens: int) -> 
         "output_tok_s": tokens / wall if wall else 0.0,
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "tokens_per_chunk": tokens / chunks if chunks else 0.0,
+        "tokens_per_read": tokens / reads if (reads := sum(r.content_reads for r in ok)) else 0.0,
         "ttft_ms_p50": percentile(ttfts, 50), "ttft_ms_p99": percentile(ttfts, 99),
         "itl_ms_p50": percentile(itls, 50), "itl_ms_p99": percentile(itls, 99),
         "tpot_ms_p50": percentile(tpots, 50), "tpot_ms_p99": percentile(tpots, 99),
@@ -246,6 +253,12 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def system_cpu_seconds(pid: int) -> float:
+    """System (kernel) CPU seconds of a process so far (NaN if gone): sends and receives."""
+    stat = read_stat(pid)
+    return math.nan if stat is None else stat.system_ticks / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------
@@ -374,8 +387,10 @@ async def bench_target(url: str, args: argparse.Namespace, label: str, pids: dic
             await asyncio.sleep(0.5)
         cpu_pids = {**(pids or {}), **(other_pids or {}), "client": os.getpid()}
         cpu_before = cpu_snapshot(cpu_pids)
+        system_before = {name: system_cpu_seconds(pid) for name, pid in cpu_pids.items()}
         wall, results = await run_load(url, args.model, prompts, args.output_tokens, args.concurrency, args.api_key)
         cpu_after = cpu_snapshot(cpu_pids)
+        system_after = {name: system_cpu_seconds(pid) for name, pid in cpu_pids.items()}
         for p in profilers:  # SIGINT: py-spy writes what it sampled and exits
             p.send_signal(signal.SIGINT)
         for p in profilers:
@@ -392,6 +407,8 @@ async def bench_target(url: str, args: argparse.Namespace, label: str, pids: dic
         # CPU microseconds per output token, by process: robust to a shared machine.
         summary["cpu_us_per_token"] = {name: round((cpu_after[name] - cpu_before[name]) * 1e6 / tokens, 2)
                                        for name in cpu_pids}
+        summary["system_cpu_us_per_token"] = {name: round((system_after[name] - system_before[name]) * 1e6 / tokens, 2)
+                                              for name in cpu_pids}
         per = summary["cpu_us_per_token"]
         summary["cpu_us_per_token_total"] = round(sum(v for v in per.values() if not math.isnan(v)), 2)
         summary["cpu_cores_busy"] = {name: round((cpu_after[name] - cpu_before[name]) / wall, 2) for name in cpu_pids}
@@ -430,12 +447,12 @@ async def main(args: argparse.Namespace) -> int:
     else:
         state = Path(tempfile.mkdtemp(prefix="dynrt-bench-"))
         trees: list[tuple[str, Path | None]] = [("current", None)]
-        if args.baseline_tree:
-            trees.insert(0, ("baseline", package_layout(Path(args.baseline_tree))))
+        for name, tree in reversed(_other_trees(args)):
+            trees.insert(0, (name, package_layout(Path(tree))))
         configs = [(speedup, chunking, code, layout) for speedup in args.speedup.split(",")
                    for chunking in args.chunking.split(",") for code, layout in trees]
         for speedup, chunking, code, layout in configs:
-            label = f"speedup {speedup}, {chunking}" + (f", {code}" if args.baseline_tree else "")
+            label = f"speedup {speedup}, {chunking}" + (f", {code}" if len(trees) > 1 else "")
             slug = f"speedup-{speedup}-{chunking}-{code}"
             log_dir = state / slug
             log_dir.mkdir(exist_ok=True)
@@ -478,26 +495,28 @@ async def main(args: argparse.Namespace) -> int:
         rows.append([label, round(b["output_tok_s"]), f"{b['output_tok_s_min']:.0f}-{b['output_tok_s_max']:.0f}",
                      b["ttft_ms_p50"], b["ttft_ms_p99"], b["itl_ms_p50"], b["itl_ms_p99"], b["tpot_ms_p50"],
                      b["latency_ms_p50"], b["latency_ms_p99"], round(b["tokens_per_chunk"], 2),
+                     round(b["tokens_per_read"], 2),
                      _cpu(b, "frontend"), _cpu(b, "worker-"), _cpu(b, "nats"), _cpu(b, "client"), b["errors"]])
     print_table(["config", "out tok/s", "range", "TTFT p50 ms", "TTFT p99", "ITL p50 ms", "ITL p99", "TPOT p50",
-                 "latency p50 ms", "latency p99", "tok/chunk", "CPU us/tok: frontend", "workers", "nats",
+                 "latency p50 ms", "latency p99", "tok/chunk", "tok/read", "CPU us/tok: frontend", "workers", "nats",
                  "client", "errors"], rows)
     frontend_cpu = frontend_cpu_table(runs)
     if frontend_cpu:
         print()
         print(f"frontend CPU us per output token (median of {args.repeats} run(s)), mock tokenizer path")
-        columns = sorted({code for row in frontend_cpu for code in row["us_per_token"]}, reverse=True)
-        ratio = ["current / baseline"] if len(columns) > 1 else []
-        print_table(["speedup", "chunking", "tok/chunk", *columns, *ratio],
+        codes = [name for name, _ in _other_trees(args)] + ["current"]
+        columns = [c for c in codes if any(c in row["us_per_token"] for row in frontend_cpu)]
+        others = [c for c in columns if c != "current"] if "current" in columns else []
+        print_table(["speedup", "chunking", "tok/chunk", *columns, *(f"current / {c}" for c in others)],
                     [[row["speedup"], row["chunking"], row["tokens_per_chunk"],
                       *(row["us_per_token"].get(c, "-") for c in columns),
-                      *([row["current_over_baseline"]] if ratio else [])] for row in frontend_cpu])
+                      *(row["current_over"].get(c, "-") for c in others)] for row in frontend_cpu])
     name = args.name
     workload = {"requests": args.requests, "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                 "output_tokens": args.output_tokens, "workers": args.workers, "repeats": args.repeats,
                 "worker_args": args.worker_args, "chunking": args.chunking, "baseline_tree": args.baseline_tree,
-                "client": "aiohttp + msgspec, same machine"}
-    path = write_results(name, {"workload": workload, "frontend_cpu_us_per_token": frontend_cpu, "results": runs},
+                "trees": dict(_other_trees(args)), "client": "aiohttp + msgspec, same machine"}
+    path = write_results(name, {"machine_note": args.machine, "workload": workload, "frontend_cpu_us_per_token": frontend_cpu, "results": runs},
                          args.results_dir)
     print(f"wrote {path}")
     png = args.results_dir / f"{name}.png"
@@ -507,9 +526,20 @@ async def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _other_trees(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, source tree) of the code measured besides the current one, in run order."""
+    trees = [("baseline", args.baseline_tree)] if args.baseline_tree else []
+    for entry in args.tree:
+        name, sep, tree = entry.partition("=")
+        if not sep or not name or not tree or name in ("current", "baseline"):
+            raise SystemExit(f"--tree {entry!r}: expected NAME=DIR with NAME neither 'current' nor 'baseline'")
+        trees.append((name, tree))
+    return trees
+
+
 def frontend_cpu_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (speedup, chunking): the frontend's CPU us per output token of each code tree
-    (median over runs), the tokens per chunk of the current code, and current / baseline."""
+    (median over runs), the tokens per chunk of the current code, and current / each other tree."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs.values():
         if "chunking" not in run:
@@ -522,7 +552,9 @@ def frontend_cpu_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             row["tokens_per_chunk"] = round(best["tokens_per_chunk"], 2)
     for row in rows.values():
         us = row["us_per_token"]
-        row["current_over_baseline"] = round(us["current"] / us["baseline"], 2) if len(us) == 2 else None
+        row["current_over"] = {code: round(us["current"] / value, 2) for code, value in us.items()
+                               if code != "current" and "current" in us and value}
+        row["current_over_baseline"] = row["current_over"].get("baseline")
     return list(rows.values())
 
 
@@ -544,6 +576,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-tree", default="",
                         help="also run every configuration with the code of this source tree (a checkout of "
                              "another commit), first, in the same run")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="also run every configuration with the code of this source tree, labelled NAME, after "
+                             "the baseline (repeatable; e.g. the previous round's code)")
+    parser.add_argument("--machine", default="", help="the machine, as the results should name it (e.g. '2-core VM "
+                                                      "(AMD EPYC), quiet')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="py-spy the frontend and workers in the first run")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")

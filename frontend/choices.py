@@ -85,15 +85,16 @@ class Choice:
 
     async def collect(self, observe: Callable[[int], None], endpoint: str) -> None:
         """Read the whole choice (non-streaming responses)."""
-        async for delta in self.text:
-            observe(delta.token_count)
-            self.parts.append(delta.text)
-            if self.renderer is not None and delta.token_ids:
-                rendered = self.render(delta, endpoint)
-                if isinstance(rendered, ChatLogprobs):
-                    self.chat_logprobs += rendered.content or []
-                else:
-                    self.completion_logprobs.append(rendered)
+        async for batch in self.text.batches():
+            observe(sum(delta.token_count for delta in batch))
+            for delta in batch:
+                self.parts.append(delta.text)
+                if self.renderer is not None and delta.token_ids:
+                    rendered = self.render(delta, endpoint)
+                    if isinstance(rendered, ChatLogprobs):
+                        self.chat_logprobs += rendered.content or []
+                    else:
+                        self.completion_logprobs.append(rendered)
 
 
 def event_bytes(choice: Choice, encoder: ChatChunkEncoder | CompletionChunkEncoder, delta: TextDelta,
@@ -115,6 +116,21 @@ def event_bytes(choice: Choice, encoder: ChatChunkEncoder | CompletionChunkEncod
     if delta.finish_reason is not None:
         finish = delta.finish_reason if choice.output is None else choice.finish_reason(streamed=True)
         data += encoder.finish(finish)  # type: ignore[arg-type]
+    return data
+
+
+def batch_bytes(choice: Choice, encoder: ChatChunkEncoder | CompletionChunkEncoder, batch: list[TextDelta],
+                endpoint: str) -> bytes:
+    """The SSE events of a batch of deltas of a choice (see ``TextStream.batches``),
+    written at once: :func:`event_bytes` of each, joined. Plain text without logprobs
+    (the hot path) is spliced into the encoder's template in one join."""
+    if choice.assembler is not None or choice.renderer is not None:
+        return b"".join([event_bytes(choice, encoder, delta, endpoint) for delta in batch])
+    texts = [delta.text for delta in batch if delta.text]
+    data = encoder.contents(texts) if texts else b""
+    finish = batch[-1].finish_reason
+    if finish is not None:  # output is None here (output rules come with an assembler)
+        data += encoder.finish(finish)
     return data
 
 

@@ -36,6 +36,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -86,10 +87,11 @@ _MAX_SILENCE_WINDOW = 0.5
 _NO_INSTANCE_PATIENCE = 1.0
 
 # For benchmarks (``benchmarks/serve.py --chunking one``): with this set to 1 in the
-# frontend's environment every token is its own delta, hence its own SSE chunk — frames
-# already received are not coalesced and a frame of several tokens is split — so the
-# per-token cost of a frontend that cannot coalesce can be measured. Off by default:
-# coalescing costs clients nothing and saves CPU and writes.
+# frontend's environment every token is its own delta, hence its own SSE chunk (event) —
+# the tokens of frames already received are not merged into one delta and a frame of
+# several tokens is split; they still go out in one write, as the events of a batch —
+# so the per-token cost of a frontend that cannot coalesce can be measured. Off by
+# default: coalescing costs clients nothing and saves CPU.
 ONE_TOKEN_PER_CHUNK_ENV = "DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK"
 _ONE_TOKEN_PER_CHUNK = os.environ.get(ONE_TOKEN_PER_CHUNK_ENV, "") == "1"
 
@@ -109,6 +111,15 @@ class StreamInterrupted(Exception):
     def __init__(self, cause: str) -> None:
         super().__init__(cause)
         self.cause = cause
+
+
+def _interrupted(exc: EOFError | NoRespondersError | StreamBrokenError) -> StreamInterrupted:
+    """The migration cause of a stream that ended early or broke."""
+    if isinstance(exc, NoRespondersError):
+        return StreamInterrupted("no_responders")
+    if isinstance(exc, StreamBrokenError):
+        return StreamInterrupted("nats_restart" if exc.cause == "nats_disconnected" else exc.cause)
+    return StreamInterrupted("ended_early")
 
 
 class Generation:
@@ -178,24 +189,33 @@ class Generation:
         await self._send()
 
     async def tokens(self) -> AsyncIterator[TokenDelta]:
-        """The generated ids, across migrations. Raises ``InvalidRequest`` (the worker
-        refused the request) or ``MigrationExhausted``."""
+        """The generated ids, across migrations, a delta at a time (see :meth:`token_batches`)."""
+        async with aclosing(self.token_batches()) as batches:
+            async for batch in batches:
+                for delta in batch:
+                    yield delta
+
+    async def token_batches(self) -> AsyncIterator[list[TokenDelta]]:
+        """The generated ids, across migrations: per batch, the deltas of every frame
+        already received (one delta, or one per token with one token per chunk), so a
+        consumer can answer with one write per batch. Raises ``InvalidRequest`` (the
+        worker refused the request) or ``MigrationExhausted``."""
         failure_at: float | None = None
         while True:
             if self._stream is None:
                 await self._send()
             assert self._stream is not None
             try:
-                async for delta in self._read(self._stream):
-                    if failure_at is not None and delta.token_ids:
+                async for batch in self._read(self._stream):
+                    if failure_at is not None and any(d.token_ids for d in batch):
                         STREAM_GAP.observe(time.monotonic() - failure_at)
                         log.info("migration_resumed", request_id=self.request_id,
                                  gap_ms=round((time.monotonic() - failure_at) * 1000, 1),
                                  instance_id=self.instance.instance_id if self.instance else None)
                         failure_at = None
-                    if delta.finish_reason is not None:
+                    if batch[-1].finish_reason is not None:
                         self.finished = True  # before the yield: the consumer may stop here
-                    yield delta
+                    yield batch
                     if self.finished:
                         await self.close()
                         return
@@ -253,8 +273,12 @@ class Generation:
                 self._exhausted("no live instance to continue on")
             await asyncio.sleep(0.05)
 
-    async def _read(self, stream: ResponseStream) -> AsyncIterator[TokenDelta]:
-        # Per frame, i.e. per token when tokens arrive one at a time: kept lean.
+    async def _read(self, stream: ResponseStream) -> AsyncIterator[list[TokenDelta]]:
+        """Per turn: wait for a frame, take every token frame already received after it
+        (without waiting), and yield their tokens as one batch — one delta (coalesced),
+        or one delta per token (``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK``); the last delta
+        of the last batch has the finish reason. Per frame, i.e. per token when tokens
+        arrive one at a time: kept lean."""
         itl = 0.0
         floor = self.config.silence_floor
         window = floor
@@ -262,7 +286,13 @@ class Generation:
         coalesce = not _ONE_TOKEN_PER_CHUNK
         self._stashed = None
         while True:
-            frame = await self._next_frame(stream, window)
+            frame = self._ready_frame(stream)
+            if frame is None:
+                try:
+                    await stream.wait(window)  # awaited here: one coroutine frame less per wake-up
+                    continue
+                except StreamSilent:
+                    pass
             if type(frame) is not TokenFrame:
                 if frame is None:  # silent for ``window``: is the worker still there?
                     await self._check_alive(stream)
@@ -284,11 +314,12 @@ class Generation:
             logprobs = self._logprobs_of(frame, None) if with_logprobs else None
             finish = frame.finish_reason
             usage = frame.usage
-            # Coalesce frames that are already here: fewer, larger SSE writes.
-            while finish is None and coalesce and stream.pending():
-                more = await self._next_frame(stream, 0)
+            # The frames that are already here join this batch (the consumer writes a
+            # batch at once); anything else waits for the next turn, after these tokens.
+            while finish is None and stream.pending():
+                more = self._ready_frame(stream)
                 if type(more) is not TokenFrame:
-                    self._stashed = more  # handled on the next turn, after these tokens
+                    self._stashed = more
                     break
                 token_ids.extend(more.token_ids)
                 if with_logprobs:
@@ -297,19 +328,23 @@ class Generation:
             self.generated.extend(token_ids)
             if usage is not None:
                 self.cached_tokens = max(self.cached_tokens, usage.cached_tokens)
-            if not coalesce:
-                for i in range(len(token_ids) - 1):  # all but the last token, one delta each
-                    yield TokenDelta(token_ids[i:i + 1], None, None if logprobs is None else logprobs[i:i + 1])
-                token_ids, logprobs = token_ids[-1:], None if logprobs is None else logprobs[-1:]
-            if finish is None:
-                yield TokenDelta(token_ids, None, logprobs)
-                continue
-            if finish == "abort":  # aborted on the worker without our asking
+            aborted = finish == "abort"  # aborted on the worker without our asking
+            finish = None if aborted else "stop" if finish == "cancelled" else finish
+            if coalesce or len(token_ids) <= 1:
+                batch = [TokenDelta(token_ids, finish, logprobs)]
+            elif logprobs is None:
+                batch = [TokenDelta([t]) for t in token_ids]
+                batch[-1].finish_reason = finish
+            else:
+                batch = [TokenDelta([t], None, logprobs[i:i + 1]) for i, t in enumerate(token_ids)]
+                batch[-1].finish_reason = finish
+            if aborted:
                 if token_ids:
-                    yield TokenDelta(token_ids=token_ids, logprobs=logprobs)
+                    yield batch
                 raise StreamInterrupted("aborted")
-            yield TokenDelta(token_ids, "stop" if finish == "cancelled" else finish, logprobs)
-            return
+            yield batch
+            if finish is not None:
+                return
 
     def _logprobs_of(self, frame: TokenFrame, so_far: list[TokenLogprobs] | None) -> list[TokenLogprobs] | None:
         """``so_far`` extended by the frame's logprobs, one per token, when requested. A
@@ -324,22 +359,16 @@ class Generation:
             raise StreamInterrupted("engine_error")
         return frame.logprobs if so_far is None else so_far + frame.logprobs
 
-    async def _next_frame(self, stream: ResponseStream, timeout: float) -> Frame | None:
-        """The next frame; None if silent for ``timeout``; end of stream or a broken
-        one becomes ``StreamInterrupted``."""
+    def _ready_frame(self, stream: ResponseStream) -> Frame | None:
+        """The next frame if one has been received, else None (no waiting); end of
+        stream or a broken one becomes ``StreamInterrupted``."""
         if self._stashed is not None:
             frame, self._stashed = self._stashed, None
             return frame
         try:
-            return await stream.next(timeout)
-        except StreamSilent:
-            return None
-        except EOFError:
-            raise StreamInterrupted("ended_early") from None
-        except NoRespondersError:
-            raise StreamInterrupted("no_responders") from None
-        except StreamBrokenError as exc:
-            raise StreamInterrupted("nats_restart" if exc.cause == "nats_disconnected" else exc.cause) from None
+            return stream.ready()
+        except (EOFError, NoRespondersError, StreamBrokenError) as exc:
+            raise _interrupted(exc) from None
 
     async def _check_alive(self, stream: ResponseStream) -> None:
         """The stream is silent: is the worker still there?"""

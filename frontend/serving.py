@@ -31,7 +31,7 @@ from aiohttp import web
 from dynrt.frontend import errors
 from dynrt.frontend.chat_output import ChatDeltaAssembler, ChatOutputRules
 from dynrt.frontend.chat_request import ChatSettings, plan_chat
-from dynrt.frontend.choices import Choice, all_or_none, choice_sampling, event_bytes, merged
+from dynrt.frontend.choices import Choice, all_or_none, batch_bytes, choice_sampling, event_bytes, merged
 from dynrt.frontend.logprobs import ChatLogprobs, LogprobRenderer, merge_completion
 from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import (
@@ -108,15 +108,44 @@ def json_response(obj: object, status: int = 200) -> web.Response:
     return web.Response(body=_json_encoder.encode(obj), status=status, content_type=_JSON)
 
 
+class _EventStreamResponse(web.StreamResponse):
+    """A streamed response whose headers wait for its first write and go out in the same
+    send (aiohttp's own ``web.Response`` buffers them the same way): one send per
+    response less, and sends are most of a frontend's CPU per token on a small VM."""
+
+    _send_headers_immediately = False
+
+
+class _ModelMetrics:
+    """The request metrics' children for one model, looked up once: ``labels()`` takes a
+    lock and builds a key, and a request would call it ten times."""
+
+    __slots__ = ("ttft", "itl", "input_tokens", "prompt_length", "queue_time", "output_tokens", "output_length",
+                 "duration", "cancellations")
+
+    def __init__(self, model: str) -> None:
+        self.ttft = TTFT.labels(model)
+        self.itl = ITL.labels(model)
+        self.input_tokens = INPUT_TOKENS.labels(model)
+        self.prompt_length = PROMPT_LENGTH.labels(model)
+        self.queue_time = QUEUE_TIME.labels(model)
+        self.output_tokens = OUTPUT_TOKENS.labels(model)
+        self.output_length = OUTPUT_LENGTH.labels(model)
+        self.duration = REQUEST_DURATION.labels(model)
+        self.cancellations = CANCELLATIONS.labels(model)
+
+
 class _Latency:
     """Time to first token of every request; inter-token latency of streamed ones (the
-    gaps a streaming client sees)."""
+    gaps a streaming client sees): one observation per write to the client — the time
+    since the previous write over the tokens this one carries (a write of one-token
+    events sent together counts once, as a coalesced chunk of as many tokens would)."""
 
     __slots__ = ("_ttft", "_itl", "_last", "_first")
 
-    def __init__(self, model: str, started: float, inter_token: bool) -> None:
-        self._ttft = TTFT.labels(model)
-        self._itl = ITL.labels(model) if inter_token else None
+    def __init__(self, model: _ModelMetrics, started: float, inter_token: bool) -> None:
+        self._ttft = model.ttft
+        self._itl = model.itl if inter_token else None
         self._last = started
         self._first = True
 
@@ -147,6 +176,7 @@ class OpenAIServing:
         self.known_models: set[str] = set()  # every model an instance ever served here
         self.generations_by_instance: dict[str, set[Generation]] = {}
         self._pings: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
+        self._model_metrics: dict[str, _ModelMetrics] = {}  # models admitted here (bounded)
         routing.on_added.append(self._on_instance_added)
         routing.on_removed.append(self._on_instance_removed)
         routing.on_suspect.append(self._on_instance_suspect)
@@ -157,6 +187,13 @@ class OpenAIServing:
         (client input must not create label values without bound)."""
         if model in self.known_models or model in self.routing.models():
             request[_MODEL_LABEL] = model
+
+    def _metrics_of(self, model: str) -> _ModelMetrics:
+        """The metrics' children for an admitted (hence served) model."""
+        children = self._model_metrics.get(model)
+        if children is None:
+            children = self._model_metrics[model] = _ModelMetrics(model)
+        return children
 
     def count_rejected(self, request: web.Request, status: int) -> None:
         """Requests refused before generation started (bad input, unknown model, no
@@ -247,17 +284,18 @@ class OpenAIServing:
         """Run the choices' generations and answer; account for the request however it
         ends (``arrived``: ``time.monotonic()`` when serving it began)."""
         started = time.monotonic()
-        latency = _Latency(req.model, started, inter_token=bool(req.stream))
+        model = self._metrics_of(req.model)
+        latency = _Latency(model, started, inter_token=bool(req.stream))
         status = "200"
         prompt_tokens = sum(len(c.generation.prompt_ids) for c in choices if c.first_of_prompt(req.num_choices()))
         self.in_flight += 1
         IN_FLIGHT.inc()
-        INPUT_TOKENS.labels(req.model).inc(prompt_tokens)
-        PROMPT_LENGTH.labels(req.model).observe(prompt_tokens)
+        model.input_tokens.inc(prompt_tokens)
+        model.prompt_length.observe(prompt_tokens)
         try:
             for choice in choices:
                 await choice.generation.start()
-            QUEUE_TIME.labels(req.model).observe(time.monotonic() - arrived)
+            model.queue_time.observe(time.monotonic() - arrived)
             if req.stream:
                 return await self._stream(request, req, endpoint, request_id, choices, latency)
             return await self._complete(req, endpoint, request_id, choices, latency)
@@ -267,7 +305,7 @@ class OpenAIServing:
             raise error from None
         except (asyncio.CancelledError, ConnectionResetError):
             status = "499"  # client closed the request
-            CANCELLATIONS.labels(req.model).inc()
+            model.cancellations.inc()
             log.info("client_disconnected", request_id=request_id,
                      generated=sum(len(c.generation.generated) for c in choices))
             raise
@@ -277,10 +315,10 @@ class OpenAIServing:
             generated = sum(len(c.generation.generated) for c in choices)
             self.in_flight -= 1
             IN_FLIGHT.dec()
-            OUTPUT_TOKENS.labels(req.model).inc(generated)
-            OUTPUT_LENGTH.labels(req.model).observe(generated)
+            model.output_tokens.inc(generated)
+            model.output_length.observe(generated)
             if status == "200":
-                REQUEST_DURATION.labels(req.model).observe(time.monotonic() - arrived)
+                model.duration.observe(time.monotonic() - arrived)
             REQUESTS.labels(req.model, endpoint, status).inc()
             request[_COUNTED] = True
             log.info("request_done", request_id=request_id, model=req.model, status=status, choices=len(choices),
@@ -319,33 +357,40 @@ class OpenAIServing:
 
     async def _stream(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
                       choices: list[Choice], latency: _Latency) -> web.StreamResponse:
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response = _EventStreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         created = int(time.time())
         encoders: list[ChatChunkEncoder] | list[CompletionChunkEncoder]
+        # The opening events (a role event per chat choice, completions' echoes) go out
+        # with the first output, in its send, as vLLM sends the role with the first output
+        # too; the headers, buffered by prepare(), go in the same send.
         if endpoint == "chat":
             encoders = [ChatChunkEncoder(request_id, req.model, created, c.index) for c in choices]
-            await response.write(b"".join(e.role() for e in encoders))  # one role event per choice
+            head = b"".join(e.role() for e in encoders)
             for c in choices:
                 c.event_header = (request_id, req.model, created)
         else:
             encoders = [CompletionChunkEncoder(request_id, req.model, created, c.index) for c in choices]
-            echoes = b"".join(e.content(c.echo) for e, c in zip(encoders, choices) if c.echo)
-            if echoes:
-                await response.write(echoes)
+            head = b"".join(e.content(c.echo) for e, c in zip(encoders, choices) if c.echo)
         # The closing events (last content, finish, usage, [DONE]) of a one-choice
         # request go out with the end of the chunked body: one write instead of up to five.
         tail = b""
         try:
             if len(choices) == 1:  # the hot path: no merging of streams
-                choice, encoder = choices[0], encoders[0]
-                async for delta in choice.text:
-                    latency.observe(delta.token_count)
-                    data = event_bytes(choice, encoder, delta, endpoint)
-                    if delta.finish_reason is not None:
+                # A batch is every delta the generation had ready at once: its events go
+                # out in one write (one send), before the next frame is awaited — no token
+                # waits for another.
+                choice, encoder, text = choices[0], encoders[0], choices[0].text
+                counted = 0
+                async for batch in text.batches():
+                    latency.observe(text.completion_tokens - counted)
+                    counted = text.completion_tokens
+                    data = batch_bytes(choice, encoder, batch, endpoint)
+                    if batch[-1].finish_reason is not None:
                         tail = data
                     elif data:
-                        await response.write(data)
+                        await response.write(head + data if head else data)
+                        head = b""
             else:
                 # Closed on the way out, whatever the way: its readers must not outlive the request.
                 async with aclosing(merged([c.text for c in choices])) as events:
@@ -353,7 +398,8 @@ class OpenAIServing:
                         latency.observe(delta.token_count)
                         data = event_bytes(choices[k], encoders[k], delta, endpoint)
                         if data:
-                            await response.write(data)
+                            await response.write(head + data if head else data)
+                            head = b""
             if req.include_usage():
                 tail += encoders[0].usage(self._usage(req, choices))
             tail += DONE
@@ -362,7 +408,7 @@ class OpenAIServing:
             error = errors.to_openai(exc)
             log.warning("stream_error", request_id=request_id, status=error.status, error=error.message)
             tail += error_event(error)
-        await response.write_eof(tail)
+        await response.write_eof(head + tail)
         return response
 
     # -- instances ------------------------------------------------------------------

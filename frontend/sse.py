@@ -76,6 +76,10 @@ class ChatChunkEncoder:
         """A content delta (the hot path)."""
         return self._prefix + _encode(text) + self._suffix
 
+    def contents(self, texts: list[str]) -> bytes:
+        """One content delta per text, as one byte string (the events of one write)."""
+        return self._prefix + (self._suffix + self._prefix).join([_encode(t) for t in texts]) + self._suffix
+
     def content_with_logprobs(self, text: str, logprobs: ChatLogprobs) -> bytes:
         """A content delta and the logprobs of the tokens it came from."""
         return _event(self._chunk([ChatChunkChoice(index=self._index, delta=ChatDelta(content=text),
@@ -111,6 +115,10 @@ class CompletionChunkEncoder:
     def content(self, text: str) -> bytes:
         """A text delta (the hot path)."""
         return self._prefix + _encode(text) + self._suffix
+
+    def contents(self, texts: list[str]) -> bytes:
+        """One text delta per text, as one byte string (the events of one write)."""
+        return self._prefix + (self._suffix + self._prefix).join([_encode(t) for t in texts]) + self._suffix
 
     def content_with_logprobs(self, text: str, logprobs: CompletionLogprobs) -> bytes:
         """A text delta and the logprobs of the tokens it came from."""

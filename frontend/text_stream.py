@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,7 +38,7 @@ class TokenSource(Protocol):
     prompt_ids: list[int]
     cached_tokens: int
 
-    def tokens(self) -> AsyncIterator[TokenDelta]: ...
+    def token_batches(self) -> AsyncIterator[list[TokenDelta]]: ...
 
 
 @dataclass(slots=True)
@@ -74,23 +75,35 @@ class TextStream:
         self.completion_tokens = 0
 
     async def __aiter__(self) -> AsyncIterator[TextDelta]:
+        async with aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for delta in batch:
+                    yield delta
+
+    async def batches(self) -> AsyncIterator[list[TextDelta]]:
+        """The text deltas of each batch of token deltas the source has ready at once
+        (the streaming path writes a batch at once); never an empty batch."""
         detokenizer = self._detokenizer
-        async for delta in self.source.tokens():
-            ids, finish = delta.token_ids, delta.finish_reason
-            # The engine's stop token counts, but its text is not output.
-            text_ids = ids[:-1] if finish == "stop" and ids and not self._include_stop else ids
-            if self._stops:
-                out = self._stop_checked(ids, text_ids, delta.logprobs, finish)  # type: ignore[arg-type]
-            else:
-                text = detokenizer.add(text_ids)
-                if finish is not None:
-                    text += detokenizer.flush()
-                out = TextDelta(text, ids, delta.logprobs, finish)  # type: ignore[arg-type]
-            self.completion_tokens += len(out.token_ids)
-            if out.finish_reason is not None:
-                self.finish_reason = out.finish_reason
-                yield out
-                return
+        stops, include_stop = self._stops, self._include_stop
+        async for batch in self.source.token_batches():
+            out: list[TextDelta] = []
+            for delta in batch:
+                ids, finish = delta.token_ids, delta.finish_reason
+                # The engine's stop token counts, but its text is not output.
+                text_ids = ids[:-1] if finish == "stop" and ids and not include_stop else ids
+                if stops:
+                    text_delta = self._stop_checked(ids, text_ids, delta.logprobs, finish)  # type: ignore[arg-type]
+                else:
+                    text = detokenizer.add(text_ids)
+                    if finish is not None:
+                        text += detokenizer.flush()
+                    text_delta = TextDelta(text, ids, delta.logprobs, finish)  # type: ignore[arg-type]
+                self.completion_tokens += len(text_delta.token_ids)
+                out.append(text_delta)
+                if text_delta.finish_reason is not None:
+                    self.finish_reason = text_delta.finish_reason
+                    yield out
+                    return
             yield out
 
     def _stop_checked(self, ids: list[int], text_ids: list[int], logprobs: list[TokenLogprobs] | None,

@@ -12,7 +12,7 @@ what stall detection needs.
 Client side: ``call(subject, payload)`` returns a ``ResponseStream`` (async iterator of
 frames). All calls share one wildcard reply subscription (like nats-py's own request
 mux) and are dispatched by the last subject token, straight from the client's read loop
-(``_ReplyMuxClient``). Typed errors:
+(``reply_mux.ReplyMuxClient``). Typed errors:
 
 - ``NoRespondersError``: nobody subscribes to the subject (the instance is gone); the
   NATS server says so at once (status 503 on the reply inbox).
@@ -61,6 +61,7 @@ from dynrt.runtime.protocol import (
     frame_decoder,
 )
 
+from dynrt.runtime.reply_mux import ReplyMuxClient
 from dynrt.runtime.transport_errors import (
     NatsUnavailable,
     NoRespondersError,
@@ -90,33 +91,6 @@ _BROKEN = object()
 _NO_RESPONDERS_MARK = object()
 # A no-responders reply: a status-only header block and no payload.
 _NO_RESPONDERS_STATUS = b"NATS/1.0 " + _NO_RESPONDERS.encode()
-
-
-class _ReplyMuxClient(NatsClient):
-    """nats-py's client, with the messages of the reply mux handed to it directly.
-
-    For a subscription with a callback nats-py builds a ``Msg`` per message, parses its
-    headers, and passes it through an ``asyncio.Queue`` to the subscription's own task,
-    which awaits the callback: for every token frame a frontend receives, a task switch
-    and several allocations (about 6 us per frame on a 2-core machine, more than the rest
-    of the frame's way to its stream). Reply frames need none of that — only the
-    subject's last token (which stream) and the payload — so they are taken here, in the
-    read loop, as soon as nats-py's parser has them. Everything else takes nats-py's path.
-    """
-
-    reply_prefix: bytes = b"\0"  # matches no subject until the mux is started
-    deliver_reply: Callable[[bytes, bytes, bytes | None], None] | None = None
-
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                           headers: bytes | None) -> None:
-        deliver = self.deliver_reply
-        if deliver is not None and subject.startswith(self.reply_prefix) and sid in self._subs:
-            stats = self.stats
-            stats["in_msgs"] += 1
-            stats["in_bytes"] += len(data)
-            deliver(subject, data, headers)
-            return
-        await super()._process_msg(sid, subject, reply, data, headers)
 
 
 # A silence timer may fire this early (the loop's timers have millisecond resolution).
@@ -171,12 +145,19 @@ class ResponseStream:
         """The next non-heartbeat frame. Raises ``StreamSilent`` if nothing at all
         (heartbeats included) arrives within ``timeout`` (the stream stays usable),
         ``EOFError`` at the end, ``NoRespondersError`` / ``StreamBrokenError``."""
+        while True:
+            frame = self.ready()
+            if frame is not None:
+                return frame
+            await self.wait(timeout)
+
+    def ready(self) -> Frame | None:
+        """The next non-heartbeat frame if one has been received, else None (no
+        waiting); the errors of :meth:`next`."""
         if self.done:
             raise EOFError
         items = self._items
-        while True:
-            if not items:
-                await self._wait(timeout)
+        while items:
             item = items.popleft()
             self.last_activity = time.monotonic()
             if item is _BROKEN:
@@ -186,12 +167,13 @@ class ResponseStream:
                 self._finish()
                 raise NoRespondersError(self.subject)
             frame = frame_decoder.decode(item)
-            if isinstance(frame, HeartbeatFrame):
+            if type(frame) is HeartbeatFrame:
                 continue
-            if isinstance(frame, EndFrame):
+            if type(frame) is EndFrame:
                 self._finish()
                 raise EOFError
             return frame
+        return None
 
     def interrupt(self, cause: str) -> None:
         """Break the stream from outside (e.g. its instance left discovery): the
@@ -200,7 +182,7 @@ class ResponseStream:
             self.broken_cause = cause
             self._deliver(_BROKEN)
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def wait(self, timeout: float | None) -> None:
         """Until an item is received; ``StreamSilent`` if none within ``timeout``."""
         if timeout is not None and timeout <= 0:
             raise StreamSilent
@@ -312,7 +294,7 @@ class NatsTransport:
         async def error(exc: Exception) -> None:
             log.debug("nats_error", error=str(exc))
 
-        nc = _ReplyMuxClient()
+        nc = ReplyMuxClient()
         # With max_reconnect_attempts=-1 nats-py itself keeps retrying the first connect
         # (server not up yet, or refusing our credentials) forever: bound it here.
         try:
@@ -345,7 +327,7 @@ class NatsTransport:
     async def _start_reply_mux(self) -> None:
         self._reply_prefix = self.nc.new_inbox() + "."
         self._reply_sub = await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_reply)
-        if isinstance(self.nc, _ReplyMuxClient):  # the subscription's callback is then not called
+        if isinstance(self.nc, ReplyMuxClient):  # the subscription's callback is then not called
             self.nc.reply_prefix = self._reply_prefix.encode()
             self.nc.deliver_reply = self._deliver_reply
 

@@ -108,11 +108,11 @@ class FakeGeneration:
         self.cached_tokens = 0
         self.read = 0
 
-    async def tokens(self) -> AsyncIterator[TokenDelta]:
+    async def token_batches(self) -> AsyncIterator[list[TokenDelta]]:
         for delta in self.deltas:
             self.read += 1
             self.generated.extend(delta.token_ids)
-            yield delta
+            yield [delta]
 
 
 def ids_of(text: str) -> list[int]:

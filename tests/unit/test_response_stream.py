@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dynrt.runtime.protocol import TokenFrame, encode
+from dynrt.runtime.protocol import EndFrame, HeartbeatFrame, TokenFrame, encode
 from dynrt.runtime.transport import ResponseStream, StreamSilent
 
 
@@ -63,3 +63,18 @@ async def test_frames_keep_a_stream_alive_and_its_end_cancels_the_timer() -> Non
     assert stream._timer is not None
     stream.release()
     assert stream._timer is None
+
+
+def test_ready_takes_only_what_has_been_received() -> None:
+    stream = _stream()
+    assert stream.ready() is None
+    stream._deliver(encode(HeartbeatFrame()))
+    assert stream.ready() is None and stream.pending() == 0  # heartbeats are consumed
+    stream._deliver(_frame(1))
+    stream._deliver(encode(HeartbeatFrame()))
+    stream._deliver(_frame(2))
+    stream._deliver(encode(EndFrame()))
+    assert [stream.ready().token_ids, stream.ready().token_ids] == [[1], [2]]  # type: ignore[union-attr]
+    with pytest.raises(EOFError):
+        stream.ready()
+    assert stream.done

@@ -21,10 +21,10 @@ class Source:
         self.cached_tokens = 0
         self.read = 0
 
-    async def tokens(self) -> AsyncIterator[TokenDelta]:
+    async def token_batches(self) -> AsyncIterator[list[TokenDelta]]:
         for delta in self.deltas:
             self.read += 1
-            yield delta
+            yield [delta]
 
 
 def chars(text: str) -> list[int]:
