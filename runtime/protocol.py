@@ -298,6 +298,11 @@ class LoadReport(msgspec.Struct, kw_only=True):
     # routers take an instance whose reports stop for a few of these as hung
     # (``RouterState.is_suspect``). 0: a worker without a heartbeat, never suspected.
     heartbeat: float = 0.0
+    # Prompt tokens per second the worker's recent prefilling steps achieved (decode
+    # work alongside them included; ``dynrt.worker.prefill_rate``): routers project a
+    # request's time to first token from it (``dynrt.router.ttft``). 0: unknown (no
+    # prefill seen yet, or an engine that cannot measure it).
+    prefill_tokens_per_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:

@@ -1,0 +1,66 @@
+"""Admission by TTFT objective: a request's projected time to first token on an instance,
+and how long until it would fit the objective. Pure arithmetic on ``cost.InstanceLoad``;
+``dynrt.router.policies.Router`` applies it per (request, instance).
+
+Projected TTFT of a request with ``uncached`` prompt tokens on an instance (its prompt
+minus what the instance caches: the ``kv`` policy knows the overlap from the KV index;
+the other policies take the whole prompt)::
+
+    (prefill_tokens + uncached) / prefill_rate  +  slot_wait
+
+* ``prefill_tokens``: prefill work queued ahead of it — the latest report's
+  ``active_prefill_tokens`` plus the uncached tokens of this router's pending
+  assignments (``cost.InstanceLoad``). Pending assignments count at once, so a burst
+  between two load reports is admitted up to exactly what the objective allows.
+* ``prefill_rate``: the prompt tokens per second the instance's own recent prefilling
+  steps achieved, decode work alongside included (``LoadReport.prefill_tokens_per_s``,
+  ``dynrt.worker.prefill_rate``). 0 is unknown: the instance is judged by the other
+  rules only (``fits`` says yes).
+* ``slot_wait``: when every sequence slot is taken (``queue_if_sent`` = q > 0), the
+  request waits for q running requests to finish first. Engines do not say when that
+  will be (a request's length is decided by its EOS), so it is the retry-after model's
+  estimate: ``mean_request_seconds × q / running``. With an objective of a few times
+  the unloaded TTFT this is larger than the objective: a request is admitted only where
+  it gets a slot at once.
+
+The projection ignores the step already running when the request arrives (up to one
+step, ~20–130 ms on the mock, more when it is a long prefill) and the frontend's own
+time (tokenizing, routing, first SSE event): an objective should leave room for both.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dynrt.router.cost import RETRY_AFTER_MAX, RETRY_AFTER_MIN, InstanceLoad
+
+
+def projected_ttft(load: InstanceLoad, uncached_tokens: int, mean_request_seconds: float) -> float | None:
+    """Seconds to the first token of a request with ``uncached_tokens`` of prompt to
+    prefill on the instance (module docstring); ``None`` when the instance reports no
+    prefill rate."""
+    rate = load.prefill_rate
+    if rate <= 0:
+        return None
+    seconds = (load.prefill_tokens + uncached_tokens) / rate
+    queued = load.queue_if_sent
+    if queued:
+        seconds += mean_request_seconds * queued / max(load.running, 1)
+    return seconds
+
+
+def ttft_excess(load: InstanceLoad, uncached_tokens: int, objective: float, mean_request_seconds: float) -> float:
+    """Seconds by which the projected TTFT exceeds ``objective`` (≤ 0: it fits; an
+    instance of unknown rate always fits). Both parts of the projection shrink in real
+    time — queued prompts drain at the prefill rate, running requests finish — so this
+    is also about how long until the request would fit."""
+    ttft = projected_ttft(load, uncached_tokens, mean_request_seconds)
+    return -math.inf if ttft is None else ttft - objective
+
+
+def retry_after_seconds(wait: float) -> int:
+    """A wait in seconds as ``Retry-After``: whole seconds, clamped like
+    ``cost.retry_after`` (``RETRY_AFTER_MIN..RETRY_AFTER_MAX``)."""
+    if math.isinf(wait) or math.isnan(wait):
+        wait = RETRY_AFTER_MIN
+    return max(RETRY_AFTER_MIN, min(RETRY_AFTER_MAX, math.ceil(wait)))

@@ -1,0 +1,70 @@
+"""Workers' measured prefill rate (``LoadReport.prefill_tokens_per_s``): the meter, the
+mock engine's report from its measured steps, and vLLM's from its iteration details."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
+from dynrt.worker.prefill_rate import PrefillRateMeter
+from dynrt.worker.vllm_stats import VllmStepStats
+from tests.unit.test_mock_engine import collect, prompt, request
+
+
+def test_meter_is_a_ratio_of_sums_over_the_last_prefilling_steps() -> None:
+    meter = PrefillRateMeter(window=3)
+    assert meter.tokens_per_s == 0.0  # unknown
+    meter.record(1000, 0.1)
+    meter.record(0, 0.05)  # decode only: not a sample
+    meter.record(10, 0.0)  # no duration: not a sample
+    assert meter.tokens_per_s == pytest.approx(10_000)
+    meter.record(100, 0.1)  # a short step weighs by its duration, not as one rate of two
+    assert meter.tokens_per_s == pytest.approx(1100 / 0.2)
+    meter.record(2000, 0.1)
+    meter.record(2000, 0.1)  # the first sample leaves the window
+    assert meter.tokens_per_s == pytest.approx(4100 / 0.3)
+    with pytest.raises(ValueError):
+        PrefillRateMeter(window=0)
+
+
+async def test_mock_engine_reports_the_rate_of_its_measured_steps() -> None:
+    # Speedup 20: steps sleep their modelled time / 20, so the rate is measured, not modelled.
+    engine = MockEngine(MockEngineConfig(speedup=20.0))
+    await engine.start()
+    try:
+        assert engine.load().prefill_tokens_per_s == 0.0
+        await collect(engine, request("r1", prompt(800, seed=1), 4))
+        await collect(engine, request("r2", prompt(1600, seed=2), 4))
+        steps = [s for s in engine.step_log if s.prefill_tokens]
+        assert [s.prefill_tokens for s in steps] == [800, 1600]
+        expected = 2400 / (sum(s.measured_ms for s in steps) / 1e3)
+        rate = engine.load().prefill_tokens_per_s
+        assert rate == pytest.approx(expected)
+        # The timing fit at speedup 20 bounds it: measured steps last at least the model's time.
+        assert 0 < rate <= 2400 / (sum(s.model_ms for s in steps) / 20 / 1e3) * 1.01
+    finally:
+        await engine.shutdown()
+    assert engine.load().prefill_tokens_per_s == pytest.approx(expected)  # kept while idle
+
+
+def _scheduler_stats(ctx_tokens: int, elapsed_ms: float, dummy: bool = False) -> SimpleNamespace:
+    details = SimpleNamespace(num_ctx_tokens=ctx_tokens, elapsed_ms=elapsed_ms, is_dummy=dummy)
+    return SimpleNamespace(iteration_details=details, prefix_cache_stats=None, kv_cache_usage=0.5,
+                           num_running_reqs=2, num_waiting_reqs=0)
+
+
+def test_vllm_rate_comes_from_iteration_details() -> None:
+    stats = VllmStepStats()
+    stats.record(SimpleNamespace(iteration_details=None, prefix_cache_stats=None))  # flag off: no samples
+    assert stats.load_report("m", 100, in_flight=0, prefill_tokens=0).prefill_tokens_per_s == 0.0
+    stats.record(_scheduler_stats(512, 40.0))
+    stats.record(_scheduler_stats(0, 20.0))  # decode step
+    stats.record(_scheduler_stats(999, 1.0, dummy=True))  # data-parallel dummy step
+    stats.record(_scheduler_stats(512, 60.0))
+    report = stats.load_report("m", 100, in_flight=2, prefill_tokens=0)
+    assert report.prefill_tokens_per_s == pytest.approx(1024 / 0.1)
+    assert report.running == 2
+    # An idle worker keeps reporting the rate it measured.
+    assert stats.load_report("m", 100, in_flight=0, prefill_tokens=0).prefill_tokens_per_s == pytest.approx(10240)
