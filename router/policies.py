@@ -350,7 +350,8 @@ class Router:
         wait = retry_after_seconds(soonest)
         reason = "ttft"
         if len(free) < len(candidates):
-            busy_loads = [c.load for c in candidates if c not in free]
+            free_ids = {c.record.instance_id for c in free}
+            busy_loads = [c.load for c in candidates if c.record.instance_id not in free_ids]
             wait = min(wait, retry_after(busy_loads, thresholds))
             reason = "mixed"
         self._reject(reason)

@@ -186,3 +186,20 @@ def test_flag_values() -> None:
     assert BusyThresholds.from_flags(0.95, -1, -1, 0.0).ttft_slo is None
     assert BusyThresholds.from_flags(0.95, -1, -1, -3).ttft_slo is None
     assert BusyThresholds.from_flags(0.95, -1, -1, 0.25).ttft_slo == 0.25
+
+
+@pytest.mark.parametrize("config_type", ["FrontendConfig", "RouterConfig"])
+def test_ttft_slo_flag_on_frontend_and_standalone_router(config_type: str) -> None:
+    import argparse
+
+    from dynrt.runtime import config
+
+    cls = getattr(config, config_type)
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, cls)
+    assert config.from_args(cls, parser.parse_args([])).routing.ttft_slo == 0.0  # off
+    parsed = config.from_args(cls, parser.parse_args(["--ttft-slo", "0.25"]))
+    r = parsed.routing
+    thresholds = BusyThresholds.from_flags(r.busy_kv_threshold, r.busy_queue_threshold, r.busy_prefill_threshold,
+                                           r.ttft_slo)
+    assert thresholds.ttft_slo == 0.25
