@@ -6,16 +6,22 @@ Projected TTFT of a request with ``uncached`` prompt tokens on an instance (its 
 minus what the instance caches: the ``kv`` policy knows the overlap from the KV index;
 the other policies take the whole prompt)::
 
-    (prefill_tokens + uncached) / prefill_rate  +  slot_wait
+    step_in_progress  +  (prefill_tokens + uncached) / prefill_rate  +  slot_wait
 
 * ``prefill_tokens``: prefill work queued ahead of it — the latest report's
   ``active_prefill_tokens`` plus the uncached tokens of this router's pending
   assignments (``cost.InstanceLoad``). Pending assignments count at once, so a burst
   between two load reports is admitted up to exactly what the objective allows.
 * ``prefill_rate``: the prompt tokens per second the instance's own recent prefilling
-  steps achieved, decode work alongside included (``LoadReport.prefill_tokens_per_s``,
-  ``dynrt.worker.prefill_rate``). 0 is unknown: the instance is judged by the other
-  rules only (``fits`` says yes).
+  steps achieved — beside decoding sequences if it is decoding now, alone if not
+  (``LoadReport.prefill_tokens_per_s``, ``dynrt.worker.prefill_rate``). 0 is unknown:
+  the instance is judged by the other rules only (``ttft_excess`` says it fits).
+* ``step_in_progress``: an engine that is running anything (a running sequence, queued
+  prefill, or a pending assignment) is in the middle of a step, or about to start one
+  without this request: it waits for that step first. Estimated as the instance's mean
+  recent step time (``LoadReport.step_seconds``); on the mock at speedup 1 a decode
+  step is ~25 ms and one that also prefills a prompt ~55 ms, a large part of an
+  objective of a few times the unloaded TTFT (~45 ms).
 * ``slot_wait``: when every sequence slot is taken (``queue_if_sent`` = q > 0), the
   request waits for q running requests to finish first. Engines do not say when that
   will be (a request's length is decided by its EOS), so it is the retry-after model's
@@ -23,9 +29,9 @@ the other policies take the whole prompt)::
   the unloaded TTFT this is larger than the objective: a request is admitted only where
   it gets a slot at once.
 
-The projection ignores the step already running when the request arrives (up to one
-step, ~20–130 ms on the mock, more when it is a long prefill) and the frontend's own
-time (tokenizing, routing, first SSE event): an objective should leave room for both.
+The projection leaves out the frontend's own time (tokenizing, routing, the first SSE
+event: ~10–20 ms on a 2-core machine) and takes the step in progress at its mean (one
+that is a long prefill lasts longer): an objective should leave room for both.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ def projected_ttft(load: InstanceLoad, uncached_tokens: int, mean_request_second
     if rate <= 0:
         return None
     seconds = (load.prefill_tokens + uncached_tokens) / rate
+    if load.running or load.prefill_blocks:
+        seconds += load.step_seconds
     queued = load.queue_if_sent
     if queued:
         seconds += mean_request_seconds * queued / max(load.running, 1)

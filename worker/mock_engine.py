@@ -155,7 +155,8 @@ class MockEngine(Engine):
             waiting=len(scheduler.waiting),
             active_prefill_tokens=scheduler.prefill_backlog(),
             timestamp=time.time(),
-            prefill_tokens_per_s=self.prefill_rate.tokens_per_s,
+            prefill_tokens_per_s=self.prefill_rate.tokens_per_s(any(seq.decoding for seq in scheduler.running)),
+            step_seconds=self.prefill_rate.step_seconds,
         )
 
     def kv_events(self) -> AsyncIterator[list[KvEvent]]:
@@ -286,7 +287,7 @@ class MockEngine(Engine):
         timing = StepTiming(prefill_tokens=prefill_tokens, decode_seqs=decode_seqs, kv_usage=usage,
                             model_ms=model_ms, measured_ms=(end - start) * 1e3)
         self.step_log.append(timing)
-        self.prefill_rate.record(prefill_tokens, timing.measured_ms / 1e3)
+        self.prefill_rate.record(prefill_tokens, timing.measured_ms / 1e3, decode_seqs)
 
 
 __all__ = ["MockEngine", "MockEngineConfig", "StepTiming", "mock_engine_config", "prefill_ms", "step_model_ms"]

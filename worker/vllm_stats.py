@@ -12,7 +12,8 @@ registry and served from dynrt's (``metrics.serve_default_registry``).
 The prefill rate of the load reports (``LoadReport.prefill_tokens_per_s``) comes from
 vLLM's per-step ``SchedulerStats.iteration_details`` (``SchedulerIterationDetails``):
 ``num_ctx_tokens`` (prompt tokens the step scheduled, chunks of a chunked prefill
-included) and ``elapsed_ms`` (the step's model execution, measured in the engine core).
+included), ``num_generation_requests`` (decoding beside them) and ``elapsed_ms`` (the
+step's model execution, measured in the engine core).
 vLLM fills it only with ``enable_logging_iteration_details`` (a dynrt default:
 ``dynrt.worker.vllm_config.DYNRT_DEFAULTS``); without it the rate is 0, unknown, and
 routers judge the instance by their other rules. (The coarser alternative, the
@@ -44,13 +45,15 @@ class VllmStepStats:
     def __init__(self) -> None:
         self.last: Any = None  # vLLM SchedulerStats
         self.prefill_rate = PrefillRateMeter()
+        self.decoding = False  # the last step decoded
 
     def record(self, scheduler_stats: Any) -> None:
         """Called by the stat logger for every engine step."""
         self.last = scheduler_stats
         details = getattr(scheduler_stats, "iteration_details", None)
         if details is not None and not details.is_dummy:
-            self.prefill_rate.record(details.num_ctx_tokens, details.elapsed_ms / 1e3)
+            self.prefill_rate.record(details.num_ctx_tokens, details.elapsed_ms / 1e3, details.num_generation_requests)
+            self.decoding = details.num_generation_requests > 0
         prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
         if prefix is not None and prefix.queries:
             PREFIX_QUERIES.inc(prefix.queries)
@@ -60,15 +63,16 @@ class VllmStepStats:
         """The load report for ``in_flight`` requests, ``prefill_tokens`` of whose
         prompts have no output yet."""
         stats = self.last
-        rate = self.prefill_rate.tokens_per_s
+        meter = self.prefill_rate
         if not in_flight or stats is None:
             # Nothing in flight here: whatever the last step said, vLLM holds nothing.
             return LoadReport(model=model, kv_blocks_used=0, kv_blocks_total=kv_blocks_total, timestamp=time.time(),
-                              prefill_tokens_per_s=rate)
+                              prefill_tokens_per_s=meter.tokens_per_s(False), step_seconds=meter.step_seconds)
         return LoadReport(model=model, kv_blocks_used=round(stats.kv_cache_usage * kv_blocks_total),
                           kv_blocks_total=kv_blocks_total, running=int(stats.num_running_reqs),
                           waiting=int(stats.num_waiting_reqs) + int(getattr(stats, "num_skipped_waiting_reqs", 0)),
-                          active_prefill_tokens=prefill_tokens, timestamp=time.time(), prefill_tokens_per_s=rate)
+                          active_prefill_tokens=prefill_tokens, timestamp=time.time(),
+                          prefill_tokens_per_s=meter.tokens_per_s(self.decoding), step_seconds=meter.step_seconds)
 
     def stat_loggers(self) -> list[Any]:
         """What ``AsyncLLM.from_engine_args(stat_loggers=...)`` takes: dynrt's logger

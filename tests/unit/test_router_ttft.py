@@ -19,10 +19,10 @@ SLO = 0.5
 
 
 def report(state: RouterState, iid: str, *, rate: float, prefill: int = 0, running: int = 0, waiting: int = 0,
-           used: int = 0) -> None:
+           used: int = 0, step: float = 0.0) -> None:
     state.on_load(LoadReport(instance_id=iid, model=MODEL, kv_blocks_used=used, kv_blocks_total=1000,
                              running=running, waiting=waiting, active_prefill_tokens=prefill,
-                             prefill_tokens_per_s=rate))
+                             prefill_tokens_per_s=rate, step_seconds=step))
 
 
 def tokens(k: int, n: int) -> list[int]:
@@ -148,6 +148,22 @@ def test_slot_wait_is_part_of_the_projection() -> None:
     free = InstanceLoad(0, 1000, running=7, waiting=0, prefill_blocks=25, block_size=BS, max_num_seqs=8,
                         prefill_rate=1000.0)
     assert projected_ttft(free, 100, 4.0) == pytest.approx(0.2)
+
+
+def test_a_busy_engine_adds_the_step_in_progress() -> None:
+    state = slo_state("a")
+    report(state, "a", rate=1000.0, running=0, step=0.2)
+    router = Router(state)
+    assert isinstance(router.choose(MODEL, tokens(1, 400)), Choice)  # idle: 0.4 s, no step to wait for
+    report(state, "a", rate=1000.0, running=1, step=0.2)
+    assert isinstance(router.choose(MODEL, tokens(1, 400)), Busy)  # 0.2 + 0.4 s
+    assert isinstance(router.choose(MODEL, tokens(1, 300)), Choice)  # 0.2 + 0.3 s
+    # A burst: the first assignment starts a step the next ones wait for.
+    report(state, "a", rate=1000.0, running=0, step=0.2)
+    assert isinstance(router.route(MODEL, tokens(1, 100), "r1"), Choice)  # 0.1 s
+    assert isinstance(router.route(MODEL, tokens(2, 100), "r2"), Choice)  # 0.2 + 0.2 s
+    assert isinstance(router.route(MODEL, tokens(3, 104), "r3"), Busy)  # 0.2 + (0.2 + 0.104) s
+    assert isinstance(router.route(MODEL, tokens(4, 100), "r4"), Choice)  # 0.2 + 0.3 s: just fits
 
 
 def test_admission_before_tokenizing_rejects_only_when_queued_work_alone_exceeds() -> None:
