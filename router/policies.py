@@ -28,7 +28,6 @@ best instance's projection fits). ``Router.admission`` asks it without a prompt 
 own tokens: the queued work alone) — a necessary condition, so shedding stays cheap.
 """
 
-
 from __future__ import annotations
 
 import math
