@@ -322,11 +322,12 @@ class InstanceLoad:
     """An instance's projected load: latest report plus pending assignments."""
 
     __slots__ = ("blocks_used", "blocks_total", "running", "waiting", "prefill_blocks", "block_size",
-                 "max_num_seqs", "prefill_rate", "step_seconds")
+                 "max_num_seqs", "prefill_rate", "prefill_base", "step_seconds")
 
     def __init__(
         self, blocks_used: int, blocks_total: int, running: int, waiting: int, prefill_blocks: float,
-        block_size: int = 16, max_num_seqs: int = 256, prefill_rate: float = 0.0, step_seconds: float = 0.0,
+        block_size: int = 16, max_num_seqs: int = 256, prefill_rate: float = 0.0, prefill_base: float = 0.0,
+        step_seconds: float = 0.0,
     ) -> None:
         self.blocks_used = blocks_used
         self.blocks_total = blocks_total
@@ -335,7 +336,9 @@ class InstanceLoad:
         self.prefill_blocks = prefill_blocks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.prefill_rate = prefill_rate  # prompt tokens/s the instance reports (0: unknown)
+        # The instance's prefilling step: prefill_base + tokens / prefill_rate seconds (0: unknown)
+        self.prefill_rate = prefill_rate
+        self.prefill_base = prefill_base
         self.step_seconds = step_seconds  # its mean recent step time (0: unknown)
 
     @classmethod
@@ -347,20 +350,21 @@ class InstanceLoad:
         (the engine's queue is FIFO), and to wait otherwise."""
         if report is None:
             used, total, running, waiting = 0, record.kv_blocks_total, 0, 0
-            prefill = rate = step = 0.0
+            prefill = rate = base = step = 0.0
         else:
             used = report.kv_blocks_used
             total = report.kv_blocks_total or record.kv_blocks_total
             running, waiting = report.running, report.waiting
             prefill = report.active_prefill_tokens / record.block_size
-            rate, step = report.prefill_tokens_per_s, report.step_seconds
+            rate, base, step = report.prefill_tokens_per_s, report.prefill_base_seconds, report.step_seconds
         if pending is not None and pending.count:
             used += pending.kv_blocks
             prefill += pending.prefill_blocks
             starts = 0 if waiting else min(pending.count, max(0, record.max_num_seqs - running))
             running += starts
             waiting += pending.count - starts
-        return cls(used, total, running, waiting, prefill, record.block_size, record.max_num_seqs, rate, step)
+        return cls(used, total, running, waiting, prefill, record.block_size, record.max_num_seqs, rate, base,
+                   step)
 
     @property
     def kv_usage(self) -> float:

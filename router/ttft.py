@@ -6,16 +6,21 @@ Projected TTFT of a request with ``uncached`` prompt tokens on an instance (its 
 minus what the instance caches: the ``kv`` policy knows the overlap from the KV index;
 the other policies take the whole prompt)::
 
-    step_in_progress  +  (prefill_tokens + uncached) / prefill_rate  +  slot_wait
+    step_in_progress  +  prefill_base + (prefill_tokens + uncached) / prefill_rate  +  slot_wait
 
 * ``prefill_tokens``: prefill work queued ahead of it — the latest report's
   ``active_prefill_tokens`` plus the uncached tokens of this router's pending
   assignments (``cost.InstanceLoad``). Pending assignments count at once, so a burst
   between two load reports is admitted up to exactly what the objective allows.
-* ``prefill_rate``: the prompt tokens per second the instance's own recent prefilling
-  steps achieved — beside decoding sequences if it is decoding now, alone if not
-  (``LoadReport.prefill_tokens_per_s``, ``dynrt.worker.prefill_rate``). 0 is unknown:
-  the instance is judged by the other rules only (``ttft_excess`` says it fits).
+* ``prefill_base`` and ``prefill_rate``: the step that prefills it, as the instance's
+  own recent prefilling steps measured it — a fixed part plus prompt tokens at a
+  marginal rate, beside decoding sequences if it is decoding now, alone if not
+  (``LoadReport.prefill_base_seconds`` / ``prefill_tokens_per_s``,
+  ``dynrt.worker.prefill_rate``). The queued prompts and this one are taken to be
+  prefilled together, in one step: right while the queue is short, which it is under
+  any objective of a few step times; a queue longer than one step's token budget costs
+  a fixed part per step, which this leaves out. Rate 0 is unknown: the instance is
+  judged by the other rules only (``ttft_excess`` says it fits).
 * ``step_in_progress``: an engine that is running anything (a running sequence, queued
   prefill, or a pending assignment) is in the middle of a step, or about to start one
   without this request: it waits for that step first. Estimated as the instance's mean
@@ -48,7 +53,7 @@ def projected_ttft(load: InstanceLoad, uncached_tokens: int, mean_request_second
     rate = load.prefill_rate
     if rate <= 0:
         return None
-    seconds = (load.prefill_tokens + uncached_tokens) / rate
+    seconds = load.prefill_base + (load.prefill_tokens + uncached_tokens) / rate
     if load.running or load.prefill_blocks:
         seconds += load.step_seconds
     queued = load.queue_if_sent

@@ -147,6 +147,7 @@ class MockEngine(Engine):
 
     def load(self) -> LoadReport:
         scheduler = self.scheduler
+        prefill = self.prefill_rate.fit(any(seq.decoding for seq in scheduler.running))
         return LoadReport(
             model=self.config.model,
             kv_blocks_used=self.kv_cache.used,
@@ -155,7 +156,8 @@ class MockEngine(Engine):
             waiting=len(scheduler.waiting),
             active_prefill_tokens=scheduler.prefill_backlog(),
             timestamp=time.time(),
-            prefill_tokens_per_s=self.prefill_rate.tokens_per_s(any(seq.decoding for seq in scheduler.running)),
+            prefill_tokens_per_s=prefill.tokens_per_s,
+            prefill_base_seconds=prefill.base_seconds,
             step_seconds=self.prefill_rate.step_seconds,
         )
 

@@ -9,7 +9,8 @@ has (``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``,
 ``vllm:e2e_request_latency_seconds``...), registered in ``prometheus_client``'s default
 registry and served from dynrt's (``metrics.serve_default_registry``).
 
-The prefill rate of the load reports (``LoadReport.prefill_tokens_per_s``) comes from
+The prefill figures of the load reports (``LoadReport.prefill_tokens_per_s``,
+``prefill_base_seconds``, ``step_seconds``; ``dynrt.worker.prefill_rate``) come from
 vLLM's per-step ``SchedulerStats.iteration_details`` (``SchedulerIterationDetails``):
 ``num_ctx_tokens`` (prompt tokens the step scheduled, chunks of a chunked prefill
 included), ``num_generation_requests`` (decoding beside them) and ``elapsed_ms`` (the
@@ -66,13 +67,17 @@ class VllmStepStats:
         meter = self.prefill_rate
         if not in_flight or stats is None:
             # Nothing in flight here: whatever the last step said, vLLM holds nothing.
+            fit = meter.fit(False)
             return LoadReport(model=model, kv_blocks_used=0, kv_blocks_total=kv_blocks_total, timestamp=time.time(),
-                              prefill_tokens_per_s=meter.tokens_per_s(False), step_seconds=meter.step_seconds)
+                              prefill_tokens_per_s=fit.tokens_per_s, prefill_base_seconds=fit.base_seconds,
+                              step_seconds=meter.step_seconds)
+        fit = meter.fit(self.decoding)
         return LoadReport(model=model, kv_blocks_used=round(stats.kv_cache_usage * kv_blocks_total),
                           kv_blocks_total=kv_blocks_total, running=int(stats.num_running_reqs),
                           waiting=int(stats.num_waiting_reqs) + int(getattr(stats, "num_skipped_waiting_reqs", 0)),
                           active_prefill_tokens=prefill_tokens, timestamp=time.time(),
-                          prefill_tokens_per_s=meter.tokens_per_s(self.decoding), step_seconds=meter.step_seconds)
+                          prefill_tokens_per_s=fit.tokens_per_s, prefill_base_seconds=fit.base_seconds,
+                          step_seconds=meter.step_seconds)
 
     def stat_loggers(self) -> list[Any]:
         """What ``AsyncLLM.from_engine_args(stat_loggers=...)`` takes: dynrt's logger

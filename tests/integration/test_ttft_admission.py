@@ -29,12 +29,12 @@ PER_WORKER = 3  # prompts the objective is set to allow per worker (fewer than i
 _rng = random.Random(0x77F7)
 
 
-def allowed_on(rate: float, step: float, objective: float, slots: int = 8) -> int:
+def allowed_on(rate: float, base: float, step: float, objective: float, slots: int = 8) -> int:
     """Prompts of a burst an idle instance admits (``dynrt.router.ttft``): the k-th
-    waits for the k prompts before it and itself, and from the 2nd on for the step the
-    1st started."""
+    waits for a step prefilling the prompts before it and itself, and from the 2nd on
+    for the step the 1st started."""
     n = 0
-    while n < slots and (n + 1) * PROMPT / rate + (step if n else 0.0) <= objective:
+    while n < slots and base + (n + 1) * PROMPT / rate + (step if n else 0.0) <= objective:
         n += 1
     return n
 
@@ -65,12 +65,14 @@ async def test_burst_admitted_up_to_the_objective_and_changed_at_runtime(tmp_pat
             assert (await response.json())["ttft_slo"] == 30.0  # from the flag
 
         rates: dict[str, float] = {}
+        bases: dict[str, float] = {}
         steps: dict[str, float] = {}
         busy: dict[str, int] = {}
 
         async def on_load(msg: Msg) -> None:
             report = load_report_decoder.decode(msg.data)
             rates[report.instance_id] = report.prefill_tokens_per_s
+            bases[report.instance_id] = report.prefill_base_seconds
             steps[report.instance_id] = report.step_seconds
             busy[report.instance_id] = report.running + report.waiting
 
@@ -87,13 +89,13 @@ async def test_burst_admitted_up_to_the_objective_and_changed_at_runtime(tmp_pat
             assert len(rates) == 2 and all(r > 0 for r in rates.values()), rates
             await asyncio.sleep(0.3)  # both idle again, and the frontend has their latest reports
             assert not any(busy.values()), busy
-            measured = {iid: (rates[iid], steps[iid]) for iid in rates}
+            measured = {iid: (rates[iid], bases[iid], steps[iid]) for iid in rates}
 
-            # An objective that allows PER_WORKER + 0.5 prompts on the slower worker.
-            objective = max(steps.values()) + (PER_WORKER + 0.5) * PROMPT / min(rates.values())
+            # An objective that allows about PER_WORKER + 0.5 prompts on the slower worker.
+            objective = max(bases.values()) + max(steps.values()) + (PER_WORKER + 0.5) * PROMPT / min(rates.values())
             now = await fe.set_busy_thresholds(ttft_slo=objective)
             assert now["ttft_slo"] == objective
-            allowed = sum(allowed_on(rate, step, objective) for rate, step in measured.values())
+            allowed = sum(allowed_on(rate, base, step, objective) for rate, base, step in measured.values())
             assert 2 * PER_WORKER <= allowed <= 16
 
             results = await burst(dep.http, fe.url, 40)

@@ -8,34 +8,47 @@ from types import SimpleNamespace
 import pytest
 
 from dynrt.worker.mock_engine import MockEngine, MockEngineConfig
-from dynrt.worker.prefill_rate import PrefillRateMeter
+from dynrt.worker.prefill_rate import PrefillRateMeter, fit_steps
 from dynrt.worker.vllm_stats import VllmStepStats
 from tests.unit.test_mock_engine import collect, prompt, request
 
 
-def test_meter_is_a_ratio_of_sums_over_the_last_prefilling_steps() -> None:
+def test_same_sized_steps_give_the_ratio_of_sums() -> None:
     meter = PrefillRateMeter(window=3)
-    assert meter.tokens_per_s(False) == 0.0 and meter.step_seconds == 0.0  # unknown
+    assert meter.fit(False).tokens_per_s == 0.0 and meter.step_seconds == 0.0  # unknown
     meter.record(1000, 0.1)
     meter.record(10, 0.0)  # no duration: not a sample
-    assert meter.tokens_per_s(False) == pytest.approx(10_000)
-    meter.record(100, 0.1)  # a short step weighs by its duration, not as one rate of two
-    assert meter.tokens_per_s(False) == pytest.approx(1100 / 0.2)
-    meter.record(2000, 0.1)
-    meter.record(2000, 0.1)  # the first sample leaves the window
-    assert meter.tokens_per_s(False) == pytest.approx(4100 / 0.3)
+    assert (meter.fit(False).base_seconds, meter.fit(False).tokens_per_s) == (0.0, pytest.approx(10_000))
+    meter.record(1000, 0.12)
+    meter.record(1100, 0.11)  # sizes within 20 % of each other: no slope to fit
+    assert meter.fit(False).tokens_per_s == pytest.approx(3100 / 0.33)
+    meter.record(1000, 0.1)  # the first sample leaves the window
+    assert meter.fit(False).tokens_per_s == pytest.approx(3100 / 0.33)
     with pytest.raises(ValueError):
         PrefillRateMeter(window=0)
+
+
+def test_varied_steps_fit_a_fixed_part_and_a_marginal_rate() -> None:
+    meter = PrefillRateMeter()
+    for tokens in (800, 1600, 2400, 800, 3200):  # the mock's fit, beside nothing
+        meter.record(tokens, (16.5 + 0.0152 * tokens) / 1e3)
+    fit = meter.fit(False)
+    assert fit.base_seconds == pytest.approx(0.0165)
+    assert fit.tokens_per_s == pytest.approx(1e3 / 0.0152)
+    # Noise that makes the line absurd (a negative fixed part): the ratio of sums.
+    noisy = fit_steps([(800, 0.030), (1600, 0.031), (2400, 0.090)])
+    assert noisy.base_seconds == 0.0 and noisy.tokens_per_s == pytest.approx(4800 / 0.151)
+    assert fit_steps([]).tokens_per_s == 0.0
 
 
 def test_meter_keeps_prefill_beside_decoding_apart() -> None:
     meter = PrefillRateMeter(window=4)
     meter.record(800, 0.030)  # alone
-    assert meter.tokens_per_s(True) == pytest.approx(800 / 0.030)  # no sample beside decode yet: the other
+    assert meter.fit(True).tokens_per_s == pytest.approx(800 / 0.030)  # none beside decode yet: the other
     meter.record(800, 0.055, decode_seqs=7)
-    meter.record(0, 0.025, decode_seqs=8)  # decode only: step time, not a rate sample
-    assert meter.tokens_per_s(False) == pytest.approx(800 / 0.030)
-    assert meter.tokens_per_s(True) == pytest.approx(800 / 0.055)
+    meter.record(0, 0.025, decode_seqs=8)  # decode only: step time, not a prefill sample
+    assert meter.fit(False).tokens_per_s == pytest.approx(800 / 0.030)
+    assert meter.fit(True).tokens_per_s == pytest.approx(800 / 0.055)
     assert meter.step_seconds == pytest.approx((0.030 + 0.055 + 0.025) / 3)
 
 
@@ -51,7 +64,9 @@ async def test_mock_engine_reports_the_rate_of_its_measured_steps() -> None:
         assert [s.prefill_tokens for s in steps] == [800, 1600]
         expected = 2400 / (sum(s.measured_ms for s in steps) / 1e3)
         assert all(s.decode_seqs == 0 for s in steps)  # one request at a time: prefilled alone
-        rate = engine.load().prefill_tokens_per_s
+        report = engine.load()
+        rate = report.prefill_tokens_per_s
+        assert report.prefill_base_seconds == 0.0  # two points: the ratio of sums
         assert rate == pytest.approx(expected)
         assert engine.load().step_seconds == pytest.approx(
             sum(s.measured_ms for s in engine.step_log) / len(engine.step_log) / 1e3)
@@ -87,6 +102,6 @@ def test_vllm_rate_comes_from_iteration_details() -> None:
     stats.record(_scheduler_stats(512, 50.0))
     assert stats.load_report("m", 100, in_flight=1, prefill_tokens=0).prefill_tokens_per_s == \
         pytest.approx(1536 / 0.15)
-    # An idle worker keeps reporting the rate (alone) it measured.
+    # An idle worker keeps reporting what it measured prefilling alone.
     assert stats.load_report("m", 100, in_flight=0, prefill_tokens=0).prefill_tokens_per_s == \
         pytest.approx(1536 / 0.15)

@@ -19,10 +19,10 @@ SLO = 0.5
 
 
 def report(state: RouterState, iid: str, *, rate: float, prefill: int = 0, running: int = 0, waiting: int = 0,
-           used: int = 0, step: float = 0.0) -> None:
+           used: int = 0, step: float = 0.0, base: float = 0.0) -> None:
     state.on_load(LoadReport(instance_id=iid, model=MODEL, kv_blocks_used=used, kv_blocks_total=1000,
                              running=running, waiting=waiting, active_prefill_tokens=prefill,
-                             prefill_tokens_per_s=rate, step_seconds=step))
+                             prefill_tokens_per_s=rate, prefill_base_seconds=base, step_seconds=step))
 
 
 def tokens(k: int, n: int) -> list[int]:
@@ -164,6 +164,15 @@ def test_a_busy_engine_adds_the_step_in_progress() -> None:
     assert isinstance(router.route(MODEL, tokens(2, 100), "r2"), Choice)  # 0.2 + 0.2 s
     assert isinstance(router.route(MODEL, tokens(3, 104), "r3"), Busy)  # 0.2 + (0.2 + 0.104) s
     assert isinstance(router.route(MODEL, tokens(4, 100), "r4"), Choice)  # 0.2 + 0.3 s: just fits
+
+
+def test_the_fixed_part_of_a_step_is_paid_once_by_a_burst() -> None:
+    # Steps cost 0.1 s + tokens at 2,000 tok/s; an objective of 0.5 s allows 800 tokens
+    # in the step that prefills them: eight 100-token prompts on an idle instance.
+    state = slo_state("a")
+    report(state, "a", rate=2000.0, base=0.1)
+    router = Router(state)
+    assert sum(isinstance(router.route(MODEL, tokens(k, 100), f"r{k}"), Choice) for k in range(20)) == 8
 
 
 def test_admission_before_tokenizing_rejects_only_when_queued_work_alone_exceeds() -> None:
