@@ -467,20 +467,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def run_slo(args: argparse.Namespace, routing_slo: Any) -> None:
-    """Part 4 alone (``--slo``): its own results, ``routing-slo`` unless ``--output`` says."""
-    name = "routing-slo" if args.output == "routing" else args.output
-    config = {k: v for k, v in options_of(args).items() if k.startswith(("slo", "ttft")) or k == "seed"}
-    log_dir = Path(tempfile.mkdtemp(prefix="dynrt-bench-routing-slo-"))
-    print(f"logs: {log_dir}", file=sys.stderr)
-    report = {"config": config, **asyncio.run(routing_slo.slo_benchmark(args, log_dir))}
-    path = write_results(name, report, args.results_dir)
-    png = args.results_dir / f"{name}.png"
-    plotted = routing_slo.plot(report, png)
-    routing_slo.print_report(report)
-    print(f"wrote {path} and {png}" if plotted else f"wrote {path} (no plot: matplotlib not installed)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", default=",".join(POLICIES),
@@ -523,7 +509,7 @@ def main() -> None:
     add_results_dir_argument(parser)
     args = parser.parse_args()
     if args.slo:
-        run_slo(args, routing_slo)
+        routing_slo.run_alone(args)
         return
     args.policies = [p for p in args.policies.split(",") if p]
     if args.quick:

@@ -35,13 +35,14 @@ import argparse
 import asyncio
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from benchmarks.common import print_table, pyplot
+from benchmarks.common import options_of, print_table, pyplot, write_results
 from benchmarks.routing import TIMEOUT, Result, _tokens, completion_body, stream_request
 from harness.deployment import Deployment
 from harness.stats import percentile
@@ -272,6 +273,20 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{phase}: best static {c['best_static']} goodput {c['best_static_goodput']}; ttft_slo "
               f"{c['slo_goodput']} (>= best: {c['goodput_ge_best_static']}), p99 {c['slo_accepted_ttft_p99_ms']} ms "
               f"(within objective: {c['p99_within_objective']})")
+
+
+def run_alone(args: argparse.Namespace) -> None:
+    """Part 4 alone (``--slo``): its own results, ``routing-slo`` unless ``--output`` says."""
+    name = "routing-slo" if args.output == "routing" else args.output
+    config = {k: v for k, v in options_of(args).items() if k.startswith(("slo", "ttft")) or k == "seed"}
+    log_dir = Path(tempfile.mkdtemp(prefix="dynrt-bench-routing-slo-"))
+    print(f"logs: {log_dir}", file=sys.stderr)
+    report = {"config": config, **asyncio.run(slo_benchmark(args, log_dir))}
+    path = write_results(name, report, args.results_dir)
+    png = args.results_dir / f"{name}.png"
+    plotted = plot(report, png)
+    print_report(report)
+    print(f"wrote {path} and {png}" if plotted else f"wrote {path} (no plot: matplotlib not installed)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
