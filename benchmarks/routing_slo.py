@@ -44,6 +44,8 @@ import aiohttp
 
 from benchmarks.common import options_of, print_table, pyplot, write_results
 from benchmarks.routing import TIMEOUT, Result, _tokens, completion_body, stream_request
+from dynrt.runtime.protocol import LoadReport, load_report_decoder, load_subject_wildcard
+from dynrt.runtime.transport import NatsTransport
 from harness.deployment import Deployment
 from harness.stats import percentile
 
@@ -61,6 +63,23 @@ def static_settings() -> list[tuple[str, dict[str, Any]]]:
             name = f"queue {'off' if q is None else q} / prefill {'off' if p is None else p}"
             out.append((name, {"queue_depth": q, "prefill_tokens": p, "ttft_slo": None}))
     return out
+
+
+class ReportWatch:
+    """The workers' latest load reports, as routers see them (NATS)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, LoadReport] = {}
+
+    async def on_load(self, msg: Any) -> None:
+        report = load_report_decoder.decode(msg.data)
+        self.latest[report.instance_id] = report
+
+    def prefill_figures(self) -> dict[str, dict[str, float]]:
+        """Each worker's reported step model now (``dynrt.worker.prefill_rate``)."""
+        return {iid[:8]: {"prefill_tokens_per_s": round(r.prefill_tokens_per_s),
+                          "prefill_base_ms": round(r.prefill_base_seconds * 1000, 1),
+                          "step_ms": round(r.step_seconds * 1000, 1)} for iid, r in sorted(self.latest.items())}
 
 
 def loadavg() -> list[float]:
@@ -150,6 +169,9 @@ async def slo_benchmark(args: argparse.Namespace, log_dir: Path) -> dict[str, An
                           worker_args=WORKER_ARGS) as dep:
         await asyncio.sleep(1.0)
         url, fe = dep.urls[0], dep.frontends[0]
+        watch = ReportWatch()
+        transport = await NatsTransport.connect(dep.nats.url, name="bench-routing-slo")
+        await transport.subscribe(load_subject_wildcard(dep.namespace), watch.on_load)
         # 1. unloaded
         # (4 output tokens: a request alone has the same TTFT whatever its length)
         bodies = [completion_body(_tokens(random.Random(101 + i), args.slo_prompt_tokens), 4)
@@ -182,21 +204,25 @@ async def slo_benchmark(args: argparse.Namespace, log_dir: Path) -> dict[str, An
             applied = await fe.set_busy_thresholds(**setting)
             per_phase: dict[str, Any] = {"thresholds": applied}
             await asyncio.sleep(1.0)
+            figures = watch.prefill_figures()
             res, wall = await run_bodies(url, burst_bodies, [0.0] * len(burst_bodies))
-            per_phase["burst"] = summarize(res, objective, None, wall)
+            per_phase["burst"] = summarize(res, objective, None, wall) | {"reported_before": figures}
             unbounded = setting["queue_depth"] is None and setting["prefill_tokens"] is None and \
                 setting["ttft_slo"] is None
             for phase, (offsets, bodies) in poisson.items():
                 if unbounded:
                     continue
                 await asyncio.sleep(1.0)
+                figures = watch.prefill_figures()
                 res, wall = await run_bodies(url, bodies, offsets)
-                per_phase[phase] = summarize(res, objective, args.slo_phase_seconds, wall)
+                per_phase[phase] = summarize(res, objective, args.slo_phase_seconds, wall) | {
+                    "reported_before": figures}
                 per_phase[phase]["offered_req_s"] = round(len(offsets) / args.slo_phase_seconds, 2)
             results[name] = per_phase
             print(f"{name}: " + "; ".join(
                 f"{ph} adm {s['admitted']}/{s['requests']} p99 {s['ttft_p99_ms']} good {s['goodput']}"
                 for ph, s in per_phase.items() if ph != "thresholds"), file=sys.stderr)
+        await transport.close()
     return {
         "objective_s": objective,
         "objective_rule": "given (--ttft-slo)" if args.ttft_slo else f"{args.slo_factor} x unloaded TTFT p50",
