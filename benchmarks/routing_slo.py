@@ -27,6 +27,32 @@ request is a streamed ``/v1/completions`` of ``--slo-prompt-tokens`` random toke
 
 Targets (issue 17): goodput ≥ the best static setting's in every phase; accepted TTFT
 p99 ≤ the objective; the burst admits what the objective allows, not 2.
+
+Results (2-core VM, AMD EPYC, quiet: load average 0.4 before and after; 262 s;
+``python -m benchmarks.routing --slo --ttft-slo 0.3``, ``results/routing-slo.json``):
+unloaded TTFT p50 33.4 ms, capacity 4.91 req/s, objective 300 ms.
+
+* burst of 96: ``ttft_slo`` admits 16 (every free slot), all within the objective
+  (p99 246 ms) — goodput 16, equal to the best static setting (``queue 0 / prefill
+  off``); the README's earlier recommendation ``queue 0 / prefill 0`` admits 2.
+* Poisson 1.5× (7.38/s offered): goodput 5.50/s, p99 106 ms; best static 5.50/s
+  (``queue 0 / prefill off``). Poisson 3× (14.75/s): 6.00/s, p99 93 ms; best static
+  6.00/s (``queue 0 / prefill 2000``; ``queue 0 / prefill off`` too). Settings with a
+  queue (``queue 2``, ``queue off``) reach p99 0.6–1.9 s and 2.4–5.3/s.
+* Every target met. The best static setting differs by phase, and none beats the
+  objective: at 300 ms with 8 slots the rule behaves like ``queue 0`` (a wait for a slot,
+  ~0.5 s, never fits) with a prefill bound that binds only in a burst.
+* Why 300 ms and not 3× the unloaded TTFT (100 ms, ``results/routing-slo-100ms.json``,
+  same code but the earlier free-running arrival draw, 2.3× capacity offered in its
+  "3×" phase): no setting could meet 100 ms in the burst — the burst itself costs the
+  frontend and the load generator ~50–90 ms of this machine's 2 cores (``queue 0 /
+  prefill 0``'s two admitted: TTFT 103–112 ms for ~29 ms of engine time), which the
+  projection does not see; ``ttft_slo`` admitted 11 with p99 236 ms (goodput 0, best
+  static 2). In the Poisson phases it met everything at 100 ms too: goodput 5.13 and
+  5.63/s = the best static, p99 82 and 91 ms. 300 ms is 3× the issue's unloaded TTFT
+  (98 ms, with 600-word text prompts).
+* The workers' fitted step model before the phases (idle: prefill alone): 16.6–17.4 ms
+  fixed + 59–68k tokens/s, the mock's fit being 16.5 ms + 65.8k tokens/s.
 """
 
 from __future__ import annotations
@@ -152,12 +178,11 @@ def workload(args: argparse.Namespace, seed: int, count: int) -> list[bytes]:
 
 
 def poisson_offsets(rate: float, seconds: float, seed: int) -> list[float]:
+    """Poisson arrivals at ``rate`` over ``seconds``, conditioned on their expected
+    count: that many uniform times, sorted. (Drawn freely, 8 s at 14.7/s gave 91
+    arrivals with one seed, 2.3x capacity offered instead of 3x.)"""
     rng = random.Random(seed)
-    offsets, t = [], rng.expovariate(rate)
-    while t < seconds:
-        offsets.append(t)
-        t += rng.expovariate(rate)
-    return offsets
+    return sorted(rng.uniform(0.0, seconds) for _ in range(round(rate * seconds)))
 
 
 async def slo_benchmark(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ the other policies take the whole prompt)::
   without this request: it waits for that step first. Estimated as the instance's mean
   recent step time (``LoadReport.step_seconds``); on the mock at speedup 1 a decode
   step is ~25 ms and one that also prefills a prompt ~55 ms, a large part of an
-  objective of a few times the unloaded TTFT (~45 ms).
+  objective of a few times the unloaded TTFT (33 ms for an 800-token prompt,
+  ``benchmarks/results/routing-slo.json``).
 * ``slot_wait``: when every sequence slot is taken (``queue_if_sent`` = q > 0), the
   request waits for q running requests to finish first. Engines do not say when that
   will be (a request's length is decided by its EOS), so it is the retry-after model's
@@ -34,9 +35,13 @@ the other policies take the whole prompt)::
   the unloaded TTFT this is larger than the objective: a request is admitted only where
   it gets a slot at once.
 
-The projection leaves out the frontend's own time (tokenizing, routing, the first SSE
-event: ~10–20 ms on a 2-core machine) and takes the step in progress at its mean (one
-that is a long prefill lasts longer): an objective should leave room for both.
+The projection leaves out the frontend's own time (parsing, tokenizing, routing, the
+first SSE event) and takes the step in progress at its mean (one that is a long prefill
+lasts longer): an objective should leave room for both. The frontend's part is small
+alone (~4 ms of the 33 ms unloaded TTFT above) but not in a burst: 96 requests at once
+on a 2-core machine (load generator included) cost ~50–90 ms before the first token
+of the two that ``queue 0 / prefill 0`` admitted, whose engine time is ~29 ms
+(``benchmarks.routing_slo``).
 """
 
 from __future__ import annotations
