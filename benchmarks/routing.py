@@ -82,10 +82,17 @@ per sender, ``dynrt.router.cost.PendingAssignments``), no longer by a 0.1 s time
   another; ``router/cost.py`` now asks whether a request sent now would wait, and counts
   queued prefill tokens.
 
+4. **TTFT objective vs static thresholds** (``--slo``, run alone): a burst of 96 and
+   Poisson arrivals at 1.5× and 3× capacity on 2 workers with 8 slots each, admission by
+   ``ttft_slo`` against a sweep of static queue/prefill settings; goodput (requests/s
+   meeting the objective), accepted TTFT p50/p99. See ``benchmarks.routing_slo``;
+   results in ``results/routing-slo.json``.
+
 Writes ``benchmarks/results/<--output>.json`` and ``.png`` (``--results-dir``).
 
     python -m benchmarks.routing [--quick]
     python -m benchmarks.routing --skip-overload --doc-tokens 4608 --num-blocks 11264 --output routing-long
+    python -m benchmarks.routing --slo          # part 4 only: routing-slo.json/.png
 """
 
 from __future__ import annotations
@@ -496,8 +503,14 @@ def main() -> None:
     parser.add_argument("--light-load", type=float, default=0.25)
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="small run for a smoke test")
+    from benchmarks import routing_slo  # (it imports this module: not at the top)
+
+    routing_slo.add_arguments(parser)
     add_results_dir_argument(parser)
     args = parser.parse_args()
+    if args.slo:
+        routing_slo.run_alone(args)
+        return
     args.policies = [p for p in args.policies.split(",") if p]
     if args.quick:
         args.conversations, args.turns, args.phase_seconds, args.ramp = 16, 3, 4.0, 3.0

@@ -49,7 +49,7 @@ import msgspec
 
 from dynrt.runtime.protocol import InstanceRecord, LoadReport
 
-BusyReason = Literal["kv_usage", "queue_depth", "prefill_tokens"]
+BusyReason = Literal["kv_usage", "queue_depth", "prefill_tokens", "ttft"]
 
 # KV blocks every request allocates beyond its cached prefix besides its uncached full
 # prompt blocks: the partial last prompt block / first output tokens.
@@ -66,6 +66,7 @@ class BusyThresholdSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=
     kv_usage: float | None | msgspec.UnsetType = msgspec.UNSET
     queue_depth: int | None | msgspec.UnsetType = msgspec.UNSET
     prefill_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
+    ttft_slo: float | None | msgspec.UnsetType = msgspec.UNSET
 
 
 def _count_or_none(name: str, value: int | None) -> int | None:
@@ -87,11 +88,28 @@ class BusyThresholds:
     request lifetime used to turn an excess of load into a ``Retry-After`` (see
     ``retry_after``).
 
-    The prefill rule is the one that bounds an admitted request's TTFT: the queue rule
-    still lets ``max_num_seqs`` requests start together, and their prefills share the
-    engine's step budget, so the last of them waits for all the others' prompts. With
-    ``prefill_tokens = 0`` a request is admitted only onto an instance with no prefill
-    in progress, so it waits for at most its own prompt and the decode batch it joins.
+    ``ttft_slo`` (seconds; ``None``: off) is the objective of the TTFT rule, which
+    depends on the request and so is judged per (request, instance) by the router
+    (``dynrt.router.ttft``): a request goes only to an instance where its projected time
+    to first token — queued prefill work ahead of it plus its own uncached tokens, at the
+    instance's reported prefill rate, plus any wait for a sequence slot — fits.
+
+    Which rules to use. The TTFT rule replaces guessing the queue and prefill thresholds:
+    it admits exactly what the objective allows, whatever the prompt lengths, cache hits
+    and engine speed. The static rules still make sense:
+
+    * ``kv_usage`` as a memory guard, with or without an objective: a KV cache near full
+      preempts running sequences (recompute), which no TTFT projection sees coming;
+    * ``queue_depth`` and ``prefill_tokens`` for instances that report no prefill rate
+      (``LoadReport.prefill_tokens_per_s`` 0: before their first prefill, or an engine
+      that cannot measure it) — the TTFT rule judges those by the other rules only — and
+      when no objective is set. The prefill rule is the static one that bounds an
+      admitted request's TTFT: the queue rule still lets ``max_num_seqs`` requests start
+      together, and their prefills share the engine's step budget, so the last of them
+      waits for all the others' prompts. With ``prefill_tokens = 0`` a request is
+      admitted only onto an instance with no prefill in progress, so it waits for at
+      most its own prompt and the decode batch it joins — which also turns away a burst
+      the engine could have prefilled together well within any objective.
     """
 
     def __init__(
@@ -100,29 +118,34 @@ class BusyThresholds:
         queue_depth: int | None = None,
         prefill_tokens: int | None = None,
         mean_request_seconds: float = 4.0,
+        ttft_slo: float | None = None,
     ) -> None:
         self._kv_usage: float | None = None
         self._queue_depth: int | None = None
         self._prefill_tokens: int | None = None
+        self._ttft_slo: float | None = None
         self.kv_usage = kv_usage
         self.queue_depth = queue_depth
         self.prefill_tokens = prefill_tokens
+        self.ttft_slo = ttft_slo
         if mean_request_seconds <= 0:
             raise ValueError("mean_request_seconds must be > 0")
         self.mean_request_seconds = mean_request_seconds
 
     @classmethod
     def from_flags(cls, busy_kv_threshold: float, busy_queue_threshold: int,
-                   busy_prefill_threshold: int = -1) -> BusyThresholds:
+                   busy_prefill_threshold: int = -1, ttft_slo: float = 0.0) -> BusyThresholds:
         """From the ``--busy-kv-threshold`` / ``--busy-queue-threshold`` /
-        ``--busy-prefill-threshold`` flags, where a number off the scale disables the
-        rule (the flags cannot say ``null``): KV usage ``<= 0`` (no instance runs anything
-        with 0 blocks in use), queue depth and prefill tokens ``< 0``. Queue depth 0 is a
-        real rule (busy when a request sent now would wait), and so is prefill tokens 0
-        (busy while any prompt is being prefilled)."""
+        ``--busy-prefill-threshold`` / ``--ttft-slo`` flags, where a number off the scale
+        disables the rule (the flags cannot say ``null``): KV usage ``<= 0`` (no instance
+        runs anything with 0 blocks in use), queue depth and prefill tokens ``< 0``, TTFT
+        objective ``<= 0``. Queue depth 0 is a real rule (busy when a request sent now
+        would wait), and so is prefill tokens 0 (busy while any prompt is being
+        prefilled)."""
         return cls(kv_usage=busy_kv_threshold if busy_kv_threshold > 0 else None,
                    queue_depth=busy_queue_threshold if busy_queue_threshold >= 0 else None,
-                   prefill_tokens=busy_prefill_threshold if busy_prefill_threshold >= 0 else None)
+                   prefill_tokens=busy_prefill_threshold if busy_prefill_threshold >= 0 else None,
+                   ttft_slo=ttft_slo if ttft_slo > 0 else None)
 
     @property
     def kv_usage(self) -> float | None:
@@ -150,10 +173,21 @@ class BusyThresholds:
     def prefill_tokens(self, value: int | None) -> None:
         self._prefill_tokens = _count_or_none("prefill_tokens", value)
 
+    @property
+    def ttft_slo(self) -> float | None:
+        return self._ttft_slo
+
+    @ttft_slo.setter
+    def ttft_slo(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise ValueError(f"ttft_slo must be a number of seconds > 0 or null, got {value!r}")
+        self._ttft_slo = None if value is None else float(value)
+
     def settings(self) -> BusyThresholdSettings:
         """Current values, for ``GET /busy_threshold``."""
         return BusyThresholdSettings(kv_usage=self._kv_usage, queue_depth=self._queue_depth,
-                                     prefill_tokens=self._prefill_tokens)
+                                     prefill_tokens=self._prefill_tokens, ttft_slo=self._ttft_slo)
 
     def update(self, settings: BusyThresholdSettings) -> BusyThresholdSettings:
         """Apply the fields set in ``settings`` (all or nothing: every one is validated
@@ -161,13 +195,15 @@ class BusyThresholds:
         kv = self._kv_usage if settings.kv_usage is msgspec.UNSET else settings.kv_usage
         queue = self._queue_depth if settings.queue_depth is msgspec.UNSET else settings.queue_depth
         prefill = self._prefill_tokens if settings.prefill_tokens is msgspec.UNSET else settings.prefill_tokens
-        old = (self._kv_usage, self._queue_depth, self._prefill_tokens)
+        slo = self._ttft_slo if settings.ttft_slo is msgspec.UNSET else settings.ttft_slo
+        old = (self._kv_usage, self._queue_depth, self._prefill_tokens, self._ttft_slo)
         try:
             self.kv_usage = kv
             self.queue_depth = queue
             self.prefill_tokens = prefill
+            self.ttft_slo = slo
         except ValueError:
-            self._kv_usage, self._queue_depth, self._prefill_tokens = old
+            self._kv_usage, self._queue_depth, self._prefill_tokens, self._ttft_slo = old
             raise
         return self.settings()
 
@@ -286,11 +322,12 @@ class InstanceLoad:
     """An instance's projected load: latest report plus pending assignments."""
 
     __slots__ = ("blocks_used", "blocks_total", "running", "waiting", "prefill_blocks", "block_size",
-                 "max_num_seqs")
+                 "max_num_seqs", "prefill_rate", "prefill_base", "step_seconds")
 
     def __init__(
         self, blocks_used: int, blocks_total: int, running: int, waiting: int, prefill_blocks: float,
-        block_size: int = 16, max_num_seqs: int = 256,
+        block_size: int = 16, max_num_seqs: int = 256, prefill_rate: float = 0.0, prefill_base: float = 0.0,
+        step_seconds: float = 0.0,
     ) -> None:
         self.blocks_used = blocks_used
         self.blocks_total = blocks_total
@@ -299,6 +336,10 @@ class InstanceLoad:
         self.prefill_blocks = prefill_blocks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        # The instance's prefilling step: prefill_base + tokens / prefill_rate seconds (0: unknown)
+        self.prefill_rate = prefill_rate
+        self.prefill_base = prefill_base
+        self.step_seconds = step_seconds  # its mean recent step time (0: unknown)
 
     @classmethod
     def project(
@@ -309,19 +350,21 @@ class InstanceLoad:
         (the engine's queue is FIFO), and to wait otherwise."""
         if report is None:
             used, total, running, waiting = 0, record.kv_blocks_total, 0, 0
-            prefill = 0.0
+            prefill = rate = base = step = 0.0
         else:
             used = report.kv_blocks_used
             total = report.kv_blocks_total or record.kv_blocks_total
             running, waiting = report.running, report.waiting
             prefill = report.active_prefill_tokens / record.block_size
+            rate, base, step = report.prefill_tokens_per_s, report.prefill_base_seconds, report.step_seconds
         if pending is not None and pending.count:
             used += pending.kv_blocks
             prefill += pending.prefill_blocks
             starts = 0 if waiting else min(pending.count, max(0, record.max_num_seqs - running))
             running += starts
             waiting += pending.count - starts
-        return cls(used, total, running, waiting, prefill, record.block_size, record.max_num_seqs)
+        return cls(used, total, running, waiting, prefill, record.block_size, record.max_num_seqs, rate, base,
+                   step)
 
     @property
     def kv_usage(self) -> float:

@@ -45,7 +45,7 @@ def add_busy_threshold_routes(app: web.Application, guard: HttpGuard,
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             raise errors.bad_request(f"Invalid busy thresholds: {exc}") from None
         log.info("busy_threshold_set", kv_usage=now.kv_usage, queue_depth=now.queue_depth,
-                 prefill_tokens=now.prefill_tokens, peer=request.remote)
+                 prefill_tokens=now.prefill_tokens, ttft_slo=now.ttft_slo, peer=request.remote)
         return _json(now)
 
     guard.add(app, "GET", "/busy_threshold", get, "open")

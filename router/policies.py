@@ -15,13 +15,24 @@ breaks a threshold. Busy candidates are skipped; if all are busy the answer is
 load reports is admitted up to exactly the capacity the thresholds leave, whatever order
 or instance the policy picks — the same burst against the same state always gets the
 same number admitted.
+
+TTFT objective (``BusyThresholds.ttft_slo``, ``dynrt.router.ttft``): it depends on the
+request — its prompt, and how much of it each instance caches — so it is judged per
+(request, instance) after the load rules: of the candidates that are not busy, only
+those where the request's projected TTFT fits the objective are offered to the policy
+(instances of unknown prefill rate always are). The policy tells the router each
+candidate's cached prefix (``RoutingPolicy.overlaps``: the KV index for ``kv``, nothing
+for the others) and picks among the fitting ones with the same overlaps. None fits:
+``Busy(reason="ttft")`` with ``Retry-After`` from the projection (how long until the
+best instance's projection fits). ``Router.admission`` asks it without a prompt (zero
+own tokens: the queued work alone) — a necessary condition, so shedding stays cheap.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import ClassVar, Protocol
 
 import msgspec
@@ -29,6 +40,7 @@ import msgspec
 from dynrt.router.cost import busy_reason, kv_cost, load_cost, retry_after
 from dynrt.router.kv_index import KvIndex
 from dynrt.router.state import Candidate, RouterState
+from dynrt.router.ttft import retry_after_seconds, ttft_excess
 from dynrt.runtime.block_hash import block_hashes
 from dynrt.runtime.protocol import InstanceRecord, RouteDecision
 
@@ -58,7 +70,8 @@ class Choice(msgspec.Struct, frozen=True, kw_only=True):
 
 class Busy(msgspec.Struct, frozen=True, kw_only=True):
     """Every candidate is over a threshold: answer 503 with ``Retry-After: retry_after``.
-    ``reason`` is ``kv_usage``, ``queue_depth`` or ``mixed`` (candidates differ)."""
+    ``reason`` is ``kv_usage``, ``queue_depth``, ``prefill_tokens``, ``ttft`` or ``mixed``
+    (candidates differ)."""
 
     retry_after: int
     reason: str
@@ -86,12 +99,32 @@ Outcome = Choice | Busy | NoInstance
 # ---------------------------------------------------------------------------
 
 
+# Instance id -> full prompt blocks it caches (absent: none known).
+Overlaps = Mapping[str, int]
+NO_OVERLAPS: Overlaps = {}
+
+
 class RoutingPolicy(Protocol):
     """Picks one of the non-busy candidates (never called with an empty list)."""
 
     name: ClassVar[str]
 
-    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice: ...
+    def overlaps(self, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Overlaps:
+        """The prompt's cached full blocks on each candidate, as far as this policy
+        knows (the TTFT rule charges a request only its uncached tokens)."""
+        ...
+
+    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate],
+             overlaps: Overlaps | None = None) -> Choice:
+        """``overlaps``: what ``overlaps`` answered for these candidates, if asked."""
+        ...
+
+
+class _BlindPolicy:
+    """A policy that does not look at cached prefixes."""
+
+    def overlaps(self, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Overlaps:
+        return NO_OVERLAPS
 
 
 def _prompt_blocks(token_ids: Sequence[int], record: InstanceRecord) -> int:
@@ -105,7 +138,7 @@ def _argmin(costs: Sequence[float], rng: random.Random) -> int:
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(_BlindPolicy):
     """Cycles through instances in id order, per model; stable when instances come and
     go (continues after the last id it picked)."""
 
@@ -114,7 +147,8 @@ class RoundRobinPolicy:
     def __init__(self) -> None:
         self._last: dict[str, str] = {}
 
-    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice:
+    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate],
+             overlaps: Overlaps | None = None) -> Choice:
         last = self._last.get(model)
         ids = sorted(c.record.instance_id for c in candidates)
         chosen = next((i for i in ids if last is None or i > last), ids[0])
@@ -123,7 +157,7 @@ class RoundRobinPolicy:
         return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record))
 
 
-class RandomPolicy:
+class RandomPolicy(_BlindPolicy):
     """Uniformly random."""
 
     name: ClassVar[str] = "random"
@@ -131,12 +165,13 @@ class RandomPolicy:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice:
+    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate],
+             overlaps: Overlaps | None = None) -> Choice:
         record = self._rng.choice(candidates).record
         return Choice(record=record, prompt_blocks=_prompt_blocks(token_ids, record))
 
 
-class LeastLoadedPolicy:
+class LeastLoadedPolicy(_BlindPolicy):
     """Lowest projected load (``cost.load_cost``), ignoring cached prefixes."""
 
     name: ClassVar[str] = "least-loaded"
@@ -145,7 +180,8 @@ class LeastLoadedPolicy:
         self._rng = rng
         self._prefill_weight = prefill_weight
 
-    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice:
+    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate],
+             overlaps: Overlaps | None = None) -> Choice:
         costs = [load_cost(c.load, self._prefill_weight) for c in candidates]
         i = _argmin(costs, self._rng)
         record = candidates[i].record
@@ -170,28 +206,38 @@ class KvPolicy:
         self._prefill_weight = prefill_weight
         self._temperature = temperature
 
-    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Choice:
-        overlaps_by_size: dict[int, dict[str, int]] = {}
+    def pick(self, model: str, token_ids: Sequence[int], candidates: Sequence[Candidate],
+             overlaps: Overlaps | None = None) -> Choice:
+        if overlaps is None:
+            overlaps = self.overlaps(token_ids, candidates)
         costs: list[float] = []
-        overlaps: list[int] = []
+        held: list[int] = []
         blocks: list[int] = []
         for c in candidates:
-            size = c.record.block_size
-            by_instance = overlaps_by_size.get(size)
-            if by_instance is None:
-                by_instance = overlaps_by_size[size] = self._index.overlaps(block_hashes(token_ids, size))
-            overlap = by_instance.get(c.record.instance_id, 0)
-            prompt_blocks = len(token_ids) // size
-            overlaps.append(overlap)
+            overlap = overlaps.get(c.record.instance_id, 0)
+            prompt_blocks = len(token_ids) // c.record.block_size
+            held.append(overlap)
             blocks.append(prompt_blocks)
             costs.append(kv_cost(c.load, prompt_blocks, overlap, self._prefill_weight))
         i = self._sample(costs) if self._temperature > 0 else _argmin(costs, self._rng)
         return Choice(
             record=candidates[i].record,
-            overlap_blocks=overlaps[i],
+            overlap_blocks=held[i],
             prompt_blocks=blocks[i],
             cost=costs[i],
         )
+
+    def overlaps(self, token_ids: Sequence[int], candidates: Sequence[Candidate]) -> Overlaps:
+        """From the KV index, hashing the prompt once per block size among the candidates."""
+        by_size: dict[int, dict[str, int]] = {}
+        found: dict[str, int] = {}
+        for c in candidates:
+            size = c.record.block_size
+            by_instance = by_size.get(size)
+            if by_instance is None:
+                by_instance = by_size[size] = self._index.overlaps(block_hashes(token_ids, size))
+            found[c.record.instance_id] = by_instance.get(c.record.instance_id, 0)
+        return found
 
     def _sample(self, costs: Sequence[float]) -> int:
         low, span = min(costs), max(costs) - min(costs)
@@ -256,18 +302,59 @@ class Router:
         free, busy = self._not_busy(candidates)
         if busy is not None:
             return busy
-        return self.policy.pick(model, token_ids, free)
+        if self.state.thresholds.ttft_slo is None:
+            return self.policy.pick(model, token_ids, free)
+        overlaps = self.policy.overlaps(token_ids, free)
+        fitting, busy = self._within_objective(candidates, free, len(token_ids), overlaps)
+        if busy is not None:
+            return busy
+        return self.policy.pick(model, token_ids, fitting, overlaps)
 
     def admission(self, model: str) -> Busy | None:
         """``Busy`` (the rejection counted) when every instance of ``model`` is busy,
-        else ``None``. The busy rules read load only, never the prompt, so a frontend
-        asks this before it templates and tokenizes a request: under overload most
-        requests are rejected, and rejecting must cost as little as possible. Having no
-        instance at all is ``choose``'s to answer (``None`` here)."""
+        else ``None``. The load rules read load only, never the prompt, and the TTFT
+        objective is asked for a request of no tokens of its own (the queued work alone
+        exceeds it: no prompt can fit), so a frontend asks this before it templates and
+        tokenizes a request: under overload most requests are rejected, and rejecting
+        must cost as little as possible. Having no instance at all is ``choose``'s to
+        answer (``None`` here)."""
         candidates = self.state.candidates(model)
         if not candidates:
             return None
-        return self._not_busy(candidates)[1]
+        free, busy = self._not_busy(candidates)
+        if busy is None and self.state.thresholds.ttft_slo is not None:
+            busy = self._within_objective(candidates, free, 0, NO_OVERLAPS)[1]
+        return busy
+
+    def _within_objective(self, candidates: list[Candidate], free: list[Candidate], prompt_tokens: int,
+                          overlaps: Overlaps) -> tuple[list[Candidate], Busy | None]:
+        """The ``free`` candidates where a prompt of ``prompt_tokens`` (``overlaps``
+        blocks of it cached) fits the TTFT objective, and ``Busy`` (counted) if none
+        does: ``Retry-After`` is the soonest any candidate is expected to take it — a
+        ``free`` one's projected excess, or a busy one's ``cost.retry_after``."""
+        thresholds = self.state.thresholds
+        objective = thresholds.ttft_slo
+        assert objective is not None
+        fitting: list[Candidate] = []
+        soonest = math.inf
+        for c in free:
+            uncached = max(0, prompt_tokens - overlaps.get(c.record.instance_id, 0) * c.record.block_size)
+            excess = ttft_excess(c.load, uncached, objective, thresholds.mean_request_seconds)
+            if excess <= 0:
+                fitting.append(c)
+            else:
+                soonest = min(soonest, excess)
+        if fitting:
+            return fitting, None
+        wait = retry_after_seconds(soonest)
+        reason = "ttft"
+        if len(free) < len(candidates):
+            free_ids = {c.record.instance_id for c in free}
+            busy_loads = [c.load for c in candidates if c.record.instance_id not in free_ids]
+            wait = min(wait, retry_after(busy_loads, thresholds))
+            reason = "mixed"
+        self._reject(reason)
+        return fitting, Busy(retry_after=wait, reason=reason)
 
     def _not_busy(self, candidates: list[Candidate]) -> tuple[list[Candidate], Busy | None]:
         """The candidates that are not busy, and ``Busy`` (counted) if that is none."""

@@ -64,7 +64,7 @@ class RoutingService:
         self.transport = transport
         self.namespace = namespace
         thresholds = BusyThresholds.from_flags(
-            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold)
+            config.busy_kv_threshold, config.busy_queue_threshold, config.busy_prefill_threshold, config.ttft_slo)
         self.state = RouterState(thresholds=thresholds, sender_id=sender_id, suspect_after=config.suspect_after)
         self.router = Router(self.state, policy, prefill_weight=config.prefill_weight,
                              temperature=config.router_temperature,

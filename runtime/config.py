@@ -97,6 +97,9 @@ class RoutingConfig(msgspec.Struct, kw_only=True):
     busy_kv_threshold: Annotated[float, _doc("instance busy above this KV usage fraction (0 or below disables)")] = 0.95
     busy_queue_threshold: Annotated[int, _doc("instance busy when a request sent now would make its waiting queue longer than this (0: whenever it would wait; -1 disables)")] = -1
     busy_prefill_threshold: Annotated[int, _doc("instance busy above this many tokens of queued prefill work (0: while any prompt prefills; -1 disables)")] = -1
+    # Off by default: an objective is a promise about the deployment's clients, not a
+    # property of the engine; 0 or below disables.
+    ttft_slo: Annotated[float, _doc("admit a request only to an instance where its projected time to first token (queued prefill + its own uncached tokens at the instance's reported prefill rate, + any wait for a sequence slot) is at most this many seconds; else 503 + Retry-After (0 disables)")] = 0.0
     # 4, not 1: on benchmarks/routing.py's conversations kv@4 beat kv@1 in every run
     # (TTFT p50 ~45 vs 55-62 ms, hit rate ~0.8 vs ~0.6, same throughput; results/routing.json).
     prefill_weight: Annotated[float, _doc("weight of uncached prompt blocks vs decode blocks", policy="kv")] = 4.0

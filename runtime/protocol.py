@@ -298,6 +298,14 @@ class LoadReport(msgspec.Struct, kw_only=True):
     # routers take an instance whose reports stop for a few of these as hung
     # (``RouterState.is_suspect``). 0: a worker without a heartbeat, never suspected.
     heartbeat: float = 0.0
+    # The worker's recent prefilling steps, fitted as ``prefill_base_seconds +
+    # tokens / prefill_tokens_per_s`` (beside its decode batch, when it is decoding now;
+    # ``dynrt.worker.prefill_rate``), and the mean wall time of its recent steps: routers
+    # project a request's time to first token from them (``dynrt.router.ttft``).
+    # 0: unknown (no prefill / no step seen yet, or an engine that cannot measure it).
+    prefill_tokens_per_s: float = 0.0
+    prefill_base_seconds: float = 0.0
+    step_seconds: float = 0.0
 
     @property
     def kv_usage(self) -> float:

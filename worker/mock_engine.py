@@ -46,6 +46,7 @@ from dynrt.worker.mock_sampler import MockSampler
 from dynrt.worker.mock_scheduler import MockScheduler
 from dynrt.worker.mock_sequence import MockSequence
 from dynrt.worker.mock_timing import StepPacer, StepTiming, prefill_ms, step_model_ms
+from dynrt.worker.prefill_rate import PrefillRateMeter
 
 
 class MockEngineConfig(msgspec.Struct, kw_only=True):
@@ -110,6 +111,8 @@ class MockEngine(Engine):
         self._closed = False
         self.step_log: deque[StepTiming] = deque(maxlen=config.step_log_size)
         self.num_steps = 0
+        # Measured, not modelled: speedup, timer overshoot and a loaded CPU all count.
+        self.prefill_rate = PrefillRateMeter()
 
     # -- Engine interface --------------------------------------------------
     @property
@@ -144,6 +147,7 @@ class MockEngine(Engine):
 
     def load(self) -> LoadReport:
         scheduler = self.scheduler
+        prefill = self.prefill_rate.fit(any(seq.decoding for seq in scheduler.running))
         return LoadReport(
             model=self.config.model,
             kv_blocks_used=self.kv_cache.used,
@@ -152,6 +156,9 @@ class MockEngine(Engine):
             waiting=len(scheduler.waiting),
             active_prefill_tokens=scheduler.prefill_backlog(),
             timestamp=time.time(),
+            prefill_tokens_per_s=prefill.tokens_per_s,
+            prefill_base_seconds=prefill.base_seconds,
+            step_seconds=self.prefill_rate.step_seconds,
         )
 
     def kv_events(self) -> AsyncIterator[list[KvEvent]]:
@@ -279,15 +286,10 @@ class MockEngine(Engine):
         self._events.notify()
         end = time.perf_counter()
         self.num_steps += 1
-        self.step_log.append(
-            StepTiming(
-                prefill_tokens=prefill_tokens,
-                decode_seqs=decode_seqs,
-                kv_usage=usage,
-                model_ms=model_ms,
-                measured_ms=(end - start) * 1e3,
-            )
-        )
+        timing = StepTiming(prefill_tokens=prefill_tokens, decode_seqs=decode_seqs, kv_usage=usage,
+                            model_ms=model_ms, measured_ms=(end - start) * 1e3)
+        self.step_log.append(timing)
+        self.prefill_rate.record(prefill_tokens, timing.measured_ms / 1e3, decode_seqs)
 
 
 __all__ = ["MockEngine", "MockEngineConfig", "StepTiming", "mock_engine_config", "prefill_ms", "step_model_ms"]

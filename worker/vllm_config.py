@@ -68,7 +68,9 @@ MOCK_ONLY = frozenset({"num_blocks", "speedup", "fail_health_check", "context_le
 # Engine arguments dynrt sets itself; a user value is refused.
 DYNRT_SET = {"kv_events_config": "dynrt subscribes to vLLM's KV events on an endpoint of its own"}
 # Engine-argument defaults dynrt changes (all platforms).
-DYNRT_DEFAULTS: dict[str, Any] = {"disable_log_stats": True}
+# enable_logging_iteration_details: per-step prefill tokens and duration in the scheduler
+# stats, for the load reports' prefill rate (``dynrt.worker.vllm_stats``).
+DYNRT_DEFAULTS: dict[str, Any] = {"disable_log_stats": True, "enable_logging_iteration_details": True}
 # ... and on a CPU build.
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
 

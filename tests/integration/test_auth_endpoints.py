@@ -218,7 +218,8 @@ async def test_state_changes_need_the_admin_key(dep: Deployment) -> None:
 async def test_standalone_router_busy_threshold_needs_its_admin_key(dep: Deployment) -> None:
     url = f"{dep.router_url}/busy_threshold"
     status, original = await request(dep, "GET", url)
-    assert status == 200 and original == {"kv_usage": 0.95, "queue_depth": None, "prefill_tokens": None}
+    assert status == 200 and original == {"kv_usage": 0.95, "queue_depth": None, "prefill_tokens": None,
+                                         "ttft_slo": None}
     before = await metrics(dep, dep.router_url)
     for headers in ({}, bearer(ADMIN_KEY), bearer(KEYS[0])):
         status, body = await request(dep, "POST", url, {"queue_depth": 0}, headers=headers)

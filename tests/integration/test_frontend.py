@@ -485,11 +485,13 @@ async def test_busy_instances_give_503_with_retry_after(cluster: Cluster) -> Non
     fe = cluster.fe
     await wait_idle(cluster)
     status, _, original = await post(f"{fe.url}/busy_threshold", None, method="GET")
-    assert status == 200 and original == {"kv_usage": 0.95, "queue_depth": None, "prefill_tokens": None}
+    assert status == 200 and original == {"kv_usage": 0.95, "queue_depth": None, "prefill_tokens": None,
+                                         "ttft_slo": None}
     streams: list[RawStream] = []
     try:
         status, _, now = await post(f"{fe.url}/busy_threshold", {"kv_usage": 0.0})
-        assert status == 200 and now == {"kv_usage": 0.0, "queue_depth": None, "prefill_tokens": None}
+        assert status == 200 and now == {"kv_usage": 0.0, "queue_depth": None, "prefill_tokens": None,
+                                        "ttft_slo": None}
         status, _, body = await post(f"{fe.url}/busy_threshold", {"kv_usage": 2})
         assert_error(status, body, 400, param=None)
         # One long request per worker: each then holds KV blocks, so both are busy. (A

@@ -444,9 +444,11 @@ def test_thresholds_change_at_runtime() -> None:
     router = Router(state)
     assert isinstance(router.choose(MODEL, prompt(1)), Busy)
     body = msgspec.json.decode(b'{"kv_usage": 0.99}', type=BusyThresholdSettings)
-    assert thresholds.update(body) == BusyThresholdSettings(kv_usage=0.99, queue_depth=None, prefill_tokens=None)
+    assert thresholds.update(body) == BusyThresholdSettings(kv_usage=0.99, queue_depth=None, prefill_tokens=None,
+                                                            ttft_slo=None)
     assert isinstance(router.choose(MODEL, prompt(1)), Choice)
-    assert msgspec.json.encode(thresholds.settings()) == b'{"kv_usage":0.99,"queue_depth":null,"prefill_tokens":null}'
+    assert msgspec.json.encode(thresholds.settings()) == \
+        b'{"kv_usage":0.99,"queue_depth":null,"prefill_tokens":null,"ttft_slo":null}'
     thresholds.update(BusyThresholdSettings(kv_usage=None, queue_depth=0, prefill_tokens=4096))
     assert (thresholds.kv_usage, thresholds.queue_depth, thresholds.prefill_tokens) == (None, 0, 4096)
     with pytest.raises(ValueError):
