@@ -13,15 +13,21 @@ The prefill figures of the load reports (``LoadReport.prefill_tokens_per_s``,
 ``prefill_base_seconds``, ``step_seconds``; ``dynrt.worker.prefill_rate``) come from
 vLLM's per-step ``SchedulerStats.iteration_details`` (``SchedulerIterationDetails``):
 ``num_ctx_tokens`` (prompt tokens the step scheduled, chunks of a chunked prefill
-included), ``num_generation_requests`` (decoding beside them) and ``elapsed_ms`` (the
-step's model execution, measured in the engine core).
+included) and ``num_generation_requests`` (decoding beside them).
 vLLM fills it only with ``enable_logging_iteration_details`` (a dynrt default:
 ``dynrt.worker.vllm_config.DYNRT_DEFAULTS``); without it the rate is 0, unknown, and
 routers judge the instance by their other rules. (The coarser alternative, the
 ``IterationStats`` the logger also gets, credits a prompt's tokens to the step its
-prefill *completes* in and carries no step duration — only the gap between two outputs,
-idle time included — so it is not used.) ``elapsed_ms`` leaves out scheduling and output
-processing, a few percent of a step: the rate reads slightly high.
+prefill *completes* in, so it is not used.)
+
+A step's duration is *not* its ``elapsed_ms``: vLLM 0.32 starts that clock after
+``execute_model(non_block=True)`` has returned, and on the CPU executor the model has
+already run by then — measured on a live CPU worker, ``elapsed_ms`` made a 135M model's
+prefill look like 2.5 M tokens/s. It is the wall time between two consecutive steps'
+stats instead, taken only when the earlier step left requests running or waiting (the
+engine core goes straight on to the next step; after an idle spell the gap would count
+the idle time). That includes scheduling and output processing — what a queued prompt
+really waits for.
 """
 
 from __future__ import annotations
@@ -47,13 +53,21 @@ class VllmStepStats:
         self.last: Any = None  # vLLM SchedulerStats
         self.prefill_rate = PrefillRateMeter()
         self.decoding = False  # the last step decoded
+        self._recorded_at = 0.0  # time.monotonic() of the last step's stats
+        self._busy = False  # the last step left requests running or waiting
 
-    def record(self, scheduler_stats: Any) -> None:
-        """Called by the stat logger for every engine step."""
+    def record(self, scheduler_stats: Any, now: float | None = None) -> None:
+        """Called by the stat logger for every engine step (``now``: for tests)."""
         self.last = scheduler_stats
+        now = time.monotonic() if now is None else now
+        previous_at, busy_before = self._recorded_at, self._busy
+        self._recorded_at = now
+        self._busy = (int(getattr(scheduler_stats, "num_running_reqs", 0))
+                      + int(getattr(scheduler_stats, "num_waiting_reqs", 0))) > 0
         details = getattr(scheduler_stats, "iteration_details", None)
         if details is not None and not details.is_dummy:
-            self.prefill_rate.record(details.num_ctx_tokens, details.elapsed_ms / 1e3, details.num_generation_requests)
+            if busy_before and previous_at > 0:
+                self.prefill_rate.record(details.num_ctx_tokens, now - previous_at, details.num_generation_requests)
             self.decoding = details.num_generation_requests > 0
         prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
         if prefix is not None and prefix.queries:

@@ -47,6 +47,8 @@ import aiohttp
 import pytest
 
 from dynrt.runtime.embedded import EtcdServer, NatsServer
+from dynrt.runtime.protocol import LoadReport, load_report_decoder, load_subject
+from dynrt.runtime.transport import NatsTransport
 from harness.frontend import FrontendProcess
 from harness.metrics import metric, parse_metrics
 from harness.vllm import DTYPE, MAX_MODEL_LEN, START_TIMEOUT, VllmOpenAIServer, model_folder
@@ -394,6 +396,17 @@ async def test_heavy_load_no_vllm_worker_is_suspect_and_nothing_migrates(dep: De
                 peak_in_flight[k] = max(peak_in_flight[k], (await worker_health(worker))["in_flight"])
             await asyncio.sleep(0.2)
 
+    # The workers' load reports: the prefill step model they measure from vLLM's
+    # per-step iteration details (what --ttft-slo projects from).
+    reports: dict[str, LoadReport] = {}
+    transport = await NatsTransport.connect(dep.nats.url, name="test-load-reports")
+
+    async def on_report(msg: Any) -> None:
+        report = load_report_decoder.decode(msg.data)
+        if report.prefill_tokens_per_s > 0:
+            reports[report.instance_id] = report
+
+    await transport.nc.subscribe(load_subject(dep.namespace, dep.model), cb=on_report)
     watcher = asyncio.create_task(watch_load())
     started = time.monotonic()
     try:
@@ -404,14 +417,20 @@ async def test_heavy_load_no_vllm_worker_is_suspect_and_nothing_migrates(dep: De
     finally:
         stop.set()
         await watcher
+        await transport.close()
     assert all(a.completion_tokens == 32 for a in answers)
+    assert set(reports) == {w.record.instance_id for w in dep.workers[:2]}, reports
+    for report in reports.values():  # a 135M model on 1 CPU thread: hundreds to thousands of tokens/s
+        assert 50 < report.prefill_tokens_per_s < 1e6 and 0 < report.step_seconds < 30, report
     assert min(peak_in_flight) >= 4, peak_in_flight  # both workers were really loaded
     events = dep.frontend.log_text().splitlines()[log_before:]
     suspects = [line for line in events if "event=instance_suspect" in line]
     moved = [line for line in events if "event=migrating" in line]
     dep.results["heavy_load"] = {"streams": HEAVY_STREAMS, "prompt_words": HEAVY_PROMPT_WORDS,
                                  "peak_in_flight": peak_in_flight, "seconds": round(time.monotonic() - started, 1),
-                                 "suspect_events": len(suspects), "migrations": len(moved)}
+                                 "suspect_events": len(suspects), "migrations": len(moved),
+                                 "reported_prefill": {r.instance_id: [round(r.prefill_tokens_per_s), round(
+                                     r.prefill_base_seconds, 4), round(r.step_seconds, 4)] for r in reports.values()}}
     assert suspects == [] and moved == [], (suspects, moved)
 
 

@@ -79,29 +79,34 @@ async def test_mock_engine_reports_the_rate_of_its_measured_steps() -> None:
     assert engine.load().prefill_tokens_per_s == pytest.approx(expected)  # kept while idle
 
 
-def _scheduler_stats(ctx_tokens: int, elapsed_ms: float, dummy: bool = False, decoding: int = 0) -> SimpleNamespace:
+def _scheduler_stats(ctx_tokens: int, dummy: bool = False, decoding: int = 0, running: int = 2,
+                     elapsed_ms: float = 0.5) -> SimpleNamespace:
+    # elapsed_ms as vLLM 0.32's CPU path reports it: ~0, the model ran before its clock started.
     details = SimpleNamespace(num_ctx_tokens=ctx_tokens, elapsed_ms=elapsed_ms, is_dummy=dummy,
                               num_generation_requests=decoding)
     return SimpleNamespace(iteration_details=details, prefix_cache_stats=None, kv_cache_usage=0.5,
-                           num_running_reqs=2, num_waiting_reqs=0)
+                           num_running_reqs=running, num_waiting_reqs=0)
 
 
-def test_vllm_rate_comes_from_iteration_details() -> None:
+def test_vllm_rate_comes_from_the_wall_time_between_busy_steps() -> None:
     stats = VllmStepStats()
-    stats.record(SimpleNamespace(iteration_details=None, prefix_cache_stats=None))  # flag off: no samples
+    stats.record(SimpleNamespace(iteration_details=None, prefix_cache_stats=None), now=1.0)  # flag off: no samples
     assert stats.load_report("m", 100, in_flight=0, prefill_tokens=0).prefill_tokens_per_s == 0.0
-    stats.record(_scheduler_stats(512, 40.0))
-    stats.record(_scheduler_stats(999, 1.0, dummy=True))  # data-parallel dummy step
-    stats.record(_scheduler_stats(512, 60.0))
-    stats.record(_scheduler_stats(256, 80.0, decoding=2))  # prefill beside 2 decoding
-    stats.record(_scheduler_stats(0, 20.0, decoding=3))  # decode step: the engine is decoding now
+    stats.record(_scheduler_stats(512), now=10.0)  # after idle: its duration is unknown, not counted
+    assert stats.load_report("m", 100, in_flight=1, prefill_tokens=0).prefill_tokens_per_s == 0.0
+    stats.record(_scheduler_stats(512), now=10.04)  # 40 ms after a step that left work
+    stats.record(_scheduler_stats(999, dummy=True), now=10.05)  # data-parallel dummy step
+    stats.record(_scheduler_stats(512), now=10.11)  # 60 ms
+    stats.record(_scheduler_stats(256, decoding=2), now=10.19)  # prefill beside 2 decoding, 80 ms
+    stats.record(_scheduler_stats(0, decoding=3), now=10.21)  # decode step: the engine is decoding now
     report = stats.load_report("m", 100, in_flight=3, prefill_tokens=0)
     assert report.prefill_tokens_per_s == pytest.approx(256 / 0.08)
-    assert report.step_seconds == pytest.approx(0.05)
+    assert report.step_seconds == pytest.approx((0.04 + 0.06 + 0.08 + 0.02) / 4)
     assert report.running == 2
-    stats.record(_scheduler_stats(512, 50.0))
+    stats.record(_scheduler_stats(512, running=0), now=10.26)  # 50 ms; leaves nothing to run
     assert stats.load_report("m", 100, in_flight=1, prefill_tokens=0).prefill_tokens_per_s == \
         pytest.approx(1536 / 0.15)
+    stats.record(_scheduler_stats(512), now=20.0)  # after the idle spell: not a 9.7 s step
     # An idle worker keeps reporting what it measured prefilling alone.
     assert stats.load_report("m", 100, in_flight=0, prefill_tokens=0).prefill_tokens_per_s == \
         pytest.approx(1536 / 0.15)
