@@ -1,0 +1,281 @@
+"""Resumable streams' checkpoints in a NATS JetStream key-value bucket: what a frontend
+writes while it streams a completion, so that if both it and the worker die, another
+frontend can continue the request from the prompt and the token ids generated so far
+(issue 18). The decisions (when to write, snapshot or delta, folding, the key check)
+are pure, in ``checkpoint_log.py``; this module is the I/O.
+
+Lifecycle: ``store = await CheckpointStore.open(nc, namespace, policy)`` creates the
+bucket if it does not exist (idempotent: every frontend does it at start) and holds no
+subscription, so there is nothing to close. Per request:
+``writer = store.writer(checkpoint)``, ``await writer.start()`` (the first write, at
+once), ``writer.record(...)`` for each batch of events sent, ``await writer.finish()``
+when the stream ends (the key is deleted). ``await store.load(request_id, api_key)``
+reads one back, or raises :class:`CheckpointNotFound` / :class:`CheckpointExpired` /
+:class:`CheckpointForbidden`.
+
+The bucket is one of nats-py's key-value buckets (``js.create_key_value``: a stream
+``KV_<bucket>`` on subjects ``$KV.<bucket>.<key>``, a max age, 64 messages kept per
+key). nats-py's ``KeyValue.put`` sends no headers, so writes go through
+``js.publish`` on the key's subject with two JetStream headers the KV API uses itself
+(``KeyValue.update``, ``KeyValue.purge``): ``Nats-Expected-Last-Subject-Sequence`` (a
+write fails if another frontend wrote since: it resumed the request and owns it now)
+and, on a snapshot, ``Nats-Rollup: sub`` (the server drops the key's earlier messages).
+Reads walk the key's messages with ``js.get_msg(next=True)``, at most
+``max_deltas + 1`` of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+
+from dynrt.runtime.checkpoint_log import (CheckpointLog, CheckpointPolicy, IncompleteCheckpoint, bucket_ttl, fold,
+                                          key_matches)
+from dynrt.runtime.log import get_logger
+from dynrt.runtime.protocol import (CheckpointEntry, StreamCheckpoint, checkpoint_entry_decoder, encode,
+                                    stream_checkpoints_bucket)
+
+__all__ = ["CheckpointError", "CheckpointExpired", "CheckpointForbidden", "CheckpointNotFound", "CheckpointStore",
+           "CheckpointSuperseded", "CheckpointUnavailable", "CheckpointWriter", "LoadedCheckpoint"]
+
+log = get_logger("checkpoints")
+
+_KV_HISTORY = 64  # the most nats-py's create_key_value allows; a snapshot + max_deltas fit
+_ROLLUP = {"Nats-Rollup": "sub"}
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_STREAM_IN_USE = 10058  # JSStreamNameExistErr: the bucket exists with another configuration
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # as nats-py's KeyValue._update
+# Request ids are one key token: no '.' (a subject separator), nothing a key may not hold.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_=-]{1,200}$")
+_NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+class CheckpointError(Exception):
+    """Base of this module's errors."""
+
+
+class CheckpointNotFound(CheckpointError):
+    """No checkpoint for this request id (never existed, finished, or long expired): 404."""
+
+
+class CheckpointExpired(CheckpointError):
+    """The checkpoint exists but its grace period ended: 410."""
+
+
+class CheckpointForbidden(CheckpointError):
+    """The API key presented is not the one that started the request: 403."""
+
+
+class CheckpointSuperseded(CheckpointError):
+    """Another frontend wrote this request's checkpoint since this writer's last write
+    (the client resumed there): this writer must stop."""
+
+
+class CheckpointUnavailable(CheckpointError):
+    """JetStream did not answer (NATS down, or JetStream not enabled on the server)."""
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    checkpoint: StreamCheckpoint
+    revision: int  # the key's last message: a writer taking over expects it
+
+
+class CheckpointStore:
+    def __init__(self, js: JetStreamContext, bucket: str, policy: CheckpointPolicy,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+        self.policy = policy
+        self.clock = clock
+        self.messages_written = 0  # totals of this process, for benchmarks/checkpoint.py
+        self.bytes_written = 0
+
+    @classmethod
+    async def open(cls, nc: NatsClient, namespace: str, policy: CheckpointPolicy, *, replicas: int = 1,
+                   clock: Callable[[], float] = time.time) -> "CheckpointStore":
+        """Create the namespace's bucket, or use it if it exists. ``replicas``: 3 on a
+        NATS cluster, so a checkpoint survives a NATS server too."""
+        js = nc.jetstream()
+        bucket = stream_checkpoints_bucket(namespace)
+        config = KeyValueConfig(bucket=bucket, history=_KV_HISTORY, ttl=bucket_ttl(policy), storage=StorageType.FILE,
+                                replicas=replicas, description="dynrt resumable-stream checkpoints")
+        try:
+            try:
+                await js.create_key_value(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_IN_USE:
+                    raise
+                # Another frontend made it with other settings (another --resume-grace):
+                # use it as it is; its max age only bounds how long leftovers stay.
+                status = await (await js.key_value(bucket)).status()
+                log.warning("checkpoint_bucket_settings_differ", bucket=bucket, ttl=status.ttl, wanted_ttl=config.ttl)
+        except _NATS_FAILURES as exc:
+            raise CheckpointUnavailable(f"JetStream bucket {bucket}: {exc!r} (is JetStream enabled?)") from exc
+        return cls(js, bucket, policy, clock)
+
+    # -- reading ----------------------------------------------------------------------
+    def _subject(self, request_id: str) -> str:
+        return f"$KV.{self.bucket}.{request_id}"
+
+    async def load(self, request_id: str, api_key: str) -> LoadedCheckpoint:
+        """The request's checkpoint, if ``api_key`` started it and its grace period
+        has not ended."""
+        if not _REQUEST_ID.match(request_id):
+            raise CheckpointNotFound(request_id)
+        entries: list[CheckpointEntry] = []
+        seq = 1
+        try:
+            while True:
+                try:
+                    raw = await self.js.get_msg(self.stream, seq=seq, subject=self._subject(request_id), next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                assert raw.seq is not None
+                if raw.data:  # a purge or delete marker has none
+                    entries.append(checkpoint_entry_decoder.decode(raw.data))
+                seq = raw.seq + 1
+        except _NATS_FAILURES as exc:
+            raise CheckpointUnavailable(f"reading checkpoint {request_id}: {exc!r}") from exc
+        try:
+            checkpoint = fold(entries)
+        except IncompleteCheckpoint:
+            raise CheckpointExpired(request_id) from None
+        if checkpoint is None:
+            raise CheckpointNotFound(request_id)
+        if not key_matches(checkpoint, api_key):
+            raise CheckpointForbidden(request_id)
+        if self.clock() - checkpoint.updated > self.policy.grace:
+            raise CheckpointExpired(request_id)
+        return LoadedCheckpoint(checkpoint, seq - 1)
+
+    # -- writing ----------------------------------------------------------------------
+    def writer(self, checkpoint: StreamCheckpoint, revision: int = 0) -> "CheckpointWriter":
+        """A writer for a request: a new one (``revision`` 0), or one taken over from
+        ``load`` (its ``revision``: the take-over fails if anyone wrote since)."""
+        if not _REQUEST_ID.match(checkpoint.request_id):
+            raise ValueError(f"request id {checkpoint.request_id!r} cannot be a checkpoint key")
+        return CheckpointWriter(self, CheckpointLog(checkpoint, self.policy, self.clock()), revision)
+
+    async def put(self, request_id: str, entry: CheckpointEntry, expected_revision: int | None) -> int:
+        """Store one message of the key; its revision. ``expected_revision``: fail with
+        :class:`CheckpointSuperseded` unless it is the key's last (None: no check)."""
+        data = encode(entry)
+        headers = dict(_ROLLUP) if isinstance(entry, StreamCheckpoint) else {}
+        if expected_revision is not None:
+            headers[_EXPECTED_LAST] = str(expected_revision)
+        try:
+            ack = await self.js.publish(self._subject(request_id), data, headers=headers or None)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise CheckpointSuperseded(request_id) from None
+            raise
+        self.messages_written += 1
+        self.bytes_written += len(data)
+        return ack.seq
+
+    async def delete(self, request_id: str) -> None:
+        """Remove every message of the request's key (no marker is left)."""
+        if _REQUEST_ID.match(request_id):
+            await self.js.purge_stream(self.stream, subject=self._subject(request_id))
+
+
+class CheckpointWriter:
+    """Writes one request's checkpoint in the background, batched by its
+    :class:`CheckpointPolicy`; ``record`` is cheap and synchronous (called per event
+    batch on the streaming path). A failed write is logged and retried as a snapshot;
+    the stream never waits for or fails with its checkpoint."""
+
+    def __init__(self, store: CheckpointStore, log_: CheckpointLog, revision: int) -> None:
+        self.store = store
+        self.log = log_
+        self.request_id = log_.state.request_id
+        self._revision: int | None = revision  # None: unknown after a failed write
+        self._wake = asyncio.Event()
+        self._sleep_until = float("inf")
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.superseded = False
+
+    async def start(self) -> None:
+        """The first write (a snapshot), now: raises :class:`CheckpointSuperseded` when
+        taking over a request someone else wrote since it was loaded, or
+        :class:`CheckpointUnavailable`. Then writes continue in the background."""
+        try:
+            await self._write()
+        except _NATS_FAILURES as exc:
+            raise CheckpointUnavailable(f"checkpoint {self.request_id}: {exc!r}") from exc
+        self._task = asyncio.create_task(self._run(), name=f"checkpoint-{self.request_id}")
+
+    def record(self, token_ids: list[int], events_sent: int, instance_id: str | None = None) -> None:
+        """The client was sent events up to ``events_sent``, with ``token_ids`` more output."""
+        self.log.record(token_ids, events_sent, instance_id)
+        if self.log.due_at() < self._sleep_until:
+            self._wake.set()
+
+    async def finish(self) -> None:
+        """The stream ended: stop writing and delete the checkpoint (unless another
+        frontend owns it now)."""
+        await self._stop()
+        if not self.superseded:
+            try:
+                await self.store.delete(self.request_id)
+            except _NATS_FAILURES as exc:  # it expires with the bucket's max age
+                log.warning("checkpoint_delete_failed", request_id=self.request_id, error=repr(exc))
+
+    async def close(self) -> None:
+        """Write what is pending, stop writing, and keep the checkpoint (this frontend
+        is going away while the request may be resumed elsewhere)."""
+        await self._stop()
+        if self.log.dirty and not self.superseded:
+            with contextlib.suppress(CheckpointSuperseded, *_NATS_FAILURES):
+                await self._write()
+
+    async def _stop(self) -> None:
+        # Never cancelled mid-write: a publish already sent would land after the delete.
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            delay = self.log.due_at() - self.store.clock()
+            if delay > 0:
+                self._sleep_until = self.log.due_at()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                self._sleep_until = float("inf")
+                self._wake.clear()
+                continue
+            try:
+                await self._write()
+            except CheckpointSuperseded:
+                return
+            except _NATS_FAILURES as exc:
+                self.log.failed(self.store.clock())
+                self._revision = None
+                log.warning("checkpoint_write_failed", request_id=self.request_id, error=repr(exc))
+
+    async def _write(self) -> None:
+        entry = self.log.next_entry(self.store.clock())
+        try:
+            revision = await self.store.put(self.request_id, entry, self._revision)
+        except CheckpointSuperseded:
+            self.superseded = True
+            log.info("checkpoint_superseded", request_id=self.request_id)
+            raise
+        self._revision = revision
+        self.log.written(entry, self.store.clock())

@@ -1,0 +1,181 @@
+"""Resumable-stream checkpoints against a real nats-server with JetStream
+(runtime/stream_checkpoints.py): round trip, batching, delete, expiry, unknown ids,
+the key check, a take-over, and a NATS restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dynrt.runtime.checkpoint_log import CheckpointPolicy, api_key_hash, bucket_ttl
+from dynrt.runtime.embedded import NatsServer
+from dynrt.runtime.protocol import SamplingParams, StreamCheckpoint, StructuredOutput
+from dynrt.runtime.stream_checkpoints import (CheckpointExpired, CheckpointForbidden, CheckpointNotFound,
+                                              CheckpointStore, CheckpointUnavailable)
+from dynrt.runtime.transport import NatsTransport
+
+FAST = CheckpointPolicy(grace=30.0, interval=0.05, max_pending_tokens=64, max_deltas=8)
+
+
+def new_checkpoint(request_id: str, api_key: str = "sk-test", prompt: int = 50) -> StreamCheckpoint:
+    sampling = SamplingParams(max_tokens=500, temperature=0.7, top_p=0.9, seed=42, stop_token_ids=[2],
+                              logprobs=2, logit_bias={5: -1.5}, structured=StructuredOutput(regex="[a-z]+"))
+    return StreamCheckpoint(request_id=request_id, key_hash=api_key_hash(request_id, api_key), model="mock-model",
+                            prompt_token_ids=list(range(100, 100 + prompt)), sampling=sampling,
+                            instance_id="w1", frontend_id="f1")
+
+
+@pytest.fixture
+async def transport(nats_server: NatsServer) -> AsyncIterator[NatsTransport]:
+    transport = await NatsTransport.connect(nats_server.url, name="checkpoint-test", connect_timeout=5)
+    yield transport
+    await transport.close()
+
+
+async def key_messages(store: CheckpointStore, request_id: str) -> int:
+    info = await store.js.stream_info(store.stream, subjects_filter=f"$KV.{store.bucket}.{request_id}")
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_round_trip_and_delete_on_finish(transport: NatsTransport, namespace: str) -> None:
+    store = await CheckpointStore.open(transport.nc, namespace, FAST)
+    again = await CheckpointStore.open(transport.nc, namespace, FAST)  # idempotent: a second frontend
+    sent = new_checkpoint("cmpl-roundtrip")
+    writer = store.writer(sent)
+    await writer.start()
+    for i in range(40):
+        writer.record([i, i + 1000], events_sent=i + 1, instance_id="w2" if i == 20 else None)
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(FAST.interval * 3)
+    loaded = await again.load("cmpl-roundtrip", "sk-test")
+    got = loaded.checkpoint
+    assert got.prompt_token_ids == sent.prompt_token_ids and got.sampling == sent.sampling
+    assert got.output_token_ids == [t for i in range(40) for t in (i, i + 1000)]
+    assert got.events_sent == 40 and got.instance_id == "w2" and got.frontend_id == "f1"
+    assert got.key_hash == sent.key_hash and got.created <= got.updated <= time.time()
+    assert loaded.revision > 0
+    await writer.finish()
+    with pytest.raises(CheckpointNotFound):
+        await store.load("cmpl-roundtrip", "sk-test")
+    assert await key_messages(store, "cmpl-roundtrip") == 0  # no marker left behind
+
+
+async def test_writes_are_batched(transport: NatsTransport, namespace: str) -> None:
+    """300 tokens over ~1.5 s (one event each) with a 0.1 s interval: about 16 writes,
+    not 300; the key keeps at most a snapshot and its deltas."""
+    policy = CheckpointPolicy(grace=30.0, interval=0.1, max_pending_tokens=1000, max_deltas=8)
+    store = await CheckpointStore.open(transport.nc, namespace, policy)
+    writer = store.writer(new_checkpoint("cmpl-batched"))
+    await writer.start()
+    started = time.monotonic()
+    for i in range(300):
+        writer.record([i], events_sent=i + 1)
+        await asyncio.sleep(0.005)
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(0.3)
+    assert store.messages_written <= elapsed / policy.interval + 4, (store.messages_written, elapsed)
+    assert store.messages_written >= 5  # it did write as it went
+    assert (await store.load("cmpl-batched", "sk-test")).checkpoint.output_token_ids == list(range(300))
+    assert await key_messages(store, "cmpl-batched") <= policy.max_deltas + 1
+    await writer.finish()
+
+
+async def test_unknown_malformed_and_other_keys_ids(transport: NatsTransport, namespace: str) -> None:
+    store = await CheckpointStore.open(transport.nc, namespace, FAST)
+    writer = store.writer(new_checkpoint("cmpl-owned", api_key="sk-alice"))
+    await writer.start()
+    with pytest.raises(CheckpointForbidden):
+        await store.load("cmpl-owned", "sk-bob")
+    with pytest.raises(CheckpointForbidden):
+        await store.load("cmpl-owned", "")
+    assert (await store.load("cmpl-owned", "sk-alice")).checkpoint.request_id == "cmpl-owned"
+    for request_id in ("cmpl-never-existed", "cmpl-owned.1", "cmpl-*", ">", "", "x" * 300):
+        with pytest.raises(CheckpointNotFound):
+            await store.load(request_id, "sk-alice")
+    await writer.finish()
+
+
+async def test_expired_after_the_grace_period_then_gone(transport: NatsTransport, namespace: str) -> None:
+    """A writer that stops (its frontend died): within the grace period the checkpoint
+    loads; after it, 410 (expired) while the bucket still holds it, then 404 once the
+    bucket's max age has removed it: nothing is left."""
+    policy = CheckpointPolicy(grace=1.0, interval=0.05, max_deltas=4)
+    store = await CheckpointStore.open(transport.nc, namespace, policy)
+    writer = store.writer(new_checkpoint("cmpl-expiring"))
+    await writer.start()
+    writer.record([1, 2, 3], events_sent=3)
+    await asyncio.sleep(0.2)
+    await writer.close()  # stops writing, keeps the state: like a frontend gone
+    stopped = time.monotonic()
+    assert (await store.load("cmpl-expiring", "sk-test")).checkpoint.output_token_ids == [1, 2, 3]
+    await asyncio.sleep(policy.grace + 0.1 - (time.monotonic() - stopped))
+    with pytest.raises(CheckpointExpired):
+        await store.load("cmpl-expiring", "sk-test")
+    deadline = time.monotonic() + bucket_ttl(policy) + 3.0
+    while await key_messages(store, "cmpl-expiring"):
+        assert time.monotonic() < deadline, "the bucket's max age did not remove the checkpoint"
+        await asyncio.sleep(0.1)
+    with pytest.raises(CheckpointNotFound):
+        await store.load("cmpl-expiring", "sk-test")
+
+
+async def test_a_take_over_stops_the_old_writer(transport: NatsTransport, namespace: str) -> None:
+    """The client resumed on another frontend while the first one still writes (it was
+    cut off, not dead): the first one's next write fails and it stops; its finish
+    does not delete the new owner's checkpoint."""
+    store = await CheckpointStore.open(transport.nc, namespace, FAST)
+    old = store.writer(new_checkpoint("cmpl-taken"))
+    await old.start()
+    old.record([1], events_sent=1)
+    await asyncio.sleep(0.1)
+    loaded = await store.load("cmpl-taken", "sk-test")
+    new = store.writer(loaded.checkpoint, revision=loaded.revision)
+    await new.start()
+    old.record([666], events_sent=2)
+    await asyncio.sleep(0.2)
+    assert old.superseded
+    await old.finish()
+    new.record([2], events_sent=2)
+    await asyncio.sleep(0.1)
+    assert (await store.load("cmpl-taken", "sk-test")).checkpoint.output_token_ids == [1, 2]
+    await new.finish()
+
+
+async def test_checkpoints_survive_a_nats_restart(private_nats: NatsServer, namespace: str) -> None:
+    transport = await NatsTransport.connect(private_nats.url, name="checkpoint-restart", connect_timeout=5)
+    try:
+        store = await CheckpointStore.open(transport.nc, namespace, FAST)
+        writer = store.writer(new_checkpoint("cmpl-durable"))
+        await writer.start()
+        writer.record(list(range(30)), events_sent=30)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(private_nats.restart)
+        deadline = time.monotonic() + 10
+        while not transport.nc.is_connected:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert (await store.load("cmpl-durable", "sk-test")).checkpoint.output_token_ids == list(range(30))
+        writer.record([30], events_sent=31)  # writing goes on after the restart
+        await asyncio.sleep(0.3)
+        assert (await store.load("cmpl-durable", "sk-test")).checkpoint.output_token_ids == list(range(31))
+        await writer.finish()
+    finally:
+        await transport.close()
+
+
+async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats", jetstream=False)
+    server.start()
+    try:
+        transport = await NatsTransport.connect(server.url, name="no-js", connect_timeout=5)
+        try:
+            with pytest.raises(CheckpointUnavailable, match="JetStream"):
+                await CheckpointStore.open(transport.nc, "nojs", FAST)
+        finally:
+            await transport.close()
+    finally:
+        server.stop()
