@@ -185,7 +185,8 @@ class NatsServer:
     (``deploy/compose/nats/nats.conf``): its file store is ``work_dir/jetstream``, so a
     restart keeps the streams and key-value buckets (resumable streams' checkpoints,
     ``runtime/stream_checkpoints.py``), as the compose volume ``/data`` does.
-    ``jetstream=False``: a plain core-NATS server."""
+    ``jetstream=False``: a plain core-NATS server. With a config file in
+    ``extra_args``, the file decides."""
 
     work_dir: Path
     port: int = 0
@@ -208,7 +209,9 @@ class NatsServer:
         self._ports_dir.mkdir(exist_ok=True)
         port_arg = str(self.port) if self.port else "-1"
         argv = [find_nats_server(), "-a", _LOOPBACK, "-p", port_arg, "--ports_file_dir", str(self._ports_dir)]
-        if self.jetstream:
+        # A config file (``-c``) has its own ``jetstream`` block: nats-server refuses a
+        # store dir given twice.
+        if self.jetstream and not {"-c", "--config"} & set(self.extra_args):
             argv += ["-js", "-sd", str(self.store_dir)]
         argv += self.extra_args
         self.process = ManagedProcess("nats", argv, self.work_dir / "nats.log")
