@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import msgspec
 
+from dynrt.runtime.config import ResumeConfig
 from dynrt.runtime.protocol import CheckpointDelta, CheckpointEntry, StreamCheckpoint
 
-__all__ = ["CheckpointLog", "CheckpointPolicy", "api_key_hash", "bucket_ttl", "fold", "key_matches"]
+__all__ = ["CheckpointLog", "CheckpointPolicy", "IncompleteCheckpoint", "api_key_hash", "bucket_ttl", "fold",
+           "key_matches"]
 
 
 def api_key_hash(request_id: str, api_key: str) -> bytes:
@@ -63,6 +65,11 @@ class CheckpointPolicy:
     @property
     def snapshot_max_age(self) -> float:
         return self.grace / 2
+
+    @classmethod
+    def from_config(cls, config: ResumeConfig) -> "CheckpointPolicy":
+        return cls(grace=config.resume_grace, interval=config.checkpoint_interval,
+                   max_pending_tokens=config.checkpoint_tokens, max_deltas=config.checkpoint_deltas)
 
 
 def bucket_ttl(policy: CheckpointPolicy) -> float:

@@ -150,3 +150,15 @@ def test_fold() -> None:
 def test_invalid_policy(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         CheckpointPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_policy_from_the_resume_settings() -> None:
+    from dynrt.runtime.config import ResumeConfig, from_args
+
+    assert CheckpointPolicy.from_config(ResumeConfig()) == CheckpointPolicy()  # one set of defaults
+    config = from_args(ResumeConfig, resume_grace="5", checkpoint_interval="0.5", checkpoint_tokens="8",
+                       checkpoint_deltas="0")
+    assert CheckpointPolicy.from_config(config) == CheckpointPolicy(grace=5, interval=0.5, max_pending_tokens=8,
+                                                                    max_deltas=0)
+    with pytest.raises(SystemExit):
+        from_args(ResumeConfig, resume_grace="0")
