@@ -21,8 +21,9 @@ key). nats-py's ``KeyValue.put`` sends no headers, so writes go through
 write fails if another frontend wrote since: it resumed the request and owns it now)
 and, on a snapshot, ``Nats-Rollup: sub`` (the server drops the key's earlier messages).
 A read is ``KeyValue.history``: one ordered consumer delivers the key's messages (a
-snapshot and at most ``max_deltas`` deltas), ~3 ms on loopback for 31 messages where
-fetching them one ``js.get_msg`` at a time took ~21 ms.
+snapshot and at most ``max_deltas`` deltas), ~4 ms on loopback for 31 messages where
+fetching them one ``js.get_msg`` at a time took ~21 ms (that walk is the fallback,
+``_read``).
 """
 
 from __future__ import annotations
@@ -139,13 +140,11 @@ class CheckpointStore:
         if not _REQUEST_ID.match(request_id):
             raise CheckpointNotFound(request_id)
         try:
-            history = await self.kv.history(request_id)
-        except nats.js.errors.NoKeysError:
-            history = []
+            messages = await self._read(request_id)
         except _NATS_FAILURES as exc:
             raise CheckpointUnavailable(f"reading checkpoint {request_id}: {exc!r}") from exc
         # A purge or delete marker has no value.
-        entries = [checkpoint_entry_decoder.decode(entry.value) for entry in history if entry.value]
+        entries = [checkpoint_entry_decoder.decode(data) for _, data in messages if data]
         try:
             checkpoint = fold(entries)
         except IncompleteCheckpoint:
@@ -156,7 +155,30 @@ class CheckpointStore:
             raise CheckpointForbidden(request_id)
         if self.clock() - checkpoint.updated > self.policy.grace:
             raise CheckpointExpired(request_id)
-        return LoadedCheckpoint(checkpoint, history[-1].revision or 0)
+        return LoadedCheckpoint(checkpoint, messages[-1][0])
+
+    async def _read(self, request_id: str) -> list[tuple[int, bytes | None]]:
+        """The key's messages, oldest first, as (revision, data)."""
+        try:
+            history = await self.kv.history(request_id)
+        except nats.js.errors.NoKeysError:
+            history = []
+        if history:
+            return [(entry.revision or 0, entry.value) for entry in history]
+        # nats-py 2.16's watcher can report "no messages" when the server delivered them
+        # all before its consumer_info call returned (seen under load: a live key read as
+        # empty); it never reports some of them only. So "none" is confirmed by walking
+        # the key one message at a time, which costs one round trip when there is none.
+        messages: list[tuple[int, bytes | None]] = []
+        seq = 1
+        while True:
+            try:
+                raw = await self.js.get_msg(self.stream, seq=seq, subject=self._subject(request_id), next=True)
+            except nats.js.errors.NotFoundError:
+                return messages
+            assert raw.seq is not None
+            messages.append((raw.seq, raw.data))
+            seq = raw.seq + 1
 
     # -- writing ----------------------------------------------------------------------
     def writer(self, checkpoint: StreamCheckpoint, revision: int = 0) -> "CheckpointWriter":
