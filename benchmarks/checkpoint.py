@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_results_dir_argument, options_of, print_table, write_results
+from benchmarks.common import add_results_dir_argument, options_of, print_table, pyplot, write_results
 from dynrt.runtime.checkpoint_log import CheckpointPolicy, api_key_hash
 from dynrt.runtime.embedded import NatsServer
 from dynrt.runtime.protocol import SamplingParams, StreamCheckpoint
@@ -163,6 +163,24 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         server.stop()
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    rows = [row for row in rows if row["messages"]]
+    names = [row["variant"] for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(names, [row["kib_per_1k_tokens"] for row in rows])
+    left.set_title("JetStream payload, KiB per 1k tokens")
+    right.bar(names, [row["messages_per_1k_tokens"] for row in rows])
+    right.set_title("JetStream messages per 1k tokens")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=20)
+    fig.suptitle("checkpoint write load (benchmarks/checkpoint.py)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams")
@@ -184,6 +202,7 @@ def main() -> None:
     print_table(columns, [[row[c] for c in columns] for row in rows])
     path = write_results("checkpoint", {"machine_note": args.machine, "options": options_of(args), "results": rows},
                          args.results_dir)
+    plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
 
 
