@@ -56,6 +56,9 @@ log = get_logger("checkpoints")
 _KV_HISTORY = 64  # the most nats-py's create_key_value allows; a snapshot + max_deltas fit
 _ROLLUP = {"Nats-Rollup": "sub"}
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+# A write NATS has not acknowledged by then is retried (as a snapshot) after an interval;
+# bounds how long finish() can wait for an in-flight write while NATS is away.
+_WRITE_TIMEOUT = 2.0
 _STREAM_IN_USE = 10058  # JSStreamNameExistErr: the bucket exists with another configuration
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # as nats-py's KeyValue._update
 # Request ids are one key token: no '.' (a subject separator), nothing a key may not hold.
@@ -196,7 +199,8 @@ class CheckpointStore:
         if expected_revision is not None:
             headers[_EXPECTED_LAST] = str(expected_revision)
         try:
-            ack = await self.js.publish(self._subject(request_id), data, headers=headers or None)
+            ack = await self.js.publish(self._subject(request_id), data, headers=headers or None,
+                                        timeout=_WRITE_TIMEOUT)
         except nats.js.errors.APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise CheckpointSuperseded(request_id) from None
@@ -275,8 +279,9 @@ class CheckpointWriter:
             delay = self.log.due_at() - self.store.clock()
             if delay > 0:
                 self._sleep_until = self.log.due_at()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):  # no task per wait, unlike wait_for
+                        await self._wake.wait()
                 self._sleep_until = float("inf")
                 self._wake.clear()
                 continue
@@ -288,6 +293,9 @@ class CheckpointWriter:
                 self.log.failed(self.store.clock())
                 self._revision = None
                 log.warning("checkpoint_write_failed", request_id=self.request_id, error=repr(exc))
+            except Exception:  # a bug here must not reach the stream: stop checkpointing it
+                log.exception("checkpoint_writer_failed", request_id=self.request_id)
+                return
 
     async def _write(self) -> None:
         entry = self.log.next_entry(self.store.clock())

@@ -145,7 +145,12 @@ async def test_a_take_over_stops_the_old_writer(transport: NatsTransport, namesp
     await new.finish()
 
 
-async def test_checkpoints_survive_a_nats_restart(private_nats: NatsServer, namespace: str) -> None:
+def caplog_has(caplog: pytest.LogCaptureFixture, event: str) -> bool:
+    return any(getattr(r, "dynrt_fields", {}).get("_event") == event for r in caplog.records)
+
+
+async def test_checkpoints_survive_a_nats_restart(private_nats: NatsServer, namespace: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     transport = await NatsTransport.connect(private_nats.url, name="checkpoint-restart", connect_timeout=5)
     try:
         store = await CheckpointStore.open(transport.nc, namespace, FAST)
@@ -162,7 +167,25 @@ async def test_checkpoints_survive_a_nats_restart(private_nats: NatsServer, name
         writer.record([30], events_sent=31)  # writing goes on after the restart
         await asyncio.sleep(0.3)
         assert (await store.load("cmpl-durable", "sk-test")).checkpoint.output_token_ids == list(range(31))
+        # Tokens recorded while NATS is down for longer than a write may take: that
+        # write times out, and is redone as a snapshot once NATS is back.
+        restart = asyncio.create_task(asyncio.to_thread(private_nats.restart, 2.5))
+        for i in range(31, 60):
+            writer.record([i], events_sent=i + 1)
+            await asyncio.sleep(0.05)
+        await restart
+        assert caplog_has(caplog, "checkpoint_write_failed")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if (await store.load("cmpl-durable", "sk-test")).checkpoint.output_token_ids == list(range(60)):
+                    break
+            except CheckpointUnavailable:
+                pass
+            assert time.monotonic() < deadline, "the checkpoint did not catch up after the outage"
+            await asyncio.sleep(0.2)
         await writer.finish()
+        assert await key_messages(store, "cmpl-durable") == 0
     finally:
         await transport.close()
 
