@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from dynrt.runtime.checkpoint_log import (CheckpointLog, CheckpointPolicy, IncompleteCheckpoint, bucket_ttl, fold,
-                                          key_matches)
+                                          is_request_id, key_matches)
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (CheckpointEntry, StreamCheckpoint, checkpoint_entry_decoder, encode,
                                     stream_checkpoints_bucket)
@@ -61,8 +60,6 @@ _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _WRITE_TIMEOUT = 2.0
 _STREAM_IN_USE = 10058  # JSStreamNameExistErr: the bucket exists with another configuration
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # as nats-py's KeyValue._update
-# Request ids are one key token: no '.' (a subject separator), nothing a key may not hold.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_=-]{1,200}$")
 _NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
 
@@ -140,7 +137,7 @@ class CheckpointStore:
     async def load(self, request_id: str, api_key: str) -> LoadedCheckpoint:
         """The request's checkpoint, if ``api_key`` started it and its grace period
         has not ended."""
-        if not _REQUEST_ID.match(request_id):
+        if not is_request_id(request_id):
             raise CheckpointNotFound(request_id)
         try:
             messages = await self._read(request_id)
@@ -187,7 +184,7 @@ class CheckpointStore:
     def writer(self, checkpoint: StreamCheckpoint, revision: int = 0) -> "CheckpointWriter":
         """A writer for a request: a new one (``revision`` 0), or one taken over from
         ``load`` (its ``revision``: the take-over fails if anyone wrote since)."""
-        if not _REQUEST_ID.match(checkpoint.request_id):
+        if not is_request_id(checkpoint.request_id):
             raise ValueError(f"request id {checkpoint.request_id!r} cannot be a checkpoint key")
         return CheckpointWriter(self, CheckpointLog(checkpoint, self.policy, self.clock()), revision)
 
@@ -211,7 +208,7 @@ class CheckpointStore:
 
     async def delete(self, request_id: str) -> None:
         """Remove every message of the request's key (no marker is left)."""
-        if _REQUEST_ID.match(request_id):
+        if is_request_id(request_id):
             await self.js.purge_stream(self.stream, subject=self._subject(request_id))
 
 
