@@ -99,7 +99,7 @@ async def drive_streams(store: CheckpointStore, args: argparse.Namespace, load_t
             crossed_half = stream.sent <= args.tokens // 2 < due
             stream.sent = due
             if stream.writer is not None:
-                stream.writer.record(token_ids, events_sent=due)
+                stream.writer.record(token_ids, last_event_seq=due)
                 if crossed_half:
                     background.append(asyncio.create_task(load(stream)))
                 if due == args.tokens:

@@ -122,18 +122,18 @@ class CheckpointLog:
                                              created=checkpoint.created or now, updated=now)
         self.policy = policy
         self._written_tokens = 0
-        self._written_events = -1  # nothing written yet: the first write is due at once
+        self._written_seq = -1  # nothing written yet: the first write is due at once
         self._written_instance = self.state.instance_id
         self._last_write_at = float("-inf")
         self._snapshot_at = float("-inf")
         self._deltas = 0
         self._need_snapshot = True
 
-    def record(self, token_ids: list[int], events_sent: int, instance_id: str | None = None) -> None:
-        """The frontend sent events up to ``events_sent`` carrying ``token_ids`` more
+    def record(self, token_ids: list[int], last_event_seq: int, instance_id: str | None = None) -> None:
+        """The frontend sent events up to ``last_event_seq`` carrying ``token_ids`` more
         output (``instance_id``: the request moved to that worker)."""
         self.state.output_token_ids.extend(token_ids)
-        self.state.events_sent = events_sent
+        self.state.last_event_seq = last_event_seq
         if instance_id is not None:
             self.state.instance_id = instance_id
 
@@ -143,13 +143,13 @@ class CheckpointLog:
 
     @property
     def dirty(self) -> bool:
-        return (self.pending_tokens > 0 or self.state.events_sent != self._written_events
+        return (self.pending_tokens > 0 or self.state.last_event_seq != self._written_seq
                 or self.state.instance_id != self._written_instance)
 
     def due_at(self) -> float:
         """When the next write should happen. With nothing new, a snapshot keeps a
         request that produces nothing for a while (queued, a long prefill) resumable."""
-        if self._written_events < 0:
+        if self._written_seq < 0:
             return float("-inf")
         if not self.dirty:
             return self._snapshot_at + self.policy.snapshot_max_age
@@ -165,7 +165,7 @@ class CheckpointLog:
             return msgspec.structs.replace(self.state, output_token_ids=list(self.state.output_token_ids))
         return CheckpointDelta(
             output_token_ids=self.state.output_token_ids[self._written_tokens:],
-            events_sent=self.state.events_sent, updated=self.state.updated,
+            last_event_seq=self.state.last_event_seq, updated=self.state.updated,
             instance_id=self.state.instance_id if self.state.instance_id != self._written_instance else None)
 
     def _snapshot_due(self, now: float) -> bool:
@@ -182,7 +182,7 @@ class CheckpointLog:
         else:
             self._written_tokens += len(entry.output_token_ids)
             self._deltas += 1
-        self._written_events = entry.events_sent
+        self._written_seq = entry.last_event_seq
         if entry.instance_id is not None:
             self._written_instance = entry.instance_id
         self._last_write_at = now
@@ -209,7 +209,7 @@ def fold(entries: list[CheckpointEntry]) -> StreamCheckpoint | None:
             raise IncompleteCheckpoint
         else:
             state.output_token_ids.extend(entry.output_token_ids)
-            state.events_sent = entry.events_sent
+            state.last_event_seq = entry.last_event_seq
             state.updated = entry.updated
             if entry.instance_id is not None:
                 state.instance_id = entry.instance_id

@@ -347,8 +347,9 @@ class RouteComplete(msgspec.Struct, kw_only=True):
 class StreamCheckpoint(msgspec.Struct, tag="snap", tag_field="t", kw_only=True):
     """Everything needed to continue a streamed completion on another frontend and
     worker: the prompt, the sampling parameters the frontend sent, the token ids
-    generated so far, and how many SSE events the client was sent (the last event id
-    is ``f"{request_id}.{events_sent}"``). ``key_hash``: HMAC-SHA256 of the API key
+    generated so far, and the sequence number of the last SSE event the client was
+    sent (its id is ``f"{request_id}.{last_event_seq}"``; what the number counts is the
+    frontend's: events, or output tokens covered). ``key_hash``: HMAC-SHA256 of the API key
     that started the request, keyed by the request id (never the key itself;
     ``checkpoint_log.api_key_hash``). Times are Unix seconds of the writer's clock."""
 
@@ -358,7 +359,7 @@ class StreamCheckpoint(msgspec.Struct, tag="snap", tag_field="t", kw_only=True):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     output_token_ids: list[int] = []
-    events_sent: int = 0
+    last_event_seq: int = 0
     instance_id: str = ""  # the worker instance serving it (at the last write)
     frontend_id: str = ""  # the frontend writing it
     created: float = 0.0
@@ -367,10 +368,11 @@ class StreamCheckpoint(msgspec.Struct, tag="snap", tag_field="t", kw_only=True):
 
 class CheckpointDelta(msgspec.Struct, tag="delta", tag_field="t", kw_only=True, omit_defaults=True):
     """What changed since the previous message of the key: new output token ids, the
-    SSE event count now, and the serving instance if it changed (migration)."""
+    last SSE event's sequence number now, and the serving instance if it changed
+    (migration)."""
 
     output_token_ids: list[int] = []
-    events_sent: int = 0
+    last_event_seq: int = 0
     updated: float = 0.0
     instance_id: str | None = None
 

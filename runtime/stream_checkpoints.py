@@ -239,9 +239,9 @@ class CheckpointWriter:
             raise CheckpointUnavailable(f"checkpoint {self.request_id}: {exc!r}") from exc
         self._task = asyncio.create_task(self._run(), name=f"checkpoint-{self.request_id}")
 
-    def record(self, token_ids: list[int], events_sent: int, instance_id: str | None = None) -> None:
-        """The client was sent events up to ``events_sent``, with ``token_ids`` more output."""
-        self.log.record(token_ids, events_sent, instance_id)
+    def record(self, token_ids: list[int], last_event_seq: int, instance_id: str | None = None) -> None:
+        """The client was sent events up to ``last_event_seq``, with ``token_ids`` more output."""
+        self.log.record(token_ids, last_event_seq, instance_id)
         if self.log.due_at() < self._sleep_until:
             self._wake.set()
 

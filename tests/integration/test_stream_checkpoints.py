@@ -48,14 +48,14 @@ async def test_round_trip_and_delete_on_finish(transport: NatsTransport, namespa
     writer = store.writer(sent)
     await writer.start()
     for i in range(40):
-        writer.record([i, i + 1000], events_sent=i + 1, instance_id="w2" if i == 20 else None)
+        writer.record([i, i + 1000], last_event_seq=i + 1, instance_id="w2" if i == 20 else None)
         await asyncio.sleep(0.005)
     await asyncio.sleep(FAST.interval * 3)
     loaded = await again.load("cmpl-roundtrip", "sk-test")
     got = loaded.checkpoint
     assert got.prompt_token_ids == sent.prompt_token_ids and got.sampling == sent.sampling
     assert got.output_token_ids == [t for i in range(40) for t in (i, i + 1000)]
-    assert got.events_sent == 40 and got.instance_id == "w2" and got.frontend_id == "f1"
+    assert got.last_event_seq == 40 and got.instance_id == "w2" and got.frontend_id == "f1"
     assert got.key_hash == sent.key_hash and got.created <= got.updated <= time.time()
     assert loaded.revision > 0
     await writer.finish()
@@ -73,7 +73,7 @@ async def test_writes_are_batched(transport: NatsTransport, namespace: str) -> N
     await writer.start()
     started = time.monotonic()
     for i in range(300):
-        writer.record([i], events_sent=i + 1)
+        writer.record([i], last_event_seq=i + 1)
         await asyncio.sleep(0.005)
     elapsed = time.monotonic() - started
     await asyncio.sleep(0.3)
@@ -107,7 +107,7 @@ async def test_expired_after_the_grace_period_then_gone(transport: NatsTransport
     store = await CheckpointStore.open(transport.nc, namespace, policy)
     writer = store.writer(new_checkpoint("cmpl-expiring"))
     await writer.start()
-    writer.record([1, 2, 3], events_sent=3)
+    writer.record([1, 2, 3], last_event_seq=3)
     await asyncio.sleep(0.2)
     await writer.close()  # stops writing, keeps the state: like a frontend gone
     stopped = time.monotonic()
@@ -130,16 +130,16 @@ async def test_a_take_over_stops_the_old_writer(transport: NatsTransport, namesp
     store = await CheckpointStore.open(transport.nc, namespace, FAST)
     old = store.writer(new_checkpoint("cmpl-taken"))
     await old.start()
-    old.record([1], events_sent=1)
+    old.record([1], last_event_seq=1)
     await asyncio.sleep(0.1)
     loaded = await store.load("cmpl-taken", "sk-test")
     new = store.writer(loaded.checkpoint, revision=loaded.revision)
     await new.start()
-    old.record([666], events_sent=2)
+    old.record([666], last_event_seq=2)
     await asyncio.sleep(0.2)
     assert old.superseded
     await old.finish()
-    new.record([2], events_sent=2)
+    new.record([2], last_event_seq=2)
     await asyncio.sleep(0.1)
     assert (await store.load("cmpl-taken", "sk-test")).checkpoint.output_token_ids == [1, 2]
     await new.finish()
@@ -156,7 +156,7 @@ async def test_checkpoints_survive_a_nats_restart(private_nats: NatsServer, name
         store = await CheckpointStore.open(transport.nc, namespace, FAST)
         writer = store.writer(new_checkpoint("cmpl-durable"))
         await writer.start()
-        writer.record(list(range(30)), events_sent=30)
+        writer.record(list(range(30)), last_event_seq=30)
         await asyncio.sleep(0.2)
         await asyncio.to_thread(private_nats.restart)
         deadline = time.monotonic() + 10
@@ -164,14 +164,14 @@ async def test_checkpoints_survive_a_nats_restart(private_nats: NatsServer, name
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert (await store.load("cmpl-durable", "sk-test")).checkpoint.output_token_ids == list(range(30))
-        writer.record([30], events_sent=31)  # writing goes on after the restart
+        writer.record([30], last_event_seq=31)  # writing goes on after the restart
         await asyncio.sleep(0.3)
         assert (await store.load("cmpl-durable", "sk-test")).checkpoint.output_token_ids == list(range(31))
         # Tokens recorded while NATS is down for longer than a write may take: that
         # write times out, and is redone as a snapshot once NATS is back.
         restart = asyncio.create_task(asyncio.to_thread(private_nats.restart, 2.5))
         for i in range(31, 60):
-            writer.record([i], events_sent=i + 1)
+            writer.record([i], last_event_seq=i + 1)
             await asyncio.sleep(0.05)
         await restart
         assert caplog_has(caplog, "checkpoint_write_failed")

@@ -20,7 +20,7 @@ def checkpoint(request_id: str = "cmpl-1", api_key: str = "key", prompt: int = 1
 
 
 def drive(log: CheckpointLog, arrivals: list[tuple[float, list[int], int]], until: float) -> list[tuple[float, CheckpointEntry]]:
-    """Replay token arrivals (time, ids, events_sent) and do every write when due, as
+    """Replay token arrivals (time, ids, last_event_seq) and do every write when due, as
     CheckpointWriter does; the writes in order, each through the wire encoding."""
     writes: list[tuple[float, CheckpointEntry]] = []
     pending = list(arrivals)
@@ -68,7 +68,7 @@ def test_500_tokens_at_50_per_second_take_one_write_per_interval_and_fold_back()
     assert all(b - a >= 0.2 - 1e-9 for (a, _), (b, _) in zip(writes[1:], writes[2:]))
     state = fold([entry for _, entry in writes])
     assert state is not None
-    assert state.output_token_ids == [1000 + i for i in range(500)] and state.events_sent == 500
+    assert state.output_token_ids == [1000 + i for i in range(500)] and state.last_event_seq == 500
     snapshots = [entry for _, entry in writes if isinstance(entry, StreamCheckpoint)]
     assert 2 <= len(snapshots) <= 3  # the first, then one per 32 deltas (~6.4 s)
 
@@ -138,11 +138,11 @@ def test_a_migration_writes_the_new_instance() -> None:
 def test_fold() -> None:
     assert fold([]) is None
     with pytest.raises(IncompleteCheckpoint):
-        fold([CheckpointDelta(output_token_ids=[1], events_sent=1)])
+        fold([CheckpointDelta(output_token_ids=[1], last_event_seq=1)])
     first = checkpoint()
-    state = fold([first, CheckpointDelta(output_token_ids=[1], events_sent=1, updated=2.0),
-                  CheckpointDelta(output_token_ids=[2, 3], events_sent=3, updated=3.0)])
-    assert state is not None and state.output_token_ids == [1, 2, 3] and state.events_sent == 3
+    state = fold([first, CheckpointDelta(output_token_ids=[1], last_event_seq=1, updated=2.0),
+                  CheckpointDelta(output_token_ids=[2, 3], last_event_seq=3, updated=3.0)])
+    assert state is not None and state.output_token_ids == [1, 2, 3] and state.last_event_seq == 3
     assert state.updated == 3.0
     assert first.output_token_ids == []  # folding copies
 
