@@ -129,6 +129,7 @@ class ResumeConfig(msgspec.Struct, kw_only=True):
     checkpoint_interval: Annotated[float, _doc("at most one checkpoint write per stream per this many seconds"), msgspec.Meta(ge=0)] = 0.2
     checkpoint_tokens: Annotated[int, _doc("write a stream's checkpoint sooner once this many new tokens wait"), msgspec.Meta(ge=1)] = 64
     checkpoint_deltas: Annotated[int, _doc("a full checkpoint after this many incremental ones (0: always full)"), msgspec.Meta(ge=0, le=62)] = 32
+    checkpoint_replicas: Annotated[int, _doc("copies of the checkpoint bucket in a NATS cluster (3 in the HA compose deployment: a checkpoint then survives a NATS server too)"), msgspec.Meta(ge=1, le=5)] = 1
 
 
 class AuthConfig(msgspec.Struct, kw_only=True):

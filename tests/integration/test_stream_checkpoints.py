@@ -64,6 +64,18 @@ async def test_round_trip_and_delete_on_finish(transport: NatsTransport, namespa
     assert await key_messages(store, "cmpl-roundtrip") == 0  # no marker left behind
 
 
+async def test_a_bucket_made_with_another_grace_is_used_as_it_is(transport: NatsTransport, namespace: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    first = await CheckpointStore.open(transport.nc, namespace, FAST)
+    other = await CheckpointStore.open(transport.nc, namespace, CheckpointPolicy(grace=5.0))
+    assert caplog_has(caplog, "checkpoint_bucket_settings_differ")
+    assert (await other.kv.status()).ttl == pytest.approx(bucket_ttl(FAST))
+    writer = other.writer(new_checkpoint("cmpl-shared"))
+    await writer.start()
+    assert (await first.load("cmpl-shared", "sk-test")).checkpoint.prompt_token_ids == list(range(100, 150))
+    await writer.finish()
+
+
 async def test_writes_are_batched(transport: NatsTransport, namespace: str) -> None:
     """300 tokens over ~1.5 s (one event each) with a 0.1 s interval: about 16 writes,
     not 300; the key keeps at most a snapshot and its deltas."""
