@@ -105,6 +105,8 @@ class CheckpointStore:
         self.clock = clock
         self.messages_written = 0  # totals of this process, for benchmarks/checkpoint.py
         self.bytes_written = 0
+        self._writers: set[CheckpointWriter] = set()
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, nc: NatsClient, namespace: str, policy: CheckpointPolicy, *, replicas: int = 1,
@@ -211,44 +213,105 @@ class CheckpointStore:
         if is_request_id(request_id):
             await self.js.purge_stream(self.stream, subject=self._subject(request_id))
 
+    # -- the flusher: one task writes every due checkpoint ------------------------------
+    # Why one task for all requests and not one per request: the writes due in a tick go
+    # out together, so the event loop wakes once per tick, not once per write. A write
+    # on its own cost ~375 us of CPU here, 64 written together ~105 us each
+    # (sequential vs concurrent puts on loopback, 2-core VM).
+    def _register(self, writer: "CheckpointWriter") -> None:
+        self._writers.add(writer)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="checkpoint-flusher")
+
+    def _unregister(self, writer: "CheckpointWriter") -> None:
+        self._writers.discard(writer)
+
+    async def _flush_loop(self) -> None:
+        tick = max(self.policy.interval, 0.01)
+        while self._writers:  # it ends with the last writer; the next one starts it again
+            await asyncio.sleep(tick)
+            # A writer is due when its interval has passed since the tick that wrote it
+            # (a write is timed when it starts); a 10% slack absorbs the loop's jitter.
+            now = self.clock() + tick * 0.1
+            due = [w for w in self._writers if not w.busy and w.log.due_at() <= now]
+            if due:
+                await asyncio.gather(*(w.write_now() for w in due))
+
+    async def close(self) -> None:
+        """Stop the flusher (writers still open write no more; their checkpoints stay)."""
+        self._writers.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+
 
 class CheckpointWriter:
-    """Writes one request's checkpoint in the background, batched by its
-    :class:`CheckpointPolicy`; ``record`` is cheap and synchronous (called per event
-    batch on the streaming path). A failed write is logged and retried as a snapshot;
-    the stream never waits for or fails with its checkpoint."""
+    """Writes one request's checkpoint, batched by its :class:`CheckpointPolicy`: the
+    store's flusher writes it when due; ``record`` is cheap and synchronous (called per
+    event batch on the streaming path) and only writes at once when
+    ``max_pending_tokens`` wait. Never two writes of one request at a time. A failed
+    write is logged and redone as a snapshot; the stream never waits for or fails with
+    its checkpoint. ``start`` must complete before ``finish``/``close``."""
 
     def __init__(self, store: CheckpointStore, log_: CheckpointLog, revision: int) -> None:
         self.store = store
         self.log = log_
         self.request_id = log_.state.request_id
         self._revision: int | None = revision  # None: unknown after a failed write
-        self._wake = asyncio.Event()
-        self._sleep_until = float("inf")
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._urgent: asyncio.Task[None] | None = None
         self.superseded = False
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
 
     async def start(self) -> None:
         """The first write (a snapshot), now: raises :class:`CheckpointSuperseded` when
         taking over a request someone else wrote since it was loaded, or
-        :class:`CheckpointUnavailable`. Then writes continue in the background."""
-        try:
-            await self._write()
-        except _NATS_FAILURES as exc:
-            raise CheckpointUnavailable(f"checkpoint {self.request_id}: {exc!r}") from exc
-        self._task = asyncio.create_task(self._run(), name=f"checkpoint-{self.request_id}")
+        :class:`CheckpointUnavailable`. Then the store's flusher writes it when due."""
+        async with self._lock:
+            try:
+                await self._write()
+            except _NATS_FAILURES as exc:
+                raise CheckpointUnavailable(f"checkpoint {self.request_id}: {exc!r}") from exc
+        self.store._register(self)
 
     def record(self, token_ids: list[int], last_event_seq: int, instance_id: str | None = None) -> None:
         """The client was sent events up to ``last_event_seq``, with ``token_ids`` more output."""
         self.log.record(token_ids, last_event_seq, instance_id)
-        if self.log.due_at() < self._sleep_until:
-            self._wake.set()
+        if (self.log.pending_tokens >= self.log.policy.max_pending_tokens and not self.busy and not self._closed
+                and (self._urgent is None or self._urgent.done())):
+            self._urgent = asyncio.create_task(self.write_now())
+
+    async def write_now(self) -> None:
+        """One write, unless this writer is closed or superseded. Never raises."""
+        if self._closed:
+            return
+        async with self._lock:
+            if self._closed:
+                return
+            try:
+                await self._write()
+            except CheckpointSuperseded:
+                self._shut()
+            except _NATS_FAILURES as exc:
+                self.log.failed(self.store.clock())
+                self._revision = None
+                log.warning("checkpoint_write_failed", request_id=self.request_id, error=repr(exc))
+            except Exception:  # a bug here must not reach the stream: stop checkpointing it
+                log.exception("checkpoint_writer_failed", request_id=self.request_id)
+                self._shut()
 
     async def finish(self) -> None:
         """The stream ended: stop writing and delete the checkpoint (unless another
         frontend owns it now)."""
-        await self._stop()
+        self._shut()
+        async with self._lock:  # a write in flight lands before the delete, not after
+            pass
         if not self.superseded:
             try:
                 await self.store.delete(self.request_id)
@@ -258,44 +321,20 @@ class CheckpointWriter:
     async def close(self) -> None:
         """Write what is pending, stop writing, and keep the checkpoint (this frontend
         is going away while the request may be resumed elsewhere)."""
-        await self._stop()
-        if self.log.dirty and not self.superseded:
-            with contextlib.suppress(CheckpointSuperseded, *_NATS_FAILURES):
-                await self._write()
+        self.store._unregister(self)
+        async with self._lock:
+            if self.log.dirty and not self._closed:
+                with contextlib.suppress(CheckpointSuperseded, *_NATS_FAILURES):
+                    await self._write()
+            self._closed = True
 
-    async def _stop(self) -> None:
-        # Never cancelled mid-write: a publish already sent would land after the delete.
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            delay = self.log.due_at() - self.store.clock()
-            if delay > 0:
-                self._sleep_until = self.log.due_at()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):  # no task per wait, unlike wait_for
-                        await self._wake.wait()
-                self._sleep_until = float("inf")
-                self._wake.clear()
-                continue
-            try:
-                await self._write()
-            except CheckpointSuperseded:
-                return
-            except _NATS_FAILURES as exc:
-                self.log.failed(self.store.clock())
-                self._revision = None
-                log.warning("checkpoint_write_failed", request_id=self.request_id, error=repr(exc))
-            except Exception:  # a bug here must not reach the stream: stop checkpointing it
-                log.exception("checkpoint_writer_failed", request_id=self.request_id)
-                return
+    def _shut(self) -> None:
+        self._closed = True
+        self.store._unregister(self)
 
     async def _write(self) -> None:
-        entry = self.log.next_entry(self.store.clock())
+        now = self.store.clock()
+        entry = self.log.next_entry(now)
         try:
             revision = await self.store.put(self.request_id, entry, self._revision)
         except CheckpointSuperseded:
@@ -303,4 +342,4 @@ class CheckpointWriter:
             log.info("checkpoint_superseded", request_id=self.request_id)
             raise
         self._revision = revision
-        self.log.written(entry, self.store.clock())
+        self.log.written(entry, now)
