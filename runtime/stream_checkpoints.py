@@ -5,13 +5,14 @@ frontend can continue the request from the prompt and the token ids generated so
 are pure, in ``checkpoint_log.py``; this module is the I/O.
 
 Lifecycle: ``store = await CheckpointStore.open(nc, namespace, policy)`` creates the
-bucket if it does not exist (idempotent: every frontend does it at start) and holds no
-subscription, so there is nothing to close. Per request:
+bucket if it does not exist (idempotent: every frontend does it at start);
+``await store.close()`` at shutdown stops its flusher (the one task that writes every
+request's due checkpoint, running while any writer is open). Per request:
 ``writer = store.writer(checkpoint)``, ``await writer.start()`` (the first write, at
 once), ``writer.record(...)`` for each batch of events sent, ``await writer.finish()``
-when the stream ends (the key is deleted). ``await store.load(request_id, api_key)``
-reads one back, or raises :class:`CheckpointNotFound` / :class:`CheckpointExpired` /
-:class:`CheckpointForbidden`.
+when the stream ends (the key is deleted) or ``await writer.close()`` to leave it for a
+resume. ``await store.load(request_id, api_key)`` reads one back, or raises
+:class:`CheckpointNotFound` / :class:`CheckpointExpired` / :class:`CheckpointForbidden`.
 
 The bucket is one of nats-py's key-value buckets (``js.create_key_value``: a stream
 ``KV_<bucket>`` on subjects ``$KV.<bucket>.<key>``, a max age, 64 messages kept per
