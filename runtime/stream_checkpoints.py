@@ -240,7 +240,8 @@ class CheckpointStore:
 
     async def close(self) -> None:
         """Stop the flusher (writers still open write no more; their checkpoints stay)."""
-        self._writers.clear()
+        for writer in list(self._writers):
+            writer._shut()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -214,3 +214,23 @@ async def test_a_server_without_jetstream_is_a_clear_error(tmp_path: Path) -> No
             await transport.close()
     finally:
         server.stop()
+
+
+async def test_many_waiting_tokens_write_at_once_and_close_stops_writing(transport: NatsTransport,
+                                                                        namespace: str) -> None:
+    store = await CheckpointStore.open(transport.nc, namespace, CheckpointPolicy(interval=10.0, max_pending_tokens=5))
+    writer = store.writer(new_checkpoint("cmpl-urgent"))
+    await writer.start()
+    writer.record([1, 2, 3, 4], last_event_seq=4)
+    await asyncio.sleep(0.2)
+    assert store.messages_written == 1  # the interval (10 s) has not passed
+    writer.record([5], last_event_seq=5)
+    await asyncio.sleep(0.2)
+    assert store.messages_written == 2  # 5 tokens waited: written at once
+    assert (await store.load("cmpl-urgent", "sk-test")).checkpoint.output_token_ids == [1, 2, 3, 4, 5]
+    await store.close()
+    writer.record([6, 7, 8, 9, 10], last_event_seq=10)
+    await asyncio.sleep(0.2)
+    assert (await store.load("cmpl-urgent", "sk-test")).checkpoint.output_token_ids == [1, 2, 3, 4, 5]
+    assert store.messages_written == 2
+    await writer.finish()
