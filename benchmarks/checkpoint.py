@@ -128,6 +128,7 @@ async def run_variant(url: str, server_pid: int, variant: Variant, args: argpars
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     server_cpu = process_cpu_seconds(server_pid) - server_cpu0
     info = await store.js.stream_info(store.stream)
+    await store.close()
     await transport.close()
     tokens = args.streams * args.tokens
     per_k = 1000 / tokens
