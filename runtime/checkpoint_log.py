@@ -119,9 +119,11 @@ class CheckpointLog:
 
     def __init__(self, checkpoint: StreamCheckpoint, policy: CheckpointPolicy, now: float) -> None:
         self.state = msgspec.structs.replace(checkpoint, output_token_ids=list(checkpoint.output_token_ids),
+                                             delta_sizes=list(checkpoint.delta_sizes),
                                              created=checkpoint.created or now, updated=now)
         self.policy = policy
         self._written_tokens = 0
+        self._written_deltas = 0
         self._written_seq = -1  # nothing written yet: the first write is due at once
         self._written_instance = self.state.instance_id
         self._last_write_at = float("-inf")
@@ -130,9 +132,12 @@ class CheckpointLog:
         self._need_snapshot = True
 
     def record(self, token_ids: list[int], last_event_seq: int, instance_id: str | None = None) -> None:
-        """The frontend sent events up to ``last_event_seq`` carrying ``token_ids`` more
-        output (``instance_id``: the request moved to that worker)."""
-        self.state.output_token_ids.extend(token_ids)
+        """The frontend turned one delta of ``token_ids`` into events and has sent
+        events up to ``last_event_seq`` (``instance_id``: the request moved to that
+        worker)."""
+        if token_ids:
+            self.state.output_token_ids.extend(token_ids)
+            self.state.delta_sizes.append(len(token_ids))
         self.state.last_event_seq = last_event_seq
         if instance_id is not None:
             self.state.instance_id = instance_id
@@ -162,9 +167,11 @@ class CheckpointLog:
         time: a reader takes a checkpoint not written for ``grace`` seconds as expired."""
         self.state.updated = now
         if self._snapshot_due(now):
-            return msgspec.structs.replace(self.state, output_token_ids=list(self.state.output_token_ids))
+            return msgspec.structs.replace(self.state, output_token_ids=list(self.state.output_token_ids),
+                                           delta_sizes=list(self.state.delta_sizes))
         return CheckpointDelta(
             output_token_ids=self.state.output_token_ids[self._written_tokens:],
+            delta_sizes=self.state.delta_sizes[self._written_deltas:],
             last_event_seq=self.state.last_event_seq, updated=self.state.updated,
             instance_id=self.state.instance_id if self.state.instance_id != self._written_instance else None)
 
@@ -176,11 +183,13 @@ class CheckpointLog:
         """``entry`` (from ``next_entry``) is stored."""
         if isinstance(entry, StreamCheckpoint):
             self._written_tokens = len(entry.output_token_ids)
+            self._written_deltas = len(entry.delta_sizes)
             self._snapshot_at = now
             self._deltas = 0
             self._need_snapshot = False
         else:
             self._written_tokens += len(entry.output_token_ids)
+            self._written_deltas += len(entry.delta_sizes)
             self._deltas += 1
         self._written_seq = entry.last_event_seq
         if entry.instance_id is not None:
@@ -204,11 +213,13 @@ def fold(entries: list[CheckpointEntry]) -> StreamCheckpoint | None:
     state: StreamCheckpoint | None = None
     for entry in entries:
         if isinstance(entry, StreamCheckpoint):
-            state = msgspec.structs.replace(entry, output_token_ids=list(entry.output_token_ids))
+            state = msgspec.structs.replace(entry, output_token_ids=list(entry.output_token_ids),
+                                            delta_sizes=list(entry.delta_sizes))
         elif state is None:
             raise IncompleteCheckpoint
         else:
             state.output_token_ids.extend(entry.output_token_ids)
+            state.delta_sizes.extend(entry.delta_sizes)
             state.last_event_seq = entry.last_event_seq
             state.updated = entry.updated
             if entry.instance_id is not None:

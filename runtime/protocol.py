@@ -359,6 +359,10 @@ class StreamCheckpoint(msgspec.Struct, tag="snap", tag_field="t", kw_only=True):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     output_token_ids: list[int] = []
+    # How many of ``output_token_ids`` each delta the frontend turned into events had,
+    # in order: a resuming frontend replays the same deltas, so its SSE events (and
+    # their count) come out as the ones the client was sent.
+    delta_sizes: list[int] = []
     last_event_seq: int = 0
     instance_id: str = ""  # the worker instance serving it (at the last write)
     frontend_id: str = ""  # the frontend writing it
@@ -372,6 +376,7 @@ class CheckpointDelta(msgspec.Struct, tag="delta", tag_field="t", kw_only=True, 
     (migration)."""
 
     output_token_ids: list[int] = []
+    delta_sizes: list[int] = []
     last_event_seq: int = 0
     updated: float = 0.0
     instance_id: str | None = None

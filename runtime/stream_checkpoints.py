@@ -283,7 +283,7 @@ class CheckpointWriter:
         self.store._register(self)
 
     def record(self, token_ids: list[int], last_event_seq: int, instance_id: str | None = None) -> None:
-        """The client was sent events up to ``last_event_seq``, with ``token_ids`` more output."""
+        """One delta of ``token_ids`` became events; events up to ``last_event_seq`` are sent."""
         self.log.record(token_ids, last_event_seq, instance_id)
         if (self.log.pending_tokens >= self.log.policy.max_pending_tokens and not self.busy and not self._closed
                 and (self._urgent is None or self._urgent.done())):

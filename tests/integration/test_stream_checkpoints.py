@@ -55,6 +55,7 @@ async def test_round_trip_and_delete_on_finish(transport: NatsTransport, namespa
     got = loaded.checkpoint
     assert got.prompt_token_ids == sent.prompt_token_ids and got.sampling == sent.sampling
     assert got.output_token_ids == [t for i in range(40) for t in (i, i + 1000)]
+    assert got.delta_sizes == [2] * 40
     assert got.last_event_seq == 40 and got.instance_id == "w2" and got.frontend_id == "f1"
     assert got.key_hash == sent.key_hash and got.created <= got.updated <= time.time()
     assert loaded.revision > 0

@@ -69,6 +69,7 @@ def test_500_tokens_at_50_per_second_take_one_write_per_interval_and_fold_back()
     state = fold([entry for _, entry in writes])
     assert state is not None
     assert state.output_token_ids == [1000 + i for i in range(500)] and state.last_event_seq == 500
+    assert state.delta_sizes == [1] * 500
     snapshots = [entry for _, entry in writes if isinstance(entry, StreamCheckpoint)]
     assert 2 <= len(snapshots) <= 3  # the first, then one per 32 deltas (~6.4 s)
 
@@ -133,6 +134,22 @@ def test_a_migration_writes_the_new_instance() -> None:
     assert not log.dirty
     state = fold([checkpoint(), entry])
     assert state is not None and state.instance_id == "w2"
+
+
+def test_delta_sizes_follow_the_recorded_deltas_across_snapshots_and_deltas() -> None:
+    log = CheckpointLog(checkpoint(), CheckpointPolicy(interval=0.1, max_deltas=2), now=0.0)
+    sizes = [1, 3, 2, 1, 5, 1, 1, 4]
+    arrivals = []
+    token = 0
+    for k, size in enumerate(sizes):
+        arrivals.append((0.05 * (k + 1), list(range(token, token + size)), k + 2))  # event 1: the role event
+        token += size
+    writes = drive(log, [(0.01, [], 1), *arrivals], until=2.0)
+    assert sum(isinstance(e, StreamCheckpoint) for _, e in writes) >= 2  # both kinds were written
+    assert sum(isinstance(e, CheckpointDelta) for _, e in writes) >= 2
+    state = fold([e for _, e in writes])
+    assert state is not None and state.delta_sizes == sizes and state.output_token_ids == list(range(token))
+    assert state.last_event_seq == len(sizes) + 1
 
 
 def test_fold() -> None:
