@@ -124,11 +124,18 @@ class CheckpointStore:
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != _STREAM_IN_USE:
                     raise
-                # Another frontend made it with other settings (another --resume-grace):
-                # use it as it is; its max age only bounds how long leftovers stay.
+                # Another frontend made it with other settings (another --resume-grace).
+                # A longer max age only keeps leftovers longer: use it. A shorter one
+                # would drop a snapshot before this frontend's grace period ends: raise
+                # it (every frontend then gets at least the max age it needs).
                 kv = await js.key_value(bucket)
-                status = await kv.status()
-                log.warning("checkpoint_bucket_settings_differ", bucket=bucket, ttl=status.ttl, wanted_ttl=config.ttl)
+                info = await js.stream_info(f"KV_{bucket}")
+                log.warning("checkpoint_bucket_settings_differ", bucket=bucket, ttl=info.config.max_age,
+                            wanted_ttl=config.ttl)
+                assert config.ttl is not None
+                if info.config.max_age is not None and 0 < info.config.max_age < config.ttl:
+                    info.config.max_age = config.ttl
+                    await js.update_stream(info.config)
         except _NATS_FAILURES as exc:
             raise CheckpointUnavailable(f"JetStream bucket {bucket}: {exc!r} (is JetStream enabled?)") from exc
         return cls(js, kv, bucket, policy, clock)

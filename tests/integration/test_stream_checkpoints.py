@@ -65,13 +65,17 @@ async def test_round_trip_and_delete_on_finish(transport: NatsTransport, namespa
     assert await key_messages(store, "cmpl-roundtrip") == 0  # no marker left behind
 
 
-async def test_a_bucket_made_with_another_grace_is_used_as_it_is(transport: NatsTransport, namespace: str,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
-    first = await CheckpointStore.open(transport.nc, namespace, FAST)
-    other = await CheckpointStore.open(transport.nc, namespace, CheckpointPolicy(grace=5.0))
+async def test_a_bucket_made_with_another_grace_keeps_the_longer_max_age(transport: NatsTransport, namespace: str,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    short = CheckpointPolicy(grace=5.0)
+    first = await CheckpointStore.open(transport.nc, namespace, short)
+    assert (await first.kv.status()).ttl == pytest.approx(bucket_ttl(short))
+    longer = await CheckpointStore.open(transport.nc, namespace, FAST)  # raises it
     assert caplog_has(caplog, "checkpoint_bucket_settings_differ")
-    assert (await other.kv.status()).ttl == pytest.approx(bucket_ttl(FAST))
-    writer = other.writer(new_checkpoint("cmpl-shared"))
+    assert (await longer.kv.status()).ttl == pytest.approx(bucket_ttl(FAST))
+    again = await CheckpointStore.open(transport.nc, namespace, short)  # never lowers it
+    assert (await again.kv.status()).ttl == pytest.approx(bucket_ttl(FAST))
+    writer = again.writer(new_checkpoint("cmpl-shared"))
     await writer.start()
     assert (await first.load("cmpl-shared", "sk-test")).checkpoint.prompt_token_ids == list(range(100, 150))
     await writer.finish()
