@@ -21,10 +21,10 @@ key). nats-py's ``KeyValue.put`` sends no headers, so writes go through
 (``KeyValue.update``, ``KeyValue.purge``): ``Nats-Expected-Last-Subject-Sequence`` (a
 write fails if another frontend wrote since: it resumed the request and owns it now)
 and, on a snapshot, ``Nats-Rollup: sub`` (the server drops the key's earlier messages).
-A read is ``KeyValue.history``: one ordered consumer delivers the key's messages (a
-snapshot and at most ``max_deltas`` deltas), ~4 ms on loopback for 31 messages where
-fetching them one ``js.get_msg`` at a time took ~21 ms (that walk is the fallback,
-``_read``).
+A read is ``KeyValue.history`` (a watch): one ordered consumer delivers the key's
+messages (a snapshot and at most ``max_deltas`` deltas), ~4 ms on loopback for 31
+messages where fetching them one ``js.get_msg`` at a time took ~21 ms (that walk is the
+fallback, ``_read``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 # A write NATS has not acknowledged by then is retried (as a snapshot) after an interval;
 # bounds how long finish() can wait for an in-flight write while NATS is away.
 _WRITE_TIMEOUT = 2.0
+_READER_INACTIVE = 1.0  # seconds a read's consumer outlives the read
 _STREAM_IN_USE = 10058  # JSStreamNameExistErr: the bucket exists with another configuration
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # as nats-py's KeyValue._update
 _NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, OSError)
@@ -169,10 +170,18 @@ class CheckpointStore:
 
     async def _read(self, request_id: str) -> list[tuple[int, bytes | None]]:
         """The key's messages, oldest first, as (revision, data)."""
+        # KeyValue.history, with the watcher's consumer gone 1 s after the read
+        # (history's own watcher keeps it for 5 min: a burst of resumes would leave one
+        # consumer on the server per resume).
+        watcher = await self.kv.watch(request_id, include_history=True, inactive_threshold=_READER_INACTIVE)
+        history: list[KeyValue.Entry] = []
         try:
-            history = await self.kv.history(request_id)
-        except nats.js.errors.NoKeysError:
-            history = []
+            async for entry in watcher:
+                if entry is None:  # the end of what was stored when the read began
+                    break
+                history.append(entry)
+        finally:
+            await watcher.stop()
         if history:
             return [(entry.revision or 0, entry.value) for entry in history]
         # nats-py 2.16's watcher can report "no messages" when the server delivered them

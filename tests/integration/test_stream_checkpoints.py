@@ -138,6 +138,11 @@ async def test_expired_after_the_grace_period_then_gone(transport: NatsTransport
         await asyncio.sleep(0.1)
     with pytest.raises(CheckpointNotFound):
         await store.load("cmpl-expiring", "sk-test")
+    # nor do the reads leave consumers behind (each read's goes 1 s after it)
+    deadline = time.monotonic() + 5
+    while (await store.js.stream_info(store.stream)).state.consumer_count:
+        assert time.monotonic() < deadline, "a read's consumer stayed on the server"
+        await asyncio.sleep(0.2)
 
 
 async def test_a_take_over_stops_the_old_writer(transport: NatsTransport, namespace: str) -> None:
