@@ -166,7 +166,7 @@ class CheckpointLog:
         """The message to write now: a snapshot or a delta. ``updated`` is the write's
         time: a reader takes a checkpoint not written for ``grace`` seconds as expired."""
         self.state.updated = now
-        if self._snapshot_due(now):
+        if self._snapshot_due(now) or not self.dirty:  # nothing new: a keep-alive snapshot
             return msgspec.structs.replace(self.state, output_token_ids=list(self.state.output_token_ids),
                                            delta_sizes=list(self.state.delta_sizes))
         return CheckpointDelta(
