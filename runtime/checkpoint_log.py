@@ -10,7 +10,7 @@ previous write. Why deltas and not the full state on every write: a full write r
 the prompt and every token so far, so its bytes grow with the request's length and the
 total per request grows with its square. benchmarks/checkpoint.py (64 streams of 500
 tokens at 50 tokens/s, 1000-token prompts, one write per 0.2 s): the same ~87 messages
-per 1k tokens either way, but 33 KiB per 1k tokens with deltas against 492 KiB with the
+per 1k tokens either way, but 33 KiB per 1k tokens with deltas against 496 KiB with the
 full state (``results/checkpoint.json``), and it grows with longer prompts and outputs;
 the price is a read of up to ``max_deltas + 1`` messages instead of one (~4 ms). A snapshot is still written every ``max_deltas`` deltas
 (so a resume reads at most that many messages) and at least every
