@@ -144,8 +144,8 @@ async def run_variant(url: str, server_pid: int, variant: Variant, args: argpars
         "messages_per_s_real_time": round(store.messages_written / (wall * args.speedup), 1),
         "kib_per_s_real_time": round(store.bytes_written / (wall * args.speedup) / 1024, 1),
         "left_in_bucket": info.state.messages,
-        "load_ms_p50": round(percentile(load_times, 50), 2),
-        "load_ms_p99": round(percentile(load_times, 99), 2),
+        "load_ms_p50": round(percentile(load_times, 50), 2) if load_times else None,
+        "load_ms_p99": round(percentile(load_times, 99), 2) if load_times else None,
         # the simulated streams' own work included: compare with the "none" row
         "client_cpu_ms_per_1k_tokens": round(cpu * 1000 * per_k, 2),
         "nats_server_cpu_ms_per_1k_tokens": round(server_cpu * 1000 * per_k, 2),
