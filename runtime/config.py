@@ -120,6 +120,21 @@ class MigrationConfig(msgspec.Struct, kw_only=True):
     down_seconds: Annotated[float, _doc("a failed instance gets no requests for this long (or until it re-registers)")] = 5.0
 
 
+class ResumeConfig(msgspec.Struct, kw_only=True):
+    """Resumable streams (issue 18; ``runtime/stream_checkpoints.py``): how long a
+    client may take to come back, and how often a stream's checkpoint is written to
+    JetStream. Not yet a group of any component's settings: the frontend and worker
+    take it when they implement resuming."""
+
+    resume_grace: Annotated[float, _doc("seconds a stream whose client or frontend is gone stays resumable: the worker keeps generating, its checkpoint stays in JetStream"), msgspec.Meta(gt=0)] = 30.0
+    # 0.2 s: ~5 JetStream writes a second per stream whatever the token rate
+    # (benchmarks/checkpoint.py; results/checkpoint.json).
+    checkpoint_interval: Annotated[float, _doc("at most one checkpoint write per stream per this many seconds"), msgspec.Meta(ge=0)] = 0.2
+    checkpoint_tokens: Annotated[int, _doc("write a stream's checkpoint sooner once this many new tokens wait"), msgspec.Meta(ge=1)] = 64
+    checkpoint_deltas: Annotated[int, _doc("a full checkpoint after this many incremental ones (0: always full)"), msgspec.Meta(ge=0, le=62)] = 32
+    checkpoint_replicas: Annotated[int, _doc("copies of the checkpoint bucket in a NATS cluster (3 in the HA compose deployment: a checkpoint then survives a NATS server too)"), msgspec.Meta(ge=1, le=5)] = 1
+
+
 class AuthConfig(msgspec.Struct, kw_only=True):
     """Who may call a component's HTTP endpoints (``dynrt.runtime.auth``): API keys for
     the OpenAI endpoints, admin keys for the endpoints that change state. A list setting

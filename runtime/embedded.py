@@ -181,12 +181,18 @@ class EtcdServer:
 @dataclass
 class NatsServer:
     """A nats-server on a loopback port (the same port again after a restart, so
-    clients reconnect to it)."""
+    clients reconnect to it), with JetStream on, as in the compose deployment
+    (``deploy/compose/nats/nats.conf``): its file store is ``work_dir/jetstream``, so a
+    restart keeps the streams and key-value buckets (resumable streams' checkpoints,
+    ``runtime/stream_checkpoints.py``), as the compose volume ``/data`` does.
+    ``jetstream=False``: a plain core-NATS server. With a config file in
+    ``extra_args``, the file decides."""
 
     work_dir: Path
     port: int = 0
     process: ManagedProcess | None = None
     extra_args: list[str] = field(default_factory=list)
+    jetstream: bool = True
 
     @property
     def url(self) -> str:
@@ -202,10 +208,19 @@ class NatsServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir.mkdir(exist_ok=True)
         port_arg = str(self.port) if self.port else "-1"
-        argv = [find_nats_server(), "-a", _LOOPBACK, "-p", port_arg, "--ports_file_dir", str(self._ports_dir),
-                *self.extra_args]
+        argv = [find_nats_server(), "-a", _LOOPBACK, "-p", port_arg, "--ports_file_dir", str(self._ports_dir)]
+        # A config file (``-c``) has its own ``jetstream`` block: nats-server refuses a
+        # store dir given twice.
+        if self.jetstream and not {"-c", "--config"} & set(self.extra_args):
+            argv += ["-js", "-sd", str(self.store_dir)]
+        argv += self.extra_args
         self.process = ManagedProcess("nats", argv, self.work_dir / "nats.log")
         self.process.spawn()
+
+    @property
+    def store_dir(self) -> Path:
+        """JetStream's file store (kept across restarts)."""
+        return self.work_dir / "jetstream"
 
     @property
     def _ports_dir(self) -> Path:

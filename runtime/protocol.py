@@ -345,6 +345,55 @@ class RouteComplete(msgspec.Struct, kw_only=True):
 
 
 # ---------------------------------------------------------------------------
+# Resumable streams: checkpoints in a JetStream key-value bucket
+# (runtime/stream_checkpoints.py). One key per request; its messages are a full
+# ``StreamCheckpoint`` (written with a rollup header, so it replaces the key's earlier
+# messages) followed by ``CheckpointDelta``s, each adding what was generated since.
+# ---------------------------------------------------------------------------
+
+
+class StreamCheckpoint(msgspec.Struct, tag="snap", tag_field="t", kw_only=True):
+    """Everything needed to continue a streamed completion on another frontend and
+    worker: the prompt, the sampling parameters the frontend sent, the token ids
+    generated so far, and the sequence number of the last SSE event the client was
+    sent (its id is ``f"{request_id}.{last_event_seq}"``; what the number counts is the
+    frontend's: events, or output tokens covered). ``key_hash``: HMAC-SHA256 of the API key
+    that started the request, keyed by the request id (never the key itself;
+    ``checkpoint_log.api_key_hash``). Times are Unix seconds of the writer's clock."""
+
+    request_id: str
+    key_hash: bytes
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    output_token_ids: list[int] = []
+    # How many of ``output_token_ids`` each delta the frontend turned into events had,
+    # in order: a resuming frontend replays the same deltas, so its SSE events (and
+    # their count) come out as the ones the client was sent.
+    delta_sizes: list[int] = []
+    last_event_seq: int = 0
+    instance_id: str = ""  # the worker instance serving it (at the last write)
+    frontend_id: str = ""  # the frontend writing it
+    created: float = 0.0
+    updated: float = 0.0
+
+
+class CheckpointDelta(msgspec.Struct, tag="delta", tag_field="t", kw_only=True, omit_defaults=True):
+    """What changed since the previous message of the key: new output token ids, the
+    last SSE event's sequence number now, and the serving instance if it changed
+    (migration)."""
+
+    output_token_ids: list[int] = []
+    delta_sizes: list[int] = []
+    last_event_seq: int = 0
+    updated: float = 0.0
+    instance_id: str | None = None
+
+
+CheckpointEntry = StreamCheckpoint | CheckpointDelta
+
+
+# ---------------------------------------------------------------------------
 # Encoding helpers. Encoders/decoders are built once: msgspec is fastest that way.
 # ---------------------------------------------------------------------------
 
@@ -360,6 +409,7 @@ load_report_decoder = msgspec.msgpack.Decoder(LoadReport)
 route_request_decoder = msgspec.msgpack.Decoder(RouteRequest)
 route_decision_decoder = msgspec.msgpack.Decoder(RouteDecision)
 route_complete_decoder = msgspec.msgpack.Decoder(RouteComplete)
+checkpoint_entry_decoder = msgspec.msgpack.Decoder(CheckpointEntry)
 
 _json_encoder = msgspec.json.Encoder()
 encode_json = _json_encoder.encode
@@ -431,3 +481,9 @@ def router_subject(namespace: str) -> str:
 
 def router_complete_subject(namespace: str) -> str:
     return f"dynrt.{namespace}.router.complete"
+
+
+def stream_checkpoints_bucket(namespace: str) -> str:
+    """The JetStream key-value bucket of a namespace's resumable-stream checkpoints
+    (bucket names allow letters, digits, '-' and '_')."""
+    return f"dynrt_{safe_token(namespace)}_stream_checkpoints"
