@@ -259,7 +259,7 @@ class Generation:
         deadline = time.monotonic() + _NO_INSTANCE_PATIENCE
         while True:
             outcome = await self.routing.route_async(self.model, self.prompt_ids + self.generated, self.request_id,
-                                                     self._exclude)
+                                                     self._exclude, continuing=self.attempts > 0)
             if isinstance(outcome, Choice):
                 self._router_id = outcome.router_id
                 return outcome.record

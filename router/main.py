@@ -181,7 +181,8 @@ class StandaloneRouter:
         if not request.model:  # probe
             await self._respond(msg, _PONG)
             return
-        outcome = self.routing.route(request.model, request.token_ids, request.request_id, request.exclude)
+        outcome = self.routing.route(request.model, request.token_ids, request.request_id, request.exclude,
+                                     request.continuing)
         decision = outcome.to_decision()
         decision.router_id = self.router_id
         payload = encode(decision)

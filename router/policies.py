@@ -291,9 +291,14 @@ class Router:
         self.rejections: dict[str, int] = {}
         self._on_reject = on_reject
 
-    def choose(self, model: str, token_ids: Sequence[int], exclude: Collection[str] = ()) -> Outcome:
+    def choose(self, model: str, token_ids: Sequence[int], exclude: Collection[str] = (),
+               continuing: bool = False) -> Outcome:
         """Pick an instance for a prompt. Does not record the assignment: call
-        ``state.on_assigned`` once the request is sent (or use ``route``)."""
+        ``state.on_assigned`` once the request is sent (or use ``route``).
+        ``continuing``: a request whose client already has tokens (it is migrating) — the
+        TTFT objective is about first tokens and does not apply (its prompt + output is
+        long, so under load it would almost never fit, and the request would be lost
+        mid-answer); the load rules still do."""
         candidates = self.state.candidates(model, exclude)
         if not candidates:
             reason = "all_excluded" if self.state.instances(model) else "no_instance"
@@ -302,7 +307,7 @@ class Router:
         free, busy = self._not_busy(candidates)
         if busy is not None:
             return busy
-        if self.state.thresholds.ttft_slo is None:
+        if self.state.thresholds.ttft_slo is None or continuing:
             return self.policy.pick(model, token_ids, free)
         overlaps = self.policy.overlaps(token_ids, free)
         fitting, busy = self._within_objective(candidates, free, len(token_ids), overlaps)
@@ -373,10 +378,11 @@ class Router:
         self._reject(reason)
         return free, Busy(retry_after=retry_after([c.load for c in candidates], thresholds), reason=reason)
 
-    def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = ()) -> Outcome:
+    def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = (),
+              continuing: bool = False) -> Outcome:
         """``choose`` and, on a ``Choice``, record the assignment at once — so a burst
         of calls sees each other's load with no await in between."""
-        outcome = self.choose(model, token_ids, exclude)
+        outcome = self.choose(model, token_ids, exclude, continuing)
         if isinstance(outcome, Choice):
             self.state.on_assigned(outcome.instance_id, request_id, outcome.prompt_blocks, outcome.overlap_blocks)
         return outcome

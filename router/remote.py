@@ -103,10 +103,10 @@ class RemoteRoutingService(RoutingService):
 
     # -- decisions --------------------------------------------------------------
     async def route_async(self, model: str, token_ids: Sequence[int], request_id: str,
-                          exclude: Collection[str] = ()) -> Outcome:
+                          exclude: Collection[str] = (), continuing: bool = False) -> Outcome:
         cause = "down"
         if self.remote_up:
-            decision, cause = await self._ask(model, token_ids, request_id, exclude)
+            decision, cause = await self._ask(model, token_ids, request_id, exclude, continuing)
             if decision is None:
                 if self.remote_up:  # (a concurrent request may have noticed first)
                     self._went_down(cause)
@@ -118,7 +118,7 @@ class RemoteRoutingService(RoutingService):
                 cause = "remote_no_instance"
         self.bypassed += 1
         BYPASS.labels(cause).inc()
-        return self.router.route(model, token_ids, request_id, exclude)
+        return self.router.route(model, token_ids, request_id, exclude, continuing)
 
     def admission(self, model: str) -> Busy | None:
         """While the standalone router answers, it decides (it sees every frontend's
@@ -126,12 +126,12 @@ class RemoteRoutingService(RoutingService):
         return None if self.remote_up else super().admission(model)
 
     async def _ask(self, model: str, token_ids: Sequence[int], request_id: str,
-                   exclude: Collection[str]) -> tuple[RouteDecision | None, str]:
+                   exclude: Collection[str], continuing: bool = False) -> tuple[RouteDecision | None, str]:
         excluded = set(exclude)
         excluded.update(self.state.down_instances())
         excluded.update(self.state.suspects())
         payload = encode(RouteRequest(model=model, token_ids=list(token_ids), exclude=sorted(excluded),
-                                      request_id=request_id))
+                                      request_id=request_id, continuing=continuing))
         started = time.perf_counter()
         try:
             reply = await self.transport.request(self.remote_subject, payload, timeout=self.timeout)

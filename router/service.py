@@ -216,14 +216,15 @@ class RoutingService:
         return self.state.is_suspect(instance_id)
 
     # -- decisions --------------------------------------------------------------
-    def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = ()) -> Outcome:
-        return self.router.route(model, token_ids, request_id, exclude)
+    def route(self, model: str, token_ids: Sequence[int], request_id: str, exclude: Collection[str] = (),
+              continuing: bool = False) -> Outcome:
+        return self.router.route(model, token_ids, request_id, exclude, continuing)
 
     async def route_async(self, model: str, token_ids: Sequence[int], request_id: str,
-                          exclude: Collection[str] = ()) -> Outcome:
+                          exclude: Collection[str] = (), continuing: bool = False) -> Outcome:
         """``route`` behind the awaitable interface the frontend calls, so a service that
         asks over the network (``dynrt.router.remote.RemoteRoutingService``) fits in."""
-        return self.router.route(model, token_ids, request_id, exclude)
+        return self.router.route(model, token_ids, request_id, exclude, continuing)
 
     def admission(self, model: str) -> Busy | None:
         """``Busy`` if every instance of ``model`` is busy (``Router.admission``)."""

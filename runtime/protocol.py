@@ -322,6 +322,7 @@ class RouteRequest(msgspec.Struct, kw_only=True):
     token_ids: list[int]
     exclude: list[str] = []
     request_id: str = ""
+    continuing: bool = False  # a request already streaming (migrating): no TTFT objective
 
 
 class RouteDecision(msgspec.Struct, kw_only=True):

@@ -35,4 +35,7 @@ async def test_down_and_suspect_instances_are_excluded_in_the_remote_request() -
     decision, cause = await service._ask(MODEL, [1, 2, 3], "req-1", exclude=["b"])
     assert cause == "" and decision == RouteDecision(instance_id="a")
     assert transport.sent[0].exclude == ["b", "c", "d"]
+    assert transport.sent[0].continuing is False
+    await service._ask(MODEL, [1, 2, 3], "req-1", exclude=[], continuing=True)  # a migrating request
+    assert transport.sent[1].continuing is True
 

@@ -228,3 +228,16 @@ def test_ttft_slo_flag_on_frontend_and_standalone_router(config_type: str) -> No
     thresholds = BusyThresholds.from_flags(r.busy_kv_threshold, r.busy_queue_threshold, r.busy_prefill_threshold,
                                            r.ttft_slo)
     assert thresholds.ttft_slo == 0.25
+
+
+def test_a_continuing_request_is_not_held_to_the_objective_but_still_to_the_load_rules() -> None:
+    """A migrating request (its client already has tokens) is admitted work: the TTFT
+    objective would almost never fit its prompt + output under load and would lose it
+    mid-answer. The KV memory guard still applies."""
+    state = slo_state("a")
+    report(state, "a", rate=1000.0, prefill=800)
+    router = Router(state)
+    assert router.choose(MODEL, tokens(1, 400)) == Busy(retry_after=1, reason="ttft")
+    assert isinstance(router.choose(MODEL, tokens(1, 400), continuing=True), Choice)
+    report(state, "a", rate=1000.0, prefill=800, used=990)
+    assert router.choose(MODEL, tokens(1, 400), continuing=True) == Busy(retry_after=1, reason="kv_usage")
