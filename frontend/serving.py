@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import aclosing
 
@@ -50,6 +49,7 @@ from dynrt.frontend.text_stream import TextStream
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
+from dynrt.runtime.checkpoint_log import new_request_id
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import InstanceRecord, StructuredOutput
@@ -236,7 +236,9 @@ class OpenAIServing:
         records, tokenizer = await self._admit(req.model)
         prompts = prompts_of(tokenizer)
         context_length = min(r.context_length for r in records)
-        request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        # 128 bits from the OS's CSPRNG: a request id must not be guessable (it names a
+        # stream to its worker and, for resumable streams, to the checkpoint store).
+        request_id = new_request_id("chatcmpl-" if endpoint == "chat" else "cmpl-")
         n = req.num_choices()
         choices: list[Choice] = []
         for p, (prompt_ids, echo) in enumerate(prompts):
