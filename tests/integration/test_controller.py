@@ -345,8 +345,18 @@ async def test_worker_killed_while_controller_down_is_replaced_on_return(env: En
     ctl2 = await env.start_controller(spec, "ctl2")
     [recovered] = ctl2.events("controller_recovered")
     assert (recovered["adopted"], recovered["relaunching"]) == ("1", "1")
-    after = {r.replica_id: r for r in await env.wait_ready(2)}
-    assert after[a.replica_id].pid != a.pid and after[a.replica_id].restarts == 1
+    # Until the new controller writes the relaunch, the stored state still says the dead
+    # replica is ready, and its instance record outlives it until its lease expires: wait
+    # for the relaunched replica, not for any two ready ones.
+    after: dict[str, ReplicaState] = {}
+
+    async def relaunched() -> bool:
+        nonlocal after
+        after = {r.replica_id: r for r in await env.wait_ready(2)}
+        return after[a.replica_id].pid != a.pid
+
+    await async_wait(relaunched, 30.0, "the dead replica relaunched", lambda: after)
+    assert after[a.replica_id].restarts == 1
     assert after[a.replica_id].last_failure == "gone while the controller was down"
     assert (after[b.replica_id].pid, after[b.replica_id].restarts) == (b.pid, 0)
     assert [e["replica_id"] for e in ctl2.events("replica_launched")] == [a.replica_id]
