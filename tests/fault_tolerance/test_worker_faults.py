@@ -175,9 +175,12 @@ async def test_rolling_restart_under_load(tmp_path: Path) -> None:
         migrations = await d.migrations()
         # A request that reached a worker between its SIGTERM and the frontend seeing its
         # draining record is refused ("busy": the worker is draining; "no_responders": it
-        # has unsubscribed already) and re-routed at once; the client does not notice.
-        assert set(migrations) <= {"drained", "busy", "no_responders"}, migrations
-        assert migrations.get("busy", 0) + migrations.get("no_responders", 0) <= len(originals) * 6
+        # has unsubscribed already; "killed": another stream of this frontend on the same
+        # instance, moved at once by that no-responders answer) and re-routed at once; the
+        # client does not notice.
+        assert set(migrations) <= {"drained", "busy", "no_responders", "killed"}, migrations
+        refused = migrations.get("busy", 0) + migrations.get("no_responders", 0) + migrations.get("killed", 0)
+        assert refused <= len(originals) * 6
         assert migrations.get("drained", 0) == handed_off
         assert all(not w.alive() for w in originals)
         assert len(d.live_workers()) == 3
