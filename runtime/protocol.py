@@ -79,6 +79,11 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     # The worker counts received requests under it as well as under ``frontend_id``
     # (``LoadReport.received``).
     router_id: str = ""
+    # Resumable stream (issue 18): > 0 = when its frontend goes away (its etcd key
+    # vanishes, or a ``Cancel(mode="detach")``) the worker keeps generating for this
+    # many seconds, keeping the output, so a frontend can reattach (a request with the
+    # ``Dynrt-Reattach-From`` header, runtime/endpoint.py). 0 = aborted as before.
+    resume_grace: float = 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -147,12 +152,14 @@ Frame = TokenFrame | ErrorFrame | HeartbeatFrame | MigrateFrame | EndFrame
 # Control messages (on ``{instance subject}.control``)
 # ---------------------------------------------------------------------------
 
-CancelMode = Literal["stop", "kill"]
+CancelMode = Literal["stop", "kill", "detach"]
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="t", kw_only=True):
     """``stop``: finish after the current step (finish_reason "cancelled").
-    ``kill``: abort now. Either frees the request's KV blocks."""
+    ``kill``: abort now. Either frees the request's KV blocks. ``detach`` (resumable
+    requests only; others are killed): the caller stops reading but the request goes on
+    for its ``resume_grace``, waiting for a frontend to reattach."""
 
     request_id: str
     mode: CancelMode = "kill"
