@@ -149,6 +149,42 @@ class MigrationExhausted(GenerationError):
         self.reason = reason
 
 
+class StreamTakenOver(GenerationError):
+    """A resumable request was reattached by another frontend (its client resumed
+    there): this one's client is gone and its stream ends here."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# -- resumable streams (frontend/resume.py; docs/resumable-streams.md) -----------------
+def resume_not_found(request_id: str) -> OpenAIError:
+    return OpenAIError(404, f"No resumable stream {request_id!r}: it finished, was never resumable, or its "
+                       "checkpoint is long gone", "NotFoundError", "Last-Event-ID", "resume_not_found")
+
+
+def resume_expired(request_id: str) -> OpenAIError:
+    return OpenAIError(410, f"The stream {request_id!r} can no longer be resumed: its grace period ended",
+                       "GoneError", "Last-Event-ID", "resume_expired")
+
+
+def resume_forbidden() -> OpenAIError:
+    # Says no more than that: whether the stream exists is not told to another key.
+    return OpenAIError(403, "This API key did not start that stream", "PermissionDeniedError", "Last-Event-ID",
+                       "resume_forbidden")
+
+
+def resume_conflict(request_id: str) -> OpenAIError:
+    return OpenAIError(409, f"The stream {request_id!r} is being resumed by another connection", "ConflictError",
+                       "Last-Event-ID", "resume_conflict")
+
+
+def resume_unavailable(retry_after: float) -> OpenAIError:
+    return OpenAIError(503, "The resumable-stream store (NATS JetStream) is unavailable; retry",
+                       "ServiceUnavailableError", None, "resume_unavailable", _retry_after(retry_after))
+
+
 def to_openai(error: GenerationError) -> OpenAIError:
     """The client's answer to a failed generation."""
     if isinstance(error, Overloaded):
@@ -159,4 +195,6 @@ def to_openai(error: GenerationError) -> OpenAIError:
         return bad_request(error.message)
     if isinstance(error, MigrationExhausted):
         return worker_failed(error.reason)
+    if isinstance(error, StreamTakenOver):
+        return OpenAIError(409, error.message, "ConflictError", None, "resumed_elsewhere")
     raise TypeError(f"no OpenAI error for {type(error).__name__}")

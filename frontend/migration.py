@@ -22,6 +22,8 @@ What counts as broken (the ``cause`` label of ``dynrt_frontend_migrations_total`
 - ``drained``: the worker sent a ``MigrateFrame`` (SIGTERM past its drain timeout).
 - ``nats_restart``: the NATS connection dropped under the stream.
 - ``engine_error`` / ``busy``: the worker answered with that error frame.
+- ``not_found``: a resumed request's worker no longer has it (it finished and was
+  dropped, or its grace period ended): it continues from the JetStream checkpoint.
 
 Not migrated: client cancellation (the caller closes the stream), and the request's own
 errors (``bad_request``), which surface to the client (``InvalidRequest``). A failed instance is excluded from
@@ -41,8 +43,9 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import msgspec
+import nats.errors
 
-from dynrt.frontend.errors import InvalidRequest, MigrationExhausted, NoLiveInstance, Overloaded
+from dynrt.frontend.errors import InvalidRequest, MigrationExhausted, NoLiveInstance, Overloaded, StreamTakenOver
 from dynrt.router.policies import Busy, Choice, NoInstance
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
@@ -130,7 +133,7 @@ class Generation:
     def __init__(self, *, request_id: str, model: str, prompt_ids: list[int], sampling: SamplingParams,
                  frontend_id: str, config: MigrationConfig, transport: NatsTransport, routing: RoutingService,
                  on_instance_stream: Callable[["Generation", str | None], None] | None = None,
-                 on_instance_dead: Callable[[str], None] | None = None) -> None:
+                 on_instance_dead: Callable[[str], None] | None = None, resume_grace: float = 0.0) -> None:
         self.request_id = request_id
         self.model = model
         self.prompt_ids = prompt_ids
@@ -154,6 +157,18 @@ class Generation:
         # move its other streams at once instead of each waiting out its own silence.
         self._on_instance_dead = on_instance_dead
         self.finished = False
+        # Resumable (> 0): the worker keeps the request this long after this frontend
+        # detaches or dies, for another frontend to reattach (frontend/resume.py).
+        self.resume_grace = resume_grace
+        self._reattach_to: str | None = None
+
+    def resume(self, generated: list[int], instance_id: str) -> None:
+        """Continue a request another frontend started: ``generated`` is what it had
+        (its checkpoint); the first attempt reattaches to ``instance_id`` if it is live
+        (the worker sends what came after), else the request migrates from there."""
+        self.generated = list(generated)
+        self.attempts = 1  # a continuing request: routed as one (no TTFT objective)
+        self._reattach_to = instance_id
 
     # -- lifecycle ---------------------------------------------------------------
     def interrupt(self, cause: str) -> None:
@@ -174,6 +189,21 @@ class Generation:
                 await stream.aclose()
             except TransportError:
                 pass
+
+    async def detach(self) -> None:
+        """Stop reading but let the worker go on for ``resume_grace`` (the client left;
+        it may resume on another frontend). A request that is not resumable is closed."""
+        if self.resume_grace <= 0 or self.finished:
+            await self.close()
+            return
+        stream, self._stream = self._stream, None
+        self._release_instance()
+        if stream is not None and not stream.done:
+            try:
+                await stream.cancel("detach")
+            except (TransportError, nats.errors.Error):
+                pass
+            stream.release()
 
     def _release_instance(self) -> None:
         if self.instance is not None:
@@ -225,6 +255,8 @@ class Generation:
 
     async def _send(self) -> None:
         """Route and send one attempt (retrying at once on no-responders)."""
+        if self._reattach_to is not None and await self._reattach(self._reattach_to):
+            return
         while True:
             record = await self._choose_instance()
             self.attempts += 1
@@ -235,7 +267,8 @@ class Generation:
             request = GenerateRequest(request_id=self.request_id, model=self.model,
                                       token_ids=self.prompt_ids + self.generated, sampling=sampling,
                                       frontend_id=self.frontend_id, num_prior_output_tokens=produced,
-                                      attempt=self.attempts - 1, router_id=self._router_id)
+                                      attempt=self.attempts - 1, router_id=self._router_id,
+                                      resume_grace=self.resume_grace)
             self.instance = record
             if self._on_instance_stream is not None:
                 self._on_instance_stream(self, record.instance_id)
@@ -254,6 +287,28 @@ class Generation:
                 return
             except StreamBrokenError:
                 await self._on_broken("nats_restart")
+
+    async def _reattach(self, instance_id: str) -> bool:
+        """The first attempt of a resumed request: ask its worker for the tokens after
+        the ones we have, and the rest as it generates them. False when that instance is
+        not live here (gone from discovery, or down): the request migrates instead."""
+        self._reattach_to = None
+        record = self.routing.records.get(instance_id)
+        if record is None or not record.subject or not self.transport.connected.is_set():
+            return False
+        self.instance = record
+        if self._on_instance_stream is not None:
+            self._on_instance_stream(self, record.instance_id)
+        try:
+            self._stream = await self.transport.call(record.subject, b"", request_id=self.request_id,
+                                                     stall_timeout=self.config.stream_stall_timeout,
+                                                     reattach_from=len(self.generated))
+        except StreamBrokenError:
+            self._release_instance()
+            return False
+        self._last_token_at = time.monotonic()
+        log.info("reattaching", request_id=self.request_id, instance_id=instance_id, have=len(self.generated))
+        return True
 
     async def _choose_instance(self) -> InstanceRecord:
         deadline = time.monotonic() + _NO_INSTANCE_PATIENCE
@@ -302,6 +357,10 @@ class Generation:
                 elif isinstance(frame, ErrorFrame):
                     if frame.code == "bad_request":
                         raise InvalidRequest(frame.message)
+                    if frame.code == "cancelled":
+                        # Another frontend reattached to this request (its client
+                        # resumed there): this one's client is gone; nothing to continue.
+                        raise StreamTakenOver(frame.message)
                     raise StreamInterrupted(frame.code)
                 continue
             token_ids = frame.token_ids  # decoded for this read: ours to extend
@@ -404,7 +463,9 @@ class Generation:
                      instance_id=failed.instance_id if failed else None)
             await asyncio.sleep(0.05)
             return
-        if failed is not None and cause != "nats_restart":  # a NATS restart is no fault of the instance
+        # A NATS restart is no fault of the instance; nor is a resumed request it no
+        # longer holds (not_found).
+        if failed is not None and cause not in ("nats_restart", "not_found"):
             self._exclude.add(failed.instance_id)
             if cause in ("no_responders", "killed", "stalled", "lease_expired", "engine_error", "aborted"):
                 self.routing.mark_down(failed.instance_id, self.config.down_seconds)

@@ -91,6 +91,10 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_token_ids: list[TokenId] | None = None  # vLLM extension
     bad_words: list[str] | None = None  # vLLM extension
     n: PositiveInt | None = None
+    # dynrt extensions (docs/resumable-streams.md), also settable as the headers
+    # ``Dynrt-Resumable: 1`` and ``Last-Event-ID`` (clients that cannot set headers)
+    resumable: bool = False
+    last_event_id: str | None = None
     # PASS_THROUGH_FIELDS: accepted, no effect on the output.
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -33,6 +33,7 @@ from dynrt.frontend.openai_protocol import (
     decode_chat_request,
     decode_completion_request,
 )
+from dynrt.frontend.resume import Resumes
 from dynrt.frontend.serving import OpenAIServing, json_response
 from dynrt.frontend.tokenization import TokenizationRoutes
 from dynrt.router.cost import BusyThresholds
@@ -47,7 +48,9 @@ from dynrt.runtime.http_errors import error_response
 from dynrt.runtime.http_guard import AUTO_DECOMPRESS, HttpGuard
 from dynrt.runtime.lifecycle import GracefulShutdown
 from dynrt.runtime.log import get_logger
+from dynrt.runtime.checkpoint_log import CheckpointPolicy
 from dynrt.runtime.protocol import FrontendRecord, encode_json, frontend_key
+from dynrt.runtime.stream_checkpoints import CheckpointStore, CheckpointUnavailable
 from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("frontend")
@@ -78,6 +81,7 @@ class FrontendService:
         self.routing: RoutingService | None = None
         self.serving: OpenAIServing | None = None
         self.tokenization: TokenizationRoutes | None = None
+        self.checkpoints: CheckpointStore | None = None
         self.shutdown = GracefulShutdown()
         self.runner: web.AppRunner | None = None
         self.port = config.http_port
@@ -208,9 +212,11 @@ class FrontendService:
         else:
             self.routing = RoutingService(self.etcd, self.transport, config.namespace, policy=config.router_mode,
                                           config=config.routing, sender_id=self.frontend_id)
+        self.checkpoints = await self._open_checkpoints()
         self.serving = OpenAIServing(frontend_id=self.frontend_id, routing=self.routing, transport=self.transport,
                                      default_max_tokens=config.default_max_tokens, migration=config.migration,
-                                     chat=ChatSettings.from_config(config))
+                                     chat=ChatSettings.from_config(config),
+                                     resumes=Resumes(self.checkpoints, config.resume.resume_grace))
         self.tokenization = TokenizationRoutes(self.routing, self.serving.known_models, self.serving.chat)
         await self.registration.start(wait=30)
         await self.routing.start(wait=30)
@@ -228,6 +234,18 @@ class FrontendService:
         self.shutdown.add("release", self._release, timeout=10)
         log.info("frontend_ready", frontend_id=self.frontend_id, url=f"http://{config.http_host}:{self.port}",
                  router_mode=config.router_mode, instances=len(self.routing.records), **self.authenticator.describe())
+
+    async def _open_checkpoints(self) -> CheckpointStore | None:
+        """The resumable streams' checkpoint bucket; None (resumable requests get 503,
+        the rest is served) when NATS has no JetStream."""
+        assert self.transport is not None
+        resume = self.config.resume
+        try:
+            return await CheckpointStore.open(self.transport.nc, self.config.namespace,
+                                              CheckpointPolicy.from_config(resume), replicas=resume.checkpoint_replicas)
+        except CheckpointUnavailable as exc:
+            log.warning("resumable_streams_unavailable", error=str(exc))
+            return None
 
     async def run(self) -> int:
         outcome = await self.shutdown.serve(self.start(), self._release, "frontend")
@@ -257,6 +275,8 @@ class FrontendService:
         await self.registration.close(revoke=True)
         if self.routing is not None:
             await self.routing.close()
+        if self.checkpoints is not None:
+            await self.checkpoints.close()
         if self.transport is not None:
             await self.transport.close()
         await self.etcd.close()

@@ -1,16 +1,16 @@
 """Serving OpenAI requests: admission → prompt ids → generation → response.
 
 ``OpenAIServing`` takes a decoded, validated request (``openai_protocol``) and answers
-it: admission (draining, unknown model, no instance, every instance busy — all before
+it (a resumable stream's ids, checkpoint and resumption: ``resume.py``): admission (draining, unknown model, no instance, every instance busy — all before
 templating and tokenizing, so shedding load stays cheap), prompt ids, sampling
 parameters, a :class:`~dynrt.frontend.migration.Generation` that survives worker
 failures, and the response — one JSON body, or server-sent events — both read from one
 :class:`~dynrt.frontend.text_stream.TextStream`. It keeps the request metrics and the
-``request_done`` log line, and knows which generation streams from which instance, so an
-instance leaving discovery interrupts exactly those, and an instance whose load reports
-stopped (suspect: SIGSTOP, a partition) gets one ping, and, unanswered within
-``--ping-timeout``, its streams move elsewhere at once (cause ``suspect``) instead of
-waiting out ``--stream-stall-timeout``.
+``request_done`` log line; ``InstanceStreams`` (instance_streams.py) knows which
+generation streams from which instance, so an instance leaving discovery interrupts
+exactly those, and an instance whose load reports stopped (suspect: SIGSTOP, a
+partition) gets one ping, and, unanswered within ``--ping-timeout``, its streams move
+elsewhere at once (cause ``suspect``) instead of waiting out ``--stream-stall-timeout``.
 
 Failures the migration layer and admission raise (``errors.GenerationError``) become
 OpenAI errors through ``errors.to_openai``: as the response when it has not started, as
@@ -32,6 +32,7 @@ from dynrt.frontend.chat_output import ChatDeltaAssembler, ChatOutputRules
 from dynrt.frontend.chat_request import ChatSettings, plan_chat
 from dynrt.frontend.choices import Choice, all_or_none, batch_bytes, choice_sampling, event_bytes, merged
 from dynrt.frontend.logprobs import ChatLogprobs, LogprobRenderer, merge_completion
+from dynrt.frontend.instance_streams import InstanceStreams
 from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import (
     ChatChoice,
@@ -45,7 +46,9 @@ from dynrt.frontend.openai_protocol import (
 from dynrt.frontend.sampling import to_sampling_params
 from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
 from dynrt.frontend.structured_output import structured_output
-from dynrt.frontend.text_stream import TextStream
+from dynrt.frontend.resume import (ResumeFeed, ResumeOptions, Resumes, StreamEvents, api_key_of, check_same_request,
+                                   write_resumable)
+from dynrt.frontend.text_stream import TextStream, TokenSource
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
@@ -53,7 +56,8 @@ from dynrt.runtime.checkpoint_log import new_request_id
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import InstanceRecord, StructuredOutput
-from dynrt.runtime.transport import NatsTransport, NoRespondersError, PingTimeoutError, TransportError
+from dynrt.runtime.stream_checkpoints import LoadedCheckpoint
+from dynrt.runtime.transport import NatsTransport
 
 log = get_logger("frontend")
 
@@ -94,9 +98,6 @@ _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
                 "X-Accel-Buffering": "no"}
 _json_encoder = msgspec.json.Encoder()
-# How long streams of a worker that deregistered after draining may take to deliver
-# their last frames before they count as broken.
-_DRAINED_GRACE_SECONDS = 0.5
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _MODEL_LABEL = "dynrt_model_label"  # request keys used for metrics
 _COUNTED = "dynrt_counted"
@@ -164,22 +165,21 @@ class OpenAIServing:
     """Answers chat and completion requests on the instances ``routing`` knows."""
 
     def __init__(self, *, frontend_id: str, routing: RoutingService, transport: NatsTransport,
-                 default_max_tokens: int, migration: MigrationConfig, chat: ChatSettings | None = None) -> None:
+                 default_max_tokens: int, migration: MigrationConfig, chat: ChatSettings | None = None,
+                 resumes: Resumes | None = None) -> None:
         self.frontend_id = frontend_id
         self.routing = routing
         self.transport = transport
         self.default_max_tokens = default_max_tokens
         self.migration = migration
         self.chat = chat or ChatSettings()  # --chat-template, tool-call and reasoning parsers
+        self.resumes = resumes or Resumes(None, 0.0)  # resumable streams' checkpoints
         self.draining = False  # set on shutdown: new requests are turned away
         self.in_flight = 0
         self.known_models: set[str] = set()  # every model an instance ever served here
-        self.generations_by_instance: dict[str, set[Generation]] = {}
-        self._pings: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
+        self.streams = InstanceStreams(routing, transport, migration.ping_timeout)
         self._model_metrics: dict[str, _ModelMetrics] = {}  # models admitted here (bounded)
-        routing.on_added.append(self._on_instance_added)
-        routing.on_removed.append(self._on_instance_removed)
-        routing.on_suspect.append(self._on_instance_suspect)
+        routing.on_added.append(lambda record: self.known_models.add(record.model))
 
     # -- request metrics ----------------------------------------------------------
     def label_model(self, request: web.Request, model: str) -> None:
@@ -233,14 +233,25 @@ class OpenAIServing:
         """``prompts_of``: each prompt's ids and the text to echo before its output;
         ``output``: how to read a chat output that is more than content (chat_output.py)."""
         arrived = time.monotonic()
-        records, tokenizer = await self._admit(req.model)
+        options = ResumeOptions.of(request, req)
+        api_key = api_key_of(request)
+        loaded: LoadedCheckpoint | None = None
+        if options.resume_from is not None:  # before admission: a resumed stream is not shed
+            loaded = await self.resumes.load(options.resume_from[0], api_key)
+        elif options.resumable:
+            self.resumes.require_store()
+        records, tokenizer = await self._admit(req.model, continuing=loaded is not None)
         prompts = prompts_of(tokenizer)
+        if options.resumable and len(prompts) > 1:
+            raise errors.unsupported_param("prompt", "as a list of prompts is not supported with resumable streams")
         context_length = min(r.context_length for r in records)
         # 128 bits from the OS's CSPRNG: a request id must not be guessable (it names a
         # stream to its worker and, for resumable streams, to the checkpoint store).
-        request_id = new_request_id("chatcmpl-" if endpoint == "chat" else "cmpl-")
+        request_id = loaded.checkpoint.request_id if loaded is not None else \
+            new_request_id("chatcmpl-" if endpoint == "chat" else "cmpl-")
         n = req.num_choices()
         choices: list[Choice] = []
+        stream_events: StreamEvents | None = None
         for p, (prompt_ids, echo) in enumerate(prompts):
             sampling = to_sampling_params(req, prompt_len=len(prompt_ids), context_length=context_length,
                                           default_max_tokens=self.default_max_tokens, vocab_size=tokenizer.vocab_size,
@@ -255,19 +266,45 @@ class OpenAIServing:
                     request_id=request_id if len(prompts) * n == 1 else f"{request_id}-{index}", model=req.model,
                     prompt_ids=prompt_ids, sampling=choice_sampling(sampling, i), frontend_id=self.frontend_id,
                     config=self.migration, transport=self.transport, routing=self.routing,
-                    on_instance_stream=self._track_instance, on_instance_dead=self._on_instance_dead)
-                text = TextStream(generation, tokenizer.new_detokenizer(prompt_ids, req.skip_special_tokens),
+                    on_instance_stream=self.streams.track, on_instance_dead=self.streams.on_instance_dead,
+                    resume_grace=self.resumes.grace if options.resumable else 0.0)
+                source: TokenSource = generation
+                if options.resumable:
+                    stream_events, source = await self._resumable(generation, loaded, options, api_key)
+                text = TextStream(source, tokenizer.new_detokenizer(prompt_ids, req.skip_special_tokens),
                                   req.stop_strings(), include_stop_str_in_output=req.include_stop_str_in_output,
                                   min_tokens=req.min_tokens)
                 renderer = LogprobRenderer(tokenizer) if sampling.logprobs is not None else None
                 choices.append(Choice(index, generation, text, renderer, sampling.logprobs or 0, echo, output,
                                        None if output is None else ChatDeltaAssembler(output)))
-        return await self._generate(request, req, endpoint, request_id, choices, arrived)
+        return await self._generate(request, req, endpoint, request_id, choices, arrived, stream_events)
 
-    async def _admit(self, model: str) -> tuple[list[InstanceRecord], Tokenizer]:
+    async def _resumable(self, generation: Generation, loaded: LoadedCheckpoint | None, options: ResumeOptions,
+                         api_key: str) -> tuple[StreamEvents, TokenSource]:
+        """A resumable stream's checkpoint writer and event ids; resuming, the checkpoint
+        taken over and the generation put back where the client stopped."""
+        if loaded is None:
+            writer = await self.resumes.new_writer(generation.request_id, api_key, generation.model,
+                                                   generation.prompt_ids, generation.sampling, self.frontend_id)
+            return StreamEvents(generation.request_id, writer, generation), generation
+        check_same_request(loaded.checkpoint, generation.model, generation.prompt_ids, generation.sampling)
+        writer, loaded = await self.resumes.take_over(loaded, api_key, self.frontend_id)
+        checkpoint = loaded.checkpoint
+        assert options.resume_from is not None
+        position = options.resume_from[1]
+        generation.resume(checkpoint.output_token_ids, checkpoint.instance_id)
+        log.info("resuming", request_id=generation.request_id, instance_id=checkpoint.instance_id,
+                 checkpointed=len(checkpoint.output_token_ids), client_at=position.end,
+                 from_frontend=checkpoint.frontend_id)
+        events = StreamEvents(generation.request_id, writer, generation, position, len(checkpoint.output_token_ids))
+        events.created = checkpoint.created
+        return events, ResumeFeed(generation, checkpoint.output_token_ids, position)
+
+    async def _admit(self, model: str, continuing: bool = False) -> tuple[list[InstanceRecord], Tokenizer]:
         """The model's instances and tokenizer, or the error that turns the request away
         before it is templated and tokenized: this frontend draining, an unknown model,
-        no instance, every instance busy (shedding load must be cheap)."""
+        no instance, every instance busy (shedding load must be cheap; a resumed stream,
+        ``continuing``, is not shed)."""
         if self.draining:
             raise errors.draining()
         records = self.routing.models().get(model)
@@ -275,16 +312,19 @@ class OpenAIServing:
             if model in self.known_models:
                 raise errors.NoLiveInstance(model)
             raise errors.model_not_found(model)
-        busy = self.routing.admission(model)
+        busy = None if continuing else self.routing.admission(model)
         if busy is not None:
             raise errors.Overloaded(busy.retry_after)
         tokenizer = await load_tokenizer_async(records[0].tokenizer)
         return records, tokenizer
 
     async def _generate(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
-                        choices: list[Choice], arrived: float) -> web.StreamResponse:
+                        choices: list[Choice], arrived: float,
+                        stream_events: StreamEvents | None = None) -> web.StreamResponse:
         """Run the choices' generations and answer; account for the request however it
-        ends (``arrived``: ``time.monotonic()`` when serving it began)."""
+        ends (``arrived``: ``time.monotonic()`` when serving it began). A resumable
+        stream (``stream_events``) keeps its checkpoint and its worker keeps generating
+        when the client leaves; it is deleted when the stream ends."""
         started = time.monotonic()
         model = self._metrics_of(req.model)
         latency = _Latency(model, started, inter_token=bool(req.stream))
@@ -299,17 +339,26 @@ class OpenAIServing:
                 await choice.generation.start()
             model.queue_time.observe(time.monotonic() - arrived)
             if req.stream:
-                return await self._stream(request, req, endpoint, request_id, choices, latency)
-            return await self._complete(req, endpoint, request_id, choices, latency)
+                response = await self._stream(request, req, endpoint, request_id, choices, latency, stream_events)
+            else:
+                return await self._complete(req, endpoint, request_id, choices, latency)
+            if stream_events is not None:
+                await stream_events.writer.finish()
+            return response
         except errors.GenerationError as exc:
             error = errors.to_openai(exc)
             status = str(error.status)
+            if stream_events is not None:
+                await stream_events.writer.finish()
             raise error from None
         except (asyncio.CancelledError, ConnectionResetError):
             status = "499"  # client closed the request
             model.cancellations.inc()
             log.info("client_disconnected", request_id=request_id,
-                     generated=sum(len(c.generation.generated) for c in choices))
+                     generated=sum(len(c.generation.generated) for c in choices), resumable=stream_events is not None)
+            if stream_events is not None:  # it may resume on any frontend
+                await choices[0].generation.detach()
+                await stream_events.writer.close()
             raise
         finally:
             for choice in choices:
@@ -358,10 +407,12 @@ class OpenAIServing:
         return json_response(body)
 
     async def _stream(self, request: web.Request, req: OpenAIRequest, endpoint: str, request_id: str,
-                      choices: list[Choice], latency: _Latency) -> web.StreamResponse:
+                      choices: list[Choice], latency: _Latency,
+                      stream_events: StreamEvents | None = None) -> web.StreamResponse:
         response = _EventStreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
-        created = int(time.time())
+        # A resumable stream's chunks say when it started, resumed or not.
+        created = int(stream_events.created) if stream_events is not None else int(time.time())
         encoders: list[ChatChunkEncoder] | list[CompletionChunkEncoder]
         # The opening events (a role event per chat choice, completions' echoes) go out
         # with the first output, in its send, as vLLM sends the role with the first output
@@ -378,6 +429,15 @@ class OpenAIServing:
         # request go out with the end of the chunked body: one write instead of up to five.
         tail = b""
         try:
+            if stream_events is not None:
+                def trailer() -> bytes:
+                    usage = encoders[0].usage(self._usage(req, choices)) if req.include_usage() else b""
+                    return usage + DONE
+
+                opening, head = head, b""  # sent, with its ids, by write_resumable
+                await write_resumable(response, choices[0], encoders[0], opening, stream_events, endpoint, trailer,
+                                      latency.observe)
+                return response
             if len(choices) == 1:  # the hot path: no merging of streams
                 # A batch is every delta the generation had ready at once: its events go
                 # out in one write (one send), before the next frame is awaited — no token
@@ -412,64 +472,3 @@ class OpenAIServing:
             tail += error_event(error)
         await response.write_eof(head + tail)
         return response
-
-    # -- instances ------------------------------------------------------------------
-    def _track_instance(self, generation: Generation, instance_id: str | None) -> None:
-        """Know which generations stream from which instance, so an instance leaving
-        discovery interrupts exactly those."""
-        for streams in self.generations_by_instance.values():
-            streams.discard(generation)
-        if instance_id is not None:
-            self.generations_by_instance.setdefault(instance_id, set()).add(generation)
-
-    def _on_instance_removed(self, record: InstanceRecord) -> None:
-        if record.draining:
-            # A drained worker sent its open streams a MigrateFrame (or their end) before
-            # releasing its lease, but NATS and the etcd watch are different paths: give
-            # those frames a moment to arrive, and break only streams still open then.
-            asyncio.get_running_loop().call_later(_DRAINED_GRACE_SECONDS, self._interrupt_streams, record.instance_id)
-            return
-        self._interrupt_streams(record.instance_id)
-
-    def _interrupt_streams(self, instance_id: str, cause: str = "lease_expired") -> None:
-        for generation in list(self.generations_by_instance.pop(instance_id, ())):
-            generation.interrupt(cause)
-
-    def _on_instance_dead(self, instance_id: str) -> None:
-        """One of our streams found the instance gone (a ping got no responders): its
-        other streams move now, not each after its own silence window."""
-        if self.generations_by_instance.get(instance_id):
-            log.warning("dead_instance_streams_moving", instance_id=instance_id,
-                        streams=len(self.generations_by_instance[instance_id]))
-            self._interrupt_streams(instance_id, "killed")
-
-    def _on_instance_suspect(self, record: InstanceRecord) -> None:
-        """Its load reports stopped (no new requests go there already): if it holds
-        streams of ours, ping it now."""
-        if not self.generations_by_instance.get(record.instance_id):
-            return
-        task = asyncio.get_running_loop().create_task(self._ping_suspect(record))
-        self._pings.add(task)
-        task.add_done_callback(self._pings.discard)
-
-    async def _ping_suspect(self, record: InstanceRecord) -> None:
-        """One ping to a suspect instance; unanswered, its streams move (``suspect``),
-        no responders, they move as from a dead one (``killed``). Answered — its loop
-        runs, only the reports are late — they stay; the stall timeout is the last resort."""
-        try:
-            await self.transport.ping(record.subject, timeout=self.migration.ping_timeout)
-        except PingTimeoutError:
-            cause = "suspect"
-        except NoRespondersError:
-            cause = "killed"
-        except TransportError:
-            return  # NATS itself is in trouble: the streams' own checks decide
-        else:
-            log.info("suspect_answered_ping", instance_id=record.instance_id)
-            return
-        streams = len(self.generations_by_instance.get(record.instance_id, ()))
-        log.warning("suspect_streams_moving", instance_id=record.instance_id, cause=cause, streams=streams)
-        self._interrupt_streams(record.instance_id, cause)
-
-    def _on_instance_added(self, record: InstanceRecord) -> None:
-        self.known_models.add(record.model)

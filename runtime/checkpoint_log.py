@@ -1,7 +1,7 @@
 """Pure logic of resumable streams' checkpoints (no I/O; ``stream_checkpoints.py`` does
 the JetStream side): when a request's checkpoint is written and what, how the messages
-of a key fold back into one state, the API-key check, and the names the resume
-protocol uses (request ids, SSE event ids).
+of a key fold back into one state, the API-key check, and request ids (the SSE event
+ids are frontend/event_ids.py's).
 
 A request's key in the bucket holds a full :class:`StreamCheckpoint` (a *snapshot*,
 written with a rollup header so it replaces the key's earlier messages) followed by
@@ -34,12 +34,11 @@ import msgspec
 from dynrt.runtime.config import ResumeConfig
 from dynrt.runtime.protocol import CheckpointDelta, CheckpointEntry, StreamCheckpoint
 
-__all__ = ["CheckpointLog", "CheckpointPolicy", "IncompleteCheckpoint", "api_key_hash", "bucket_ttl", "event_id",
-           "fold", "is_request_id", "key_matches", "new_request_id", "parse_event_id"]
+__all__ = ["CheckpointLog", "CheckpointPolicy", "IncompleteCheckpoint", "api_key_hash", "bucket_ttl", "fold",
+           "is_request_id", "key_matches", "new_request_id"]
 
 # A request id is one NATS subject token and a key-value key: no '.', no wildcard.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_=-]{1,200}")
-_SEQ = re.compile(r"[0-9]{1,12}")
 
 
 def new_request_id(prefix: str) -> str:
@@ -50,19 +49,6 @@ def new_request_id(prefix: str) -> str:
 
 def is_request_id(value: str) -> bool:
     return _REQUEST_ID.fullmatch(value) is not None
-
-
-def event_id(request_id: str, seq: int) -> str:
-    """The SSE ``id:`` of a stream's ``seq``-th event (from 1)."""
-    return f"{request_id}.{seq}"
-
-
-def parse_event_id(value: str) -> tuple[str, int]:
-    """``(request_id, seq)`` of a ``Last-Event-ID``; ValueError if it is not one."""
-    request_id, dot, seq = value.strip().rpartition(".")
-    if not dot or not is_request_id(request_id) or not _SEQ.fullmatch(seq):
-        raise ValueError(f"not an event id of a dynrt stream: {value[:100]!r}")
-    return request_id, int(seq)
 
 
 def api_key_hash(request_id: str, api_key: str) -> bytes:

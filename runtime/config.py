@@ -121,10 +121,10 @@ class MigrationConfig(msgspec.Struct, kw_only=True):
 
 
 class ResumeConfig(msgspec.Struct, kw_only=True):
-    """Resumable streams (issue 18; ``runtime/stream_checkpoints.py``): how long a
-    client may take to come back, and how often a stream's checkpoint is written to
-    JetStream. Not yet a group of any component's settings: the frontend and worker
-    take it when they implement resuming."""
+    """Resumable streams (``docs/resumable-streams.md``): how long a client may take to
+    come back, and how often a stream's checkpoint is written to JetStream. The
+    frontend's settings; a worker keeps a detached request for the grace the frontend
+    put in its generate request."""
 
     resume_grace: Annotated[float, _doc("seconds a stream whose client or frontend is gone stays resumable: the worker keeps generating, its checkpoint stays in JetStream"), msgspec.Meta(gt=0)] = 30.0
     # 0.2 s: ~5 JetStream writes a second per stream whatever the token rate
@@ -158,6 +158,7 @@ class FrontendConfig(CommonConfig, kw_only=True):
     # The policy is a choice here (--router-mode): the help names the policy a setting is for.
     routing: Annotated[RoutingConfig, _group(name_policy=True)] = msgspec.field(default_factory=RoutingConfig)
     migration: Annotated[MigrationConfig, _group()] = msgspec.field(default_factory=MigrationConfig)
+    resume: Annotated[ResumeConfig, _group()] = msgspec.field(default_factory=ResumeConfig)
     # Chat: templates, tools, reasoning (vLLM's flags; frontend/chat_request.py)
     chat_template: Annotated[str, _doc("chat template overriding the model's: a file, or the template itself")] = ""
     enable_auto_tool_choice: Annotated[bool, _doc("parse tool calls from the output for tool_choice 'auto' (needs --tool-call-parser)")] = False

@@ -8,8 +8,7 @@ import math
 import pytest
 
 from dynrt.runtime.checkpoint_log import (CheckpointLog, CheckpointPolicy, IncompleteCheckpoint, api_key_hash,
-                                          bucket_ttl, event_id, fold, is_request_id, key_matches, new_request_id,
-                                          parse_event_id)
+                                          bucket_ttl, fold, is_request_id, key_matches, new_request_id)
 from dynrt.runtime.protocol import (CheckpointDelta, CheckpointEntry, SamplingParams, StreamCheckpoint,
                                     checkpoint_entry_decoder, encode)
 
@@ -190,12 +189,3 @@ def test_request_ids_are_unguessable_keys() -> None:
     assert rid.startswith("chatcmpl-") and len(rid) == len("chatcmpl-") + 32  # 128 bits in hex
     assert all(is_request_id(i) for i in ids)
     assert not is_request_id("a.b") and not is_request_id("a*") and not is_request_id("") and not is_request_id("é")
-
-
-def test_event_ids() -> None:
-    assert event_id("chatcmpl-ab12", 7) == "chatcmpl-ab12.7"
-    assert parse_event_id("chatcmpl-ab12.7") == ("chatcmpl-ab12", 7)
-    assert parse_event_id(" cmpl-x-0.0 ") == ("cmpl-x-0", 0)
-    for bad in ("", "chatcmpl-ab12", "chatcmpl-ab12.", ".7", "a.b.7", "x.-1", "x.1e3", "x.٣", "x*.1", "x." + "9" * 13):
-        with pytest.raises(ValueError):
-            parse_event_id(bad)
