@@ -16,6 +16,11 @@ usage's token counts).
     report = await check(streams)                   # Report: ok, failed, identical, ...
     report.assert_perfect()
 
+``resumable=True``: every request opts in to a resumable stream (``Dynrt-Resumable: 1``)
+and a client whose connection breaks (or whose stream ends without ``[DONE]``) sends it
+again with ``Last-Event-ID`` (to the next URL), up to ``max_resumes`` times: the stream
+counts its ``resumes`` and the gap each cost.
+
 A stream can be made to disconnect mid-answer (``cancel_after={index: chunks}``): the
 client closes the connection after that many content chunks, as a user pressing stop.
 ``stop_issuing()`` ends an open-ended run: requests not yet sent are dropped (not
@@ -70,6 +75,9 @@ class Stream:
     error: str = ""  # "" when the stream ended normally
     done: bool = False  # saw data: [DONE]
     cancelled: bool = False  # the client disconnected on purpose
+    last_event_id: str | None = None  # resumable streams: the last event's id
+    resumes: int = 0  # times the client resumed it (Last-Event-ID)
+    resume_errors: list[str] = field(default_factory=list)  # why each resume was needed
     chunk_times: list[float] = field(default_factory=list)  # monotonic, one per content chunk
 
     @property
@@ -107,12 +115,16 @@ class Load:
     def __init__(self, urls: str | Sequence[str], *, requests: int, concurrency: int, max_tokens: int | Sequence[int],
                  tag: str = "ft", cancel_after: dict[int, int] | None = None, first_index: int = 0,
                  request_timeout: float = 120.0, headers: dict[str, str] | None = None,
-                 prompt_words: int = 0) -> None:
+                 prompt_words: int = 0, resumable: bool = False, max_resumes: int = 5) -> None:
         """``max_tokens``: one value, or one per request. ``cancel_after``: request index
         → content chunks after which that client disconnects. ``headers``: sent with every
         request (e.g. ``Authorization``). ``prompt_words``: longer prompts (``messages``)."""
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.headers = dict(headers or {})
+        self.resumable = resumable
+        self.max_resumes = max_resumes
+        if resumable:
+            self.headers["Dynrt-Resumable"] = "1"
         self.concurrency = concurrency
         self.request_timeout = request_timeout
         cancel_after = cancel_after or {}
@@ -156,15 +168,38 @@ class Load:
         stream.sent = True
         stream.sent_at = time.monotonic()
         self._poke()
+        url = stream.url
         try:
-            async with session.post(f"{stream.url}/v1/chat/completions", json=stream.body(),
-                                    headers=self.headers) as response:
+            while True:
+                broken = await self._attempt(session, stream, url)
+                if not (self.resumable and broken and stream.last_event_id is not None) \
+                        or stream.resumes >= self.max_resumes:
+                    return
+                # Broken mid-answer: resume (a 503 or 409 on a resume is retried too).
+                stream.resume_errors.append(stream.error)
+                stream.resumes += 1
+                stream.error = ""
+                url = self.urls[(self.urls.index(url) + 1) % len(self.urls)] if url in self.urls else url
+                await asyncio.sleep(0.05 * stream.resumes)
+        finally:
+            stream.ended_at = time.monotonic()
+            self._poke()
+
+    async def _attempt(self, session: aiohttp.ClientSession, stream: Stream, url: str) -> bool:
+        """One request (or resume); True if the connection broke or the stream ended
+        without ``[DONE]`` or the answer is "retry" (503, 409): worth resuming."""
+        headers = self.headers
+        if stream.last_event_id is not None:
+            headers = {**headers, "Last-Event-ID": stream.last_event_id}
+        try:
+            async with session.post(f"{url}/v1/chat/completions", json=stream.body(), headers=headers) as response:
                 stream.status = response.status
                 if response.status != 200:
                     stream.error = f"HTTP {response.status}: {(await response.text())[:200]}"
-                    return
+                    return response.status in (409, 503)
                 events = SseStream(response)
                 async for chunk in events:
+                    stream.last_event_id = events.last_event_id or stream.last_event_id
                     if "error" in chunk:
                         error = chunk["error"]
                         stream.error = f"stream error {error.get('code')}: {error.get('message', '')[:200]}"
@@ -183,15 +218,16 @@ class Load:
                     if stream.cancel_after is not None and len(stream.chunk_times) >= stream.cancel_after:
                         stream.cancelled = True
                         response.close()  # drop the connection mid-answer
-                        return
+                        return False
+                stream.last_event_id = events.last_event_id or stream.last_event_id
                 stream.done = events.done
                 if not stream.done and not stream.error:
                     stream.error = "stream ended without [DONE]"
+                    return True
+                return False
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             stream.error = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            stream.ended_at = time.monotonic()
-            self._poke()
+            return not stream.cancelled
 
     def _poke(self) -> None:
         self._changed.set()
