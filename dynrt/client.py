@@ -43,6 +43,7 @@ import asyncio
 import email.utils
 import logging
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,13 @@ RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 _log = logging.getLogger(__name__)
 
 _Chunk = TypeVar("_Chunk")
+
+# openai < 3 (httpx) lets a transport error that happens while a stream is read out
+# unwrapped (httpx.RemoteProtocolError for a cut chunked body, httpx.ReadTimeout, ...);
+# openai 3 (httpx2) wraps it in APIConnectionError. Whichever of the two the SDK uses
+# is imported by now.
+_TRANSPORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    sys.modules[name].TransportError for name in ("httpx", "httpx2") if name in sys.modules)
 
 
 @dataclass(frozen=True)
@@ -282,7 +290,11 @@ def _resume_sync(client: OpenAI, create: Callable[[OpenAI], Callable[..., Stream
                 **_request_kwargs(create_kwargs, state))
             _tap(stream, state)
             with stream:
-                yield from stream
+                try:
+                    yield from stream
+                except _TRANSPORT_ERRORS as lost:
+                    raise openai.APIConnectionError(message=f"{type(lost).__name__}: {lost}",
+                                                    request=stream.response.request) from lost
             if state.done:
                 return
             raise StreamEndedEarly(message="stream ended without [DONE]", request=stream.response.request)
@@ -303,8 +315,12 @@ async def _resume_async(client: AsyncOpenAI,
                 **_request_kwargs(create_kwargs, state))
             _tap(stream, state)
             async with stream:
-                async for chunk in stream:
-                    yield chunk
+                try:
+                    async for chunk in stream:
+                        yield chunk
+                except _TRANSPORT_ERRORS as lost:
+                    raise openai.APIConnectionError(message=f"{type(lost).__name__}: {lost}",
+                                                    request=stream.response.request) from lost
             if state.done:
                 return
             raise StreamEndedEarly(message="stream ended without [DONE]", request=stream.response.request)
