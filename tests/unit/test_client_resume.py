@@ -283,6 +283,11 @@ def test_rotates_through_base_urls_skipping_a_dead_frontend(server: ScriptedServ
     assert [(s.port, s.last_event_id) for s in server.seen] == [(ports[0], None), (ports[1], "req7f3a.4")]
 
 
+def test_a_server_without_ids_still_streams_when_nothing_fails(server: ScriptedServer) -> None:
+    server.reset(Step(ids=False))
+    assert _text(_chat(server)) == "".join(ANSWER)
+
+
 def test_a_stream_without_ids_is_not_resumed(server: ScriptedServer) -> None:
     server.reset(Step("drop", after=3, ids=False))
     with pytest.raises(openai.APIConnectionError):
