@@ -18,7 +18,7 @@ It yields the SDK's own typed objects (``ChatCompletionChunk``; ``Completion`` f
 What it does on a failure (:class:`ResumeState` holds these decisions, without I/O):
 
 - a connection error, a timeout, a stream that ended without ``[DONE]``, or a
-  408/429/502/503/504 answer is retried after a backoff (the server's ``Retry-After``
+  408/409/429/502/503/504 answer is retried after a backoff (the server's ``Retry-After``
   when it gave one), each try on the next of ``base_urls`` when several are given, at
   most ``RetryPolicy.max_retries`` times and ``RetryPolicy.max_wait`` seconds in a row
   without an event received in between; then the last error is raised;
@@ -75,7 +75,9 @@ LAST_EVENT_ID_HEADER = "Last-Event-ID"
 RESUME_REFUSED_STATUSES = frozenset({400, 403, 404, 410})
 # Answers that say "not now": a frontend or load balancer without capacity, or between
 # instances. 500 is a server bug and is raised, like any other status.
-RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+# 409: the stream is held by another connection (a previous attempt of ours the server
+# has not yet seen closed): it is free again a moment later.
+RETRY_STATUSES = frozenset({408, 409, 429, 502, 503, 504})
 
 # Standard logging, not dynrt.runtime.log: a client library logs into its application's
 # logging setup, and this module needs nothing of dynrt but itself (only ``openai``).

@@ -44,6 +44,7 @@ from nats.js.kv import KeyValue
 
 from dynrt.runtime.checkpoint_log import (CheckpointLog, CheckpointPolicy, IncompleteCheckpoint, bucket_ttl, fold,
                                           is_request_id, key_matches)
+from dynrt.runtime import metrics
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (CheckpointEntry, StreamCheckpoint, checkpoint_entry_decoder, encode,
                                     stream_checkpoints_bucket)
@@ -52,6 +53,12 @@ __all__ = ["CheckpointError", "CheckpointExpired", "CheckpointForbidden", "Check
            "CheckpointSuperseded", "CheckpointUnavailable", "CheckpointWriter", "LoadedCheckpoint"]
 
 log = get_logger("checkpoints")
+
+WRITES = metrics.counter("dynrt_checkpoint_writes_total",
+                         "resumable-stream checkpoint messages written to JetStream, by kind (snapshot: the full "
+                         "state; delta: the tokens since the previous write)", ("kind",))
+WRITE_BYTES = metrics.counter("dynrt_checkpoint_write_bytes_total",
+                              "bytes of resumable-stream checkpoint messages written to JetStream, by kind", ("kind",))
 
 _KV_HISTORY = 64  # the most nats-py's create_key_value allows; a snapshot + max_deltas fit
 _ROLLUP = {"Nats-Rollup": "sub"}
@@ -223,6 +230,9 @@ class CheckpointStore:
             raise
         self.messages_written += 1
         self.bytes_written += len(data)
+        kind = "snapshot" if isinstance(entry, StreamCheckpoint) else "delta"
+        WRITES.labels(kind).inc()
+        WRITE_BYTES.labels(kind).inc(len(data))
         return ack.seq
 
     async def delete(self, request_id: str) -> None:

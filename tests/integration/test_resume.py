@@ -176,6 +176,37 @@ async def test_frontend_killed_client_resumes_on_the_other_reattached(deployment
     await assert_nothing_left(d, d.http, rest.ids[-1])
 
 
+async def test_helper_resumes_on_the_other_frontend_when_its_frontend_is_killed(deployment: Deployment) -> None:
+    """The client helper (dynrt.client over the official SDK) with both frontends'
+    URLs: its frontend is SIGKILLed mid-answer; it resumes on the other one."""
+    from openai import AsyncOpenAI
+
+    from dynrt.client import async_resumable_stream
+
+    d = deployment
+    a, b = d.frontends
+    assert d.http is not None
+    reference = await full_answer(d.http, b.url)
+    client = AsyncOpenAI(base_url=f"{a.url}/v1", api_key=KEYS[0])
+    request = body()
+    request.pop("stream")
+    request["extra_body"] = {"ignore_eos": request.pop("ignore_eos")}  # not an SDK parameter
+    content, finishes, chunks = "", [], 0
+    async for chunk in async_resumable_stream(client, base_urls=[f"{a.url}/v1", f"{b.url}/v1"], stream=True,
+                                              **request):
+        chunks += 1
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+        if chunks == 40:
+            a.kill()
+    await client.close()
+    assert content == reference.content and finishes == ["length"]
+    assert "event=reattaching" in b.log_text()
+    await d.assert_kv_idle(timeout=5)
+
+
 async def test_frontend_and_worker_killed_resume_continues_from_checkpoint(deployment: Deployment) -> None:
     d = deployment
     a, b = d.frontends
