@@ -359,7 +359,9 @@ class Generation:
                         raise InvalidRequest(frame.message)
                     if frame.code == "cancelled":
                         # Another frontend reattached to this request (its client
-                        # resumed there): this one's client is gone; nothing to continue.
+                        # resumed there): this one's client is gone; nothing to continue,
+                        # and nothing to cancel — the request is the other frontend's now.
+                        stream.release()
                         raise StreamTakenOver(frame.message)
                     raise StreamInterrupted(frame.code)
                 continue
