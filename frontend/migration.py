@@ -302,7 +302,7 @@ class Generation:
         try:
             self._stream = await self.transport.call(record.subject, b"", request_id=self.request_id,
                                                      stall_timeout=self.config.stream_stall_timeout,
-                                                     reattach_from=len(self.generated))
+                                                     reattach_from=len(self.generated), frontend_id=self.frontend_id)
         except StreamBrokenError:
             self._release_instance()
             return False

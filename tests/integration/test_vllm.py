@@ -15,9 +15,11 @@ what is measured):
    streamed) must equal the server's answers token for token (same text, same token
    counts, same finish reason); the same throughput requests; cancel frees vLLM's request.
 3. A second vLLM worker: requests sharing a long prefix go to the worker that holds it
-   (vLLM's own prefix-cache hit counter and ``cached_tokens`` prove it); SIGKILL of the
-   worker serving a stream: the stream completes on the other, equal to the
-   uninterrupted greedy answer, and the killed worker's engine process is gone too.
+   (vLLM's own prefix-cache hit counter and ``cached_tokens`` prove it); a resumable
+   stream whose frontend is SIGKILLed resumes on another frontend (reattached; then,
+   with its worker SIGKILLed too, from the checkpoint); SIGKILL of the worker serving a
+   stream: the stream completes on the other, equal to the uninterrupted greedy answer,
+   and the killed worker's engine process is gone too.
 
 4. vLLM's own flags: a worker with ``--max-num-seqs 2 --no-enable-prefix-caching`` under
    a second served name, watched while it loads (``dynrt status`` shows it loading,
@@ -432,6 +434,56 @@ async def test_heavy_load_no_vllm_worker_is_suspect_and_nothing_migrates(dep: De
                                  "reported_prefill": {r.instance_id: [round(r.prefill_tokens_per_s), round(
                                      r.prefill_base_seconds, 4), round(r.step_seconds, 4)] for r in reports.values()}}
     assert suspects == [] and moved == [], (suspects, moved)
+
+
+async def resumed_answer(dep: Deployment, first: FrontendProcess, other: str, kill_worker: bool) -> str:
+    """A resumable greedy stream through the client helper on ``first``: after 30 chunks
+    ``first`` (and, ``kill_worker``, the worker serving it) is SIGKILLed; the helper
+    resumes on ``other``. Returns the text the caller read."""
+    from openai import AsyncOpenAI
+
+    from dynrt.client import async_resumable_stream
+
+    client = AsyncOpenAI(base_url=f"{first.url}/v1", api_key="none", timeout=300)
+    request = body(LONG_CHAT, dep.model, LONG_TOKENS, ignore_eos=True)
+    request.pop("stream")
+    request["extra_body"] = {"ignore_eos": request.pop("ignore_eos")}
+    text, chunks = "", 0
+    async for chunk in async_resumable_stream(client, base_urls=[f"{first.url}/v1", f"{other}/v1"], **request):
+        chunks += 1
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+        if chunks == 30:
+            if kill_worker:
+                serving = [w for w in dep.workers if (await worker_health(w))["in_flight"] == 1]
+                assert len(serving) == 1
+                serving[0].kill()
+                await serving[0].wait(10)
+                dep.workers.remove(serving[0])
+            first.kill()
+    await client.close()
+    assert chunks > 30
+    return text
+
+
+async def test_frontend_killed_resumable_stream_resumes_on_another(dep: Deployment) -> None:
+    """fp32 greedy on vLLM: a resumable stream's frontend is SIGKILLed mid-answer; the
+    client helper resumes on the other frontend — reattached to the live worker, then
+    (frontend and worker SIGKILLed) continued from the JetStream checkpoint on the
+    other worker — and the answer equals vLLM's own uninterrupted one both times."""
+    await dep.ensure_workers(2)
+    expected = dep.ref.long.text
+    frontends = [FrontendProcess(dep.tmp, namespace=dep.namespace, etcd_endpoints=dep.etcd.endpoint,
+                                 nats_url=dep.nats.url, expect_instances=2, name=f"resume-frontend{i}",
+                                 start_timeout=120) for i in range(2)]
+    for frontend in frontends:
+        await frontend.start()
+    reattached = await resumed_answer(dep, frontends[0], dep.url, kill_worker=False)
+    assert reattached == expected
+    assert dep.frontend is not None and "event=reattaching" in dep.frontend.log_text()
+    from_checkpoint = await resumed_answer(dep, frontends[1], dep.url, kill_worker=True)
+    assert from_checkpoint == expected
+    dep.results["resume"] = {"reattached_equal": reattached == expected,
+                             "from_checkpoint_equal": from_checkpoint == expected}
 
 
 async def test_sigkill_mid_stream_migrates_to_other_worker(dep: Deployment) -> None:
