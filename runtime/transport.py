@@ -26,6 +26,11 @@ nats-py's.
 
 Closing a stream before its end (``aclose()``, or leaving ``async for`` early) sends a
 ``Cancel(kill)`` to the server so the request stops and frees its KV cache.
+
+Resumable streams: ``cancel("detach")`` ends the caller's side but leaves a resumable
+request running on the server for its ``resume_grace``; ``call(..., reattach_from=M)``
+resumes it (runtime/endpoint.py: the first frame is a ``TokenFrame`` with every token
+from ``M`` on, then the live rest; or ``ErrorFrame(code="not_found")``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,17 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
-from dynrt.runtime.endpoint import REQUEST_ID_HEADER, Endpoint, ExtraControlHandler, Handler, RequestContext
+from dynrt.runtime.endpoint import (
+    FRONTEND_ID_HEADER,
+    REATTACH_FROM_HEADER,
+    REQUEST_ID_HEADER,
+    Endpoint,
+    ExtraControlHandler,
+    Handler,
+    ReattachHook,
+    RequestContext,
+    reattach_subject,
+)
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     Cancel,
@@ -77,7 +92,8 @@ log = get_logger("transport")
 
 # Re-exported: callers import the errors and the handler types from here.
 __all__ = ["NatsTransport", "ResponseStream", "Endpoint", "RequestContext", "Handler", "ExtraControlHandler",
-           "REQUEST_ID_HEADER", "TransportError", "NoRespondersError", "StreamBrokenError", "StreamStalledError",
+           "REQUEST_ID_HEADER", "REATTACH_FROM_HEADER", "FRONTEND_ID_HEADER", "ReattachHook", "reattach_subject",
+           "TransportError", "NoRespondersError", "StreamBrokenError", "StreamStalledError",
            "RequestTimeoutError", "PingTimeoutError", "NatsUnavailable", "StreamSilent"]
 
 _NO_RESPONDERS = "503"
@@ -236,10 +252,11 @@ class ResponseStream:
 
     async def cancel(self, mode: CancelMode = "kill") -> None:
         """Tell the server to stop (``stop``: finish after the current step; ``kill``:
-        abort now). With ``kill`` the stream ends here."""
+        abort now; ``detach``: stop sending, keep a resumable request running for a
+        reattach, kill any other). With ``kill`` or ``detach`` the stream ends here."""
         if self.done:
             return
-        if mode == "kill":
+        if mode != "stop":
             self._finish()
         await self._transport.send_control(control_subject(self.subject), Cancel(request_id=self.request_id, mode=mode))
 
@@ -372,26 +389,39 @@ class NatsTransport:
                 endpoint.cancel(ctx.request_id, "kill")
 
     # -- server ---------------------------------------------------------------
-    async def serve(self, subject: str, handler: Handler,
-                    extra_control: ExtraControlHandler | None = None) -> Endpoint:
-        endpoint = Endpoint(self, subject, handler, extra_control)
+    async def serve(self, subject: str, handler: Handler, extra_control: ExtraControlHandler | None = None,
+                    reattach: ReattachHook | None = None) -> Endpoint:
+        """``reattach``: the endpoint resumes streams (``{subject}.reattach`` is served)."""
+        endpoint = Endpoint(self, subject, handler, extra_control, reattach)
         await endpoint.start()
         self.endpoints.append(endpoint)
         return endpoint
 
     # -- client ---------------------------------------------------------------
-    async def call(self, subject: str, payload: bytes, *, request_id: str,
-                   stall_timeout: float = 2.0) -> ResponseStream:
+    async def call(self, subject: str, payload: bytes, *, request_id: str, stall_timeout: float = 2.0,
+                   reattach_from: int | None = None, frontend_id: str = "") -> ResponseStream:
         """Send a request; frames arrive on the returned stream. A dead subject shows
-        up as ``NoRespondersError`` on the first read."""
+        up as ``NoRespondersError`` on the first read.
+
+        ``reattach_from=M``: no new request (``payload`` is ignored) but resume the
+        resumable request ``request_id`` on the instance serving ``subject``, whose
+        first ``M`` output tokens the caller has; ``frontend_id`` names the caller's
+        frontend so the worker detaches the stream again if that frontend goes away.
+        The message goes to the instance's reattach subject, still served while it drains."""
         if not self.connected.is_set():
             raise StreamBrokenError("nats_disconnected", "not connected to NATS")
+        headers = {REQUEST_ID_HEADER: request_id}
+        target = subject
+        if reattach_from is not None:
+            headers[REATTACH_FROM_HEADER] = str(reattach_from)
+            if frontend_id:
+                headers[FRONTEND_ID_HEADER] = frontend_id
+            target, payload = reattach_subject(subject), b""
         token = bytes(self._reply_tokens.next())
         stream = ResponseStream(self, subject, request_id, token, stall_timeout)
         self._streams[token] = stream
         try:
-            await self.nc.publish(subject, payload, reply=self._reply_prefix + token.decode(),
-                                  headers={REQUEST_ID_HEADER: request_id})
+            await self.nc.publish(target, payload, reply=self._reply_prefix + token.decode(), headers=headers)
         except nats.errors.Error as exc:
             stream._finish()
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
