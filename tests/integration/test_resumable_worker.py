@@ -59,6 +59,14 @@ async def reattach(transport: NatsTransport, worker: WorkerProcess, request_id: 
                                 reattach_from=start, frontend_id=frontend_id)
 
 
+async def gauge(http: aiohttp.ClientSession, worker: WorkerProcess, name: str) -> float:
+    async with http.get(worker.metrics_url) as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported by the worker")
+
+
 def assert_not_found(result: Result) -> None:
     assert len(result.frames) == 1, result.frames
     frame = result.frames[0]
@@ -149,11 +157,14 @@ async def test_grace_expiry_kills_the_request_frees_kv_and_forgets_it(
     await stream.cancel("detach")
     detached_at = time.monotonic()
     await wait_health(http, worker, "detached", 1.0, detached_requests=1, running=1)
+    assert await gauge(http, worker, "dynrt_worker_detached_requests") == 1
     await wait_kv_free(http, worker, grace + 2.0)
     assert time.monotonic() - detached_at >= grace - 0.05
     await wait_health(http, worker, "forgotten", 1.0, detached_requests=0, retained_outputs=0)
     assert_not_found(await collect(await reattach(transport, worker, request.request_id, 5)))
     assert "detached_expired" in worker.log_text()
+    assert await gauge(http, worker, "dynrt_worker_detached_requests") == 0
+    assert await gauge(http, worker, "dynrt_worker_retained_outputs") == 0
 
 
 async def test_detaching_a_non_resumable_request_kills_it(
