@@ -52,6 +52,10 @@ REATTACH_FROM_HEADER = "Dynrt-Reattach-From"
 # On a reattach, optional: the frontend now reading the stream (so the stream is
 # detached again if that frontend goes away).
 FRONTEND_ID_HEADER = "Dynrt-Frontend-Id"
+# On a ``Cancel``, optional: the reply subject of the stream it is about. A stream taken
+# over by a reattach has a new reply subject, so a late cancel from its previous
+# caller (who could not yet know) is ignored instead of stopping the new caller's stream.
+CALLER_HEADER = "Dynrt-Caller"
 _END_FRAME = encode(EndFrame())
 _HEARTBEAT_FRAME = encode(HeartbeatFrame())
 _RESUMED_ELSEWHERE = encode(ErrorFrame(code="cancelled", message="stream resumed elsewhere"))
@@ -259,7 +263,7 @@ class Endpoint:
                 await self.transport.nc.publish(msg.reply, encode(pong))
             return
         if isinstance(message, Cancel):
-            self.cancel(message.request_id, message.mode)
+            self.cancel(message.request_id, message.mode, caller=(msg.headers or {}).get(CALLER_HEADER, ""))
             if msg.reply:
                 await self.transport.nc.publish(msg.reply, encode(Pong(instance_id=self.subject)))
             return
@@ -268,11 +272,15 @@ class Endpoint:
             if reply is not None and msg.reply:
                 await self.transport.nc.publish(msg.reply, encode(reply))
 
-    def cancel(self, request_id: str, mode: CancelMode) -> bool:
+    def cancel(self, request_id: str, mode: CancelMode, caller: str = "") -> bool:
         """``detach`` on a resumable request stops sending (the handler's ``on_cancel``
-        keeps it running for a while); on any other it is a ``kill``."""
+        keeps it running for a while); on any other it is a ``kill``. ``caller``: the
+        reply subject the cancel is about; if the stream now goes elsewhere, ignored."""
         ctx = self.in_flight.get(request_id)
         if ctx is None:
+            return False
+        if caller and caller != ctx.reply:
+            log.info("cancel_from_previous_caller_ignored", request_id=request_id, mode=mode)
             return False
         if mode == "detach" and not ctx.resumable:
             mode = "kill"

@@ -49,6 +49,7 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
 from dynrt.runtime.endpoint import (
+    CALLER_HEADER,
     FRONTEND_ID_HEADER,
     REATTACH_FROM_HEADER,
     REQUEST_ID_HEADER,
@@ -92,7 +93,7 @@ log = get_logger("transport")
 
 # Re-exported: callers import the errors and the handler types from here.
 __all__ = ["NatsTransport", "ResponseStream", "Endpoint", "RequestContext", "Handler", "ExtraControlHandler",
-           "REQUEST_ID_HEADER", "REATTACH_FROM_HEADER", "FRONTEND_ID_HEADER", "ReattachHook", "reattach_subject",
+           "REQUEST_ID_HEADER", "REATTACH_FROM_HEADER", "FRONTEND_ID_HEADER", "CALLER_HEADER", "ReattachHook", "reattach_subject",
            "TransportError", "NoRespondersError", "StreamBrokenError", "StreamStalledError",
            "RequestTimeoutError", "PingTimeoutError", "NatsUnavailable", "StreamSilent"]
 
@@ -137,6 +138,11 @@ class ResponseStream:
         self.last_activity = time.monotonic()
         self.done = False
         self.broken_cause: str | None = None
+
+    @property
+    def reply(self) -> str:
+        """The reply subject the server sends this stream to."""
+        return self._transport._reply_prefix + self._token.decode()
 
     # called by the transport's reply mux
     def _deliver(self, item: Any) -> None:
@@ -258,7 +264,11 @@ class ResponseStream:
             return
         if mode != "stop":
             self._finish()
-        await self._transport.send_control(control_subject(self.subject), Cancel(request_id=self.request_id, mode=mode))
+        # Naming this stream's reply subject: if the request was taken over by a
+        # reattach meanwhile, the server ignores this cancel.
+        await self._transport.publish(control_subject(self.subject),
+                                      encode(Cancel(request_id=self.request_id, mode=mode)),
+                                      headers={CALLER_HEADER: self.reply})
 
     async def aclose(self) -> None:
         if not self.done:
@@ -421,7 +431,7 @@ class NatsTransport:
         stream = ResponseStream(self, subject, request_id, token, stall_timeout)
         self._streams[token] = stream
         try:
-            await self.nc.publish(target, payload, reply=self._reply_prefix + token.decode(), headers=headers)
+            await self.nc.publish(target, payload, reply=stream.reply, headers=headers)
         except nats.errors.Error as exc:
             stream._finish()
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
@@ -458,10 +468,10 @@ class NatsTransport:
     async def send_control(self, subject: str, message: Control) -> None:
         await self.publish(subject, encode(message))
 
-    async def publish(self, subject: str, payload: bytes) -> None:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish; ``StreamBrokenError`` if NATS refuses (e.g. reconnecting, closed)."""
         try:
-            await self.nc.publish(subject, payload)
+            await self.nc.publish(subject, payload, headers=headers)
         except nats.errors.Error as exc:
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
 

@@ -10,6 +10,8 @@
 - ``reattach``: what to send a frontend resuming from token ``M`` (the endpoint does
   the switch): a running request's replay, then its live rest; a finished one's rest
   with its finish reason (and the output is dropped); or ``not_found``.
+- ``frontend_gone``: outputs that finished while that frontend read them are kept for
+  their full grace (its client may not have got the end).
 - ``close``: drop everything (shutdown).
 
 The bookkeeping is ``worker/retained_output.py``; this module adds timers, logs, gauges.
@@ -72,11 +74,21 @@ class ResumableRequests:
         log.info("request_detached", request_id=request_id, grace=entry.resume_grace,
                  tokens=len(entry.token_ids))
 
+    def frontend_gone(self, frontend_id: str) -> None:
+        """Outputs that finished while that frontend read them: it may have died before
+        its client got the end, so they are kept for their full grace from now on."""
+        for entry in self.outputs.finished_read_by(frontend_id):
+            entry.detached = True
+            self._start_timer(entry.request_id, entry.resume_grace)
+            log.info("finished_output_kept", request_id=entry.request_id, frontend_id=frontend_id,
+                     grace=entry.resume_grace)
+
     def is_resumable(self, request_id: str) -> bool:
         return self.outputs.get(request_id) is not None
 
     # -- reattach -------------------------------------------------------------------
-    def reattach(self, request_id: str, start: int, ctx: RequestContext | None) -> tuple[Frame, bool]:
+    def reattach(self, request_id: str, start: int, ctx: RequestContext | None,
+                 frontend_id: str = "") -> tuple[Frame, bool]:
         """The first frame for a frontend resuming from token ``start``, and whether the
         stream then continues live to it. Synchronous: the endpoint switches the stream
         right after, before the handler runs again."""
@@ -92,6 +104,7 @@ class ResumableRequests:
         if entry.finished:
             self.outputs.drop(request_id)
         was_detached, entry.detached = entry.detached, False
+        entry.frontend_id = frontend_id
         self._update_gauges()
         log.info("request_reattached", request_id=request_id, start=start, replayed=len(replay.token_ids),
                  finished=entry.finished, was_detached=was_detached)

@@ -36,7 +36,7 @@ class RetainedOutput:
 
     request_id: str
     resume_grace: float
-    frontend_id: str = ""
+    frontend_id: str = ""  # the frontend reading it (last)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None  # kept when the request asked for them
     finish_reason: FinishReason | None = None
@@ -99,6 +99,10 @@ class RetainedOutputs:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def finished_read_by(self, frontend_id: str) -> list[RetainedOutput]:
+        """Finished outputs whose last reader was ``frontend_id`` (still attached when they finished)."""
+        return [e for e in self._entries.values() if e.finished and not e.detached and e.frontend_id == frontend_id]
 
     def detached_running(self) -> int:
         return sum(1 for e in self._entries.values() if e.detached and not e.finished)

@@ -253,7 +253,7 @@ class WorkerService:
 
     def _reattach(self, request_id: str, start: int, ctx: RequestContext | None,
                   frontend_id: str) -> tuple[Frame, bool]:
-        frame, live = self.resumable.reattach(request_id, start, ctx)
+        frame, live = self.resumable.reattach(request_id, start, ctx, frontend_id)
         if live:  # no longer its old frontend's; detached again if the new one's goes away
             self.frontend_requests.untrack(request_id)
             if frontend_id:
@@ -283,6 +283,7 @@ class WorkerService:
     def _on_frontend_gone(self, key: str) -> None:
         frontend_id = key.rsplit("/", 1)[-1]
         self.router_feed.forget_sender(frontend_id)  # its router is gone with it
+        self.resumable.frontend_gone(frontend_id)
         orphans = self.frontend_requests.pop_frontend(frontend_id)
         if not orphans or self.endpoint is None:
             return

@@ -21,8 +21,15 @@ from dynrt.runtime import protocol
 from dynrt.runtime.discovery import EtcdClient, LeasedRegistration
 from dynrt.runtime.embedded import EtcdServer, NatsServer
 from dynrt.runtime.procs import stop_process
-from dynrt.runtime.protocol import ErrorFrame, GenerateRequest, SamplingParams, TokenFrame, frontend_key
-from dynrt.runtime.transport import NatsTransport, ResponseStream
+from dynrt.runtime.protocol import (
+    ErrorFrame,
+    GenerateRequest,
+    SamplingParams,
+    TokenFrame,
+    control_subject,
+    frontend_key,
+)
+from dynrt.runtime.transport import CALLER_HEADER, NatsTransport, ResponseStream
 from harness.processes import spawn_python
 from harness.waiting import wait_line
 from harness.worker import WorkerProcess
@@ -186,14 +193,20 @@ async def test_taking_over_an_attached_stream_tells_the_old_caller_and_loses_not
     start = len(await read_tokens(old, 10))
     old_rest = asyncio.create_task(collect(old))  # the old caller keeps reading
     await asyncio.sleep(0.2)
-    new = await collect(await reattach(transport, worker, request.request_id, start))
+    new_stream = await reattach(transport, worker, request.request_id, start)
+    replay = await new_stream.next(5.0)
     old_result = await old_rest
+    # A cancel the old caller sent before it learnt of the takeover does not stop the new stream.
+    await transport.publish(control_subject(worker.record.subject),
+                            protocol.encode(protocol.Cancel(request_id=request.request_id, mode="kill")),
+                            headers={CALLER_HEADER: old.reply})
+    new = await collect(new_stream)
+    new.tokens[:0] = replay.token_ids
     old_tokens = expected[:start] + old_result.tokens
     last = old_result.frames[-1]
     assert isinstance(last, ErrorFrame) and (last.code, last.message) == ("cancelled", "stream resumed elsewhere")
     assert all(isinstance(f, TokenFrame) for f in old_result.frames[:-1])
     # The replay is exactly what the old caller got after ``start``: nothing lost, nothing twice.
-    replay = new.frames[0]
     assert isinstance(replay, TokenFrame)
     assert replay.token_ids == old_tokens[start:]
     assert expected[:start] + new.tokens == expected
@@ -213,6 +226,11 @@ async def test_frontend_gone_detaches_its_resumable_requests_and_kills_the_other
     try:
         await asyncio.to_thread(wait_line, tmp_path / "frontend.log", "registered", 15, owner)
         async with start_worker(tmp_path, etcd_server, nats_server, namespace, "--lease-ttl", str(ttl)) as w:
+            # Finished while fe-dead read it: kept 4 s, then its full grace again once fe-dead is known gone.
+            short = resumable(SamplingParams(max_tokens=20, ignore_eos=True, seed=2), grace=4.0, frontend_id="fe-dead")
+            short_result = await collect(await call(transport, w, short))
+            finished_at = time.monotonic()
+            assert short_result.final is not None
             kept = resumable(SamplingParams(max_tokens=4000, ignore_eos=True, seed=1), frontend_id="fe-dead")
             kept_stream = await call(transport, w, kept)
             doomed_stream = await call(transport, w, make_request(LONG, frontend_id="fe-dead"))
@@ -223,6 +241,10 @@ async def test_frontend_gone_detaches_its_resumable_requests_and_kills_the_other
             await wait_health(http, w, "frontend gone", ttl + 3, running=1, in_flight=1, detached_requests=1)
             log_text = w.log_text()
             assert "frontend_gone_detaching" in log_text and "frontend_gone_aborting" in log_text
+            assert "finished_output_kept" in log_text
+            await asyncio.sleep(max(0.0, finished_at + 4.5 - time.monotonic()))  # past its first 4 s
+            tail = await collect(await reattach(transport, w, short.request_id, 20))
+            assert tail.tokens == [] and tail.final is not None and tail.final.finish_reason == "length"
 
             # fe-live resumes it: everything from token 0, then the live rest.
             resumed = await reattach(transport, w, kept.request_id, 0, frontend_id="fe-live")

@@ -74,6 +74,10 @@ def test_registry_counts_detached_running_and_finished_outputs() -> None:
     detached.detached = True
     finished.append(TokenFrame(token_ids=[1], finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=1)))
     assert (len(outputs), outputs.detached_running(), outputs.finished()) == (3, 1, 1)
+    finished.frontend_id = "fe-a"
+    assert outputs.finished_read_by("fe-a") == [finished] and outputs.finished_read_by("fe-b") == []
+    finished.detached = True  # already nobody's: not returned again
+    assert outputs.finished_read_by("fe-a") == []
     with pytest.raises(ValueError):
         outputs.open("a", 30.0)
     assert outputs.get("a") is running
