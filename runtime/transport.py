@@ -26,6 +26,11 @@ nats-py's.
 
 Closing a stream before its end (``aclose()``, or leaving ``async for`` early) sends a
 ``Cancel(kill)`` to the server so the request stops and frees its KV cache.
+
+Resumable streams: ``cancel("detach")`` ends the caller's side but leaves a resumable
+request running on the server for its ``resume_grace``; ``call(..., reattach_from=M)``
+resumes it (runtime/endpoint.py: the first frame is a ``TokenFrame`` with every token
+from ``M`` on, then the live rest; or ``ErrorFrame(code="not_found")``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,18 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
-from dynrt.runtime.endpoint import REQUEST_ID_HEADER, Endpoint, ExtraControlHandler, Handler, RequestContext
+from dynrt.runtime.endpoint import (
+    CALLER_HEADER,
+    FRONTEND_ID_HEADER,
+    REATTACH_FROM_HEADER,
+    REQUEST_ID_HEADER,
+    Endpoint,
+    ExtraControlHandler,
+    Handler,
+    ReattachHook,
+    RequestContext,
+    reattach_subject,
+)
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     Cancel,
@@ -77,7 +93,8 @@ log = get_logger("transport")
 
 # Re-exported: callers import the errors and the handler types from here.
 __all__ = ["NatsTransport", "ResponseStream", "Endpoint", "RequestContext", "Handler", "ExtraControlHandler",
-           "REQUEST_ID_HEADER", "TransportError", "NoRespondersError", "StreamBrokenError", "StreamStalledError",
+           "REQUEST_ID_HEADER", "REATTACH_FROM_HEADER", "FRONTEND_ID_HEADER", "CALLER_HEADER", "ReattachHook", "reattach_subject",
+           "TransportError", "NoRespondersError", "StreamBrokenError", "StreamStalledError",
            "RequestTimeoutError", "PingTimeoutError", "NatsUnavailable", "StreamSilent"]
 
 _NO_RESPONDERS = "503"
@@ -121,6 +138,11 @@ class ResponseStream:
         self.last_activity = time.monotonic()
         self.done = False
         self.broken_cause: str | None = None
+
+    @property
+    def reply(self) -> str:
+        """The reply subject the server sends this stream to."""
+        return self._transport._reply_prefix + self._token.decode()
 
     # called by the transport's reply mux
     def _deliver(self, item: Any) -> None:
@@ -236,12 +258,17 @@ class ResponseStream:
 
     async def cancel(self, mode: CancelMode = "kill") -> None:
         """Tell the server to stop (``stop``: finish after the current step; ``kill``:
-        abort now). With ``kill`` the stream ends here."""
+        abort now; ``detach``: stop sending, keep a resumable request running for a
+        reattach, kill any other). With ``kill`` or ``detach`` the stream ends here."""
         if self.done:
             return
-        if mode == "kill":
+        if mode != "stop":
             self._finish()
-        await self._transport.send_control(control_subject(self.subject), Cancel(request_id=self.request_id, mode=mode))
+        # Naming this stream's reply subject: if the request was taken over by a
+        # reattach meanwhile, the server ignores this cancel.
+        await self._transport.publish(control_subject(self.subject),
+                                      encode(Cancel(request_id=self.request_id, mode=mode)),
+                                      headers={CALLER_HEADER: self.reply})
 
     async def aclose(self) -> None:
         if not self.done:
@@ -372,26 +399,39 @@ class NatsTransport:
                 endpoint.cancel(ctx.request_id, "kill")
 
     # -- server ---------------------------------------------------------------
-    async def serve(self, subject: str, handler: Handler,
-                    extra_control: ExtraControlHandler | None = None) -> Endpoint:
-        endpoint = Endpoint(self, subject, handler, extra_control)
+    async def serve(self, subject: str, handler: Handler, extra_control: ExtraControlHandler | None = None,
+                    reattach: ReattachHook | None = None) -> Endpoint:
+        """``reattach``: the endpoint resumes streams (``{subject}.reattach`` is served)."""
+        endpoint = Endpoint(self, subject, handler, extra_control, reattach)
         await endpoint.start()
         self.endpoints.append(endpoint)
         return endpoint
 
     # -- client ---------------------------------------------------------------
-    async def call(self, subject: str, payload: bytes, *, request_id: str,
-                   stall_timeout: float = 2.0) -> ResponseStream:
+    async def call(self, subject: str, payload: bytes, *, request_id: str, stall_timeout: float = 2.0,
+                   reattach_from: int | None = None, frontend_id: str = "") -> ResponseStream:
         """Send a request; frames arrive on the returned stream. A dead subject shows
-        up as ``NoRespondersError`` on the first read."""
+        up as ``NoRespondersError`` on the first read.
+
+        ``reattach_from=M``: no new request (``payload`` is ignored) but resume the
+        resumable request ``request_id`` on the instance serving ``subject``, whose
+        first ``M`` output tokens the caller has; ``frontend_id`` names the caller's
+        frontend so the worker detaches the stream again if that frontend goes away.
+        The message goes to the instance's reattach subject, still served while it drains."""
         if not self.connected.is_set():
             raise StreamBrokenError("nats_disconnected", "not connected to NATS")
+        headers = {REQUEST_ID_HEADER: request_id}
+        target = subject
+        if reattach_from is not None:
+            headers[REATTACH_FROM_HEADER] = str(reattach_from)
+            if frontend_id:
+                headers[FRONTEND_ID_HEADER] = frontend_id
+            target, payload = reattach_subject(subject), b""
         token = bytes(self._reply_tokens.next())
         stream = ResponseStream(self, subject, request_id, token, stall_timeout)
         self._streams[token] = stream
         try:
-            await self.nc.publish(subject, payload, reply=self._reply_prefix + token.decode(),
-                                  headers={REQUEST_ID_HEADER: request_id})
+            await self.nc.publish(target, payload, reply=stream.reply, headers=headers)
         except nats.errors.Error as exc:
             stream._finish()
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
@@ -428,10 +468,10 @@ class NatsTransport:
     async def send_control(self, subject: str, message: Control) -> None:
         await self.publish(subject, encode(message))
 
-    async def publish(self, subject: str, payload: bytes) -> None:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish; ``StreamBrokenError`` if NATS refuses (e.g. reconnecting, closed)."""
         try:
-            await self.nc.publish(subject, payload)
+            await self.nc.publish(subject, payload, headers=headers)
         except nats.errors.Error as exc:
             raise StreamBrokenError("nats_disconnected", str(exc)) from exc
 

@@ -11,7 +11,11 @@ Lifecycle
 - serve: each generate request streams ``TokenFrame``s; a ``Cancel`` stops or kills it;
   KV events and load reports go out for routers; ``DumpCachedBlocks`` answers router resyncs.
 - dead frontends: frontends hold leases too; when one's key disappears, every request
-  it sent is aborted and its KV freed (the caller can no longer read the answer).
+  it sent is aborted and its KV freed (the caller can no longer read the answer) —
+  except resumable ones, which are detached (``worker/resumable.py``).
+- resumable requests (``resume_grace > 0``): their output is kept; a ``Cancel(detach)``
+  leaves them running for their grace period; a frontend reattaches with a
+  ``Dynrt-Reattach-From`` request (runtime/endpoint.py), also while the worker drains.
 - SIGTERM/SIGINT: the record is re-put marked ``draining`` (routers send no new
   requests) and the endpoint stops accepting; in-flight requests finish for up to
   ``drain_timeout``, the rest get a ``MigrateFrame`` so frontends continue them
@@ -41,6 +45,7 @@ from dynrt.runtime.lifecycle import GracefulShutdown
 from dynrt.runtime.log import get_logger
 from dynrt.runtime.protocol import (
     CachedBlocks,
+    CancelMode,
     Control,
     ControlReply,
     DumpCachedBlocks,
@@ -60,6 +65,8 @@ from dynrt.runtime.protocol import (
 )
 from dynrt.runtime.transport import Endpoint, NatsTransport, RequestContext
 from dynrt.worker.engine import Engine, RequestRejected, TokenBatch
+from dynrt.worker.frontend_requests import FrontendRequests
+from dynrt.worker.resumable import ResumableRequests
 from dynrt.worker.router_feed import RouterFeed
 
 log = get_logger("worker")
@@ -101,7 +108,8 @@ class WorkerService:
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.frontend_watcher: PrefixWatcher | None = None
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
-        self.requests_by_frontend: dict[str, set[str]] = {}
+        self.frontend_requests = FrontendRequests()
+        self.resumable = ResumableRequests(kill=self._kill)
         self.router_feed = RouterFeed(config, engine, self.instance_id, self.model_name)
         self.last_request_at = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,7 +131,8 @@ class WorkerService:
         self.transport = await NatsTransport.connect(
             self.config.nats_url, name=f"worker-{self.instance_id}",
             heartbeat_interval=self.config.heartbeat_interval, creds_file=self.config.nats_creds)
-        self.endpoint = await self.transport.serve(self.subject, self._handle_generate, self._handle_control)
+        self.endpoint = await self.transport.serve(self.subject, self._handle_generate, self._handle_control,
+                                                   reattach=self._reattach)
         info = self.engine.info
         record = self._record(system_port, loading=False)
         self.record = record
@@ -195,8 +204,9 @@ class WorkerService:
         self.last_request_at = time.monotonic()
         request_id = request.request_id
         ctx.on_cancel = lambda mode: self._cancel(request_id, mode)
-        by_frontend = self.requests_by_frontend.setdefault(request.frontend_id, set())
-        by_frontend.add(request_id)
+        retained = self.resumable.open(request)
+        ctx.resumable = retained is not None
+        self.frontend_requests.track(request_id, request.frontend_id)
         IN_FLIGHT.inc()
         outcome = "ok"
         generated = 0
@@ -207,13 +217,19 @@ class WorkerService:
                 cached_tokens = max(cached_tokens, batch.cached_tokens)
                 _check_logprobs(request, batch)
                 if batch.finish_reason is None:
-                    yield TokenFrame(token_ids=batch.token_ids, logprobs=batch.logprobs)
+                    frame = TokenFrame(token_ids=batch.token_ids, logprobs=batch.logprobs)
+                    if retained is not None:  # no await from here to the publish (endpoint._on_reattach)
+                        retained.append(frame)
+                    yield frame
                     continue
                 usage = Usage(prompt_tokens=len(request.token_ids), completion_tokens=generated,
                               cached_tokens=cached_tokens)
                 outcome = batch.finish_reason
-                yield TokenFrame(token_ids=batch.token_ids, finish_reason=batch.finish_reason, usage=usage,
-                                 logprobs=batch.logprobs)
+                frame = TokenFrame(token_ids=batch.token_ids, finish_reason=batch.finish_reason, usage=usage,
+                                   logprobs=batch.logprobs)
+                if retained is not None:
+                    retained.append(frame)
+                yield frame
         except RequestRejected as exc:
             outcome = "bad_request"
             yield ErrorFrame(code="bad_request", message=str(exc))
@@ -228,14 +244,30 @@ class WorkerService:
             IN_FLIGHT.dec()
             REQUESTS.labels(outcome).inc()
             OUTPUT_TOKENS.inc(generated)
-            by_frontend.discard(request_id)
-            if not by_frontend:
-                self.requests_by_frontend.pop(request.frontend_id, None)
+            self.frontend_requests.untrack(request_id)
+            if retained is not None:
+                self.resumable.done(retained)
             self.completed += 1
             self.last_request_at = time.monotonic()
             log.debug("request_done", request_id=request_id, outcome=outcome, generated=generated)
 
-    def _cancel(self, request_id: str, mode: Literal["stop", "kill"]) -> None:
+    def _reattach(self, request_id: str, start: int, ctx: RequestContext | None,
+                  frontend_id: str) -> tuple[Frame, bool]:
+        frame, live = self.resumable.reattach(request_id, start, ctx, frontend_id)
+        if live:  # no longer its old frontend's; detached again if the new one's goes away
+            self.frontend_requests.untrack(request_id)
+            if frontend_id:
+                self.frontend_requests.track(request_id, frontend_id)
+        return frame, live
+
+    def _kill(self, request_id: str) -> None:
+        if self.endpoint is not None:
+            self.endpoint.cancel(request_id, "kill")
+
+    def _cancel(self, request_id: str, mode: CancelMode) -> None:
+        if mode == "detach":  # the endpoint sends detach only for resumable requests
+            self.resumable.detach(request_id)
+            return
         log.info("request_cancelled", request_id=request_id, mode=mode)
         # Kept until it ends: the event loop holds only a weak reference to a task.
         task = asyncio.get_running_loop().create_task(self.engine.abort(request_id, mode))
@@ -251,12 +283,18 @@ class WorkerService:
     def _on_frontend_gone(self, key: str) -> None:
         frontend_id = key.rsplit("/", 1)[-1]
         self.router_feed.forget_sender(frontend_id)  # its router is gone with it
-        orphans = self.requests_by_frontend.pop(frontend_id, set())
+        self.resumable.frontend_gone(frontend_id)
+        orphans = self.frontend_requests.pop_frontend(frontend_id)
         if not orphans or self.endpoint is None:
             return
-        log.warning("frontend_gone_aborting", frontend_id=frontend_id, requests=len(orphans))
+        detached = [r for r in orphans if self.resumable.is_resumable(r)]
+        if len(detached) < len(orphans):
+            log.warning("frontend_gone_aborting", frontend_id=frontend_id, requests=len(orphans) - len(detached))
+        if detached:
+            log.warning("frontend_gone_detaching", frontend_id=frontend_id, requests=len(detached))
         for request_id in orphans:
-            self.endpoint.cancel(request_id, "kill")
+            # "detach" keeps a resumable request for a reattach; it kills any other.
+            self.endpoint.cancel(request_id, "detach")
 
     # -- health -------------------------------------------------------------------
     def _health(self) -> tuple[bool, dict[str, Any]]:
@@ -271,6 +309,8 @@ class WorkerService:
             "kv_blocks_total": load.kv_blocks_total,
             "running": load.running,
             "waiting": load.waiting,
+            "detached_requests": self.resumable.outputs.detached_running(),
+            "retained_outputs": self.resumable.outputs.finished(),
         }
         if self.state == "loading":
             details["loading_seconds"] = round(time.time() - self.loading_since, 1)
@@ -346,4 +386,5 @@ class WorkerService:
             await self.transport.close()
         await self.health_server.close()
         await self.engine.shutdown()
+        self.resumable.close()
         await self.etcd.close()
