@@ -80,7 +80,7 @@ async def serving_most(d: Deployment, http: aiohttp.ClientSession) -> Any:
 async def run_once(name: str, args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="dynrt-resume-bench-"))
     async with Deployment(log_dir, workers=args.workers, frontends=2, speedup=1,
-                          frontend_args=["--log-level", "warning"],
+                          frontend_args=["--log-level", args.frontend_log_level],
                           worker_args=["--log-level", "warning"]) as d:
         assert d.http is not None
         urls = d.urls
@@ -172,6 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=400)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--kill-after-chunks", type=int, default=40, help="kill once every stream has this many chunks")
+    parser.add_argument("--frontend-log-level", default="warning", help="info: resume and reattach events in the logs")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     add_results_dir_argument(parser)
     return parser.parse_args()

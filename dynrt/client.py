@@ -107,8 +107,12 @@ class RetryPolicy:
     max_backoff: float = 2.0
 
     def backoff(self, failures: int) -> float:
-        """Exponential backoff with jitter (half fixed, half random) before retry ``failures``."""
-        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** (failures - 1))
+        """Exponential backoff with jitter (half fixed, half random) before retry
+        ``failures``; none before the first: a lost stream is resumed at once (the
+        next frontend is most likely fine, and every millisecond is a gap the user sees)."""
+        if failures <= 1:
+            return 0.0
+        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** (failures - 2))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

@@ -180,7 +180,7 @@ class Load:
                 stream.resumes += 1
                 stream.error = ""
                 url = self.urls[(self.urls.index(url) + 1) % len(self.urls)] if url in self.urls else url
-                await asyncio.sleep(0.05 * stream.resumes)
+                await asyncio.sleep(0.05 * (stream.resumes - 1))  # the first at once
         finally:
             stream.ended_at = time.monotonic()
             self._poke()

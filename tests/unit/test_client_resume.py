@@ -349,7 +349,8 @@ def test_retry_after_forms() -> None:
 
 def test_backoff_grows_within_its_cap() -> None:
     policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0)
-    for failures, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)]:
+    assert policy.backoff(1) == 0.0  # the first retry at once
+    for failures, ceiling in [(2, 0.1), (3, 0.2), (4, 0.4), (5, 0.8), (6, 1.0), (10, 1.0)]:
         waits = [policy.backoff(failures) for _ in range(50)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
 
