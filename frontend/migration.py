@@ -161,6 +161,7 @@ class Generation:
         # detaches or dies, for another frontend to reattach (frontend/resume.py).
         self.resume_grace = resume_grace
         self._reattach_to: str | None = None
+        self._reattached_in_flight: set[str] = set()
 
     def resume(self, generated: list[int], instance_id: str) -> None:
         """Continue a request another frontend started: ``generated`` is what it had
@@ -357,6 +358,10 @@ class Generation:
                 elif isinstance(frame, ErrorFrame):
                     if frame.code == "bad_request":
                         raise InvalidRequest(frame.message)
+                    if frame.code == "in_flight":
+                        # A resumed request routed to the worker still running it (its
+                        # previous frontend had moved it there): take that stream over.
+                        raise StreamInterrupted("in_flight")
                     if frame.code == "cancelled":
                         # Another frontend reattached to this request (its client
                         # resumed there): this one's client is gone; nothing to continue,
@@ -464,6 +469,11 @@ class Generation:
             log.info("resend_after_nats_reconnect", request_id=self.request_id, cause=cause,
                      instance_id=failed.instance_id if failed else None)
             await asyncio.sleep(0.05)
+            return
+        if cause == "in_flight" and failed is not None and failed.instance_id not in self._reattached_in_flight:
+            log.info("reattaching_in_flight", request_id=self.request_id, instance_id=failed.instance_id)
+            self._reattached_in_flight.add(failed.instance_id)  # once: a refused reattach then migrates
+            self._reattach_to = failed.instance_id  # the next attempt reattaches: no recompute
             return
         # A NATS restart is no fault of the instance; nor is a resumed request it no
         # longer holds (not_found).

@@ -174,7 +174,7 @@ class Endpoint:
             # The id must name one stream: a second one would take over the first's
             # context, which could then no longer be cancelled, drained or migrated.
             await self.transport.nc.publish(msg.reply, encode(ErrorFrame(
-                code="bad_request", message=f"request id {request_id!r} is already in flight here")))
+                code="in_flight", message=f"request id {request_id!r} is already in flight here")))
             await self.transport.nc.publish(msg.reply, _END_FRAME)
             return
         ctx = RequestContext(request_id, msg.reply)

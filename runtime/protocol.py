@@ -122,7 +122,9 @@ class TokenFrame(msgspec.Struct, tag="tok", tag_field="t", kw_only=True, omit_de
     logprobs: list[TokenLogprobs] | None = None
 
 
-ErrorCode = Literal["bad_request", "busy", "engine_error", "not_found", "internal", "cancelled"]
+# in_flight: the request id is already being served here (a resumed request routed to
+# the worker still running it: the caller reattaches instead).
+ErrorCode = Literal["bad_request", "busy", "engine_error", "not_found", "internal", "cancelled", "in_flight"]
 
 
 class ErrorFrame(msgspec.Struct, tag="err", tag_field="t", kw_only=True):

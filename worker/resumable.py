@@ -51,7 +51,9 @@ class ResumableRequests:
         # A finished output under the same id: its frontend started the request over.
         # (A running one cannot be here: the endpoint refuses an id already in flight.)
         self._drop(request.request_id)
-        return self.outputs.open(request.request_id, request.resume_grace, request.frontend_id)
+        prior = request.num_prior_output_tokens
+        return self.outputs.open(request.request_id, request.resume_grace, request.frontend_id,
+                                 request.token_ids[len(request.token_ids) - prior:] if prior else [])
 
     def done(self, entry: RetainedOutput) -> None:
         """The handler ended: keep a finished output for a while, drop any other."""

@@ -4,8 +4,13 @@ how long: pure bookkeeping, no I/O, no clock (``worker/resumable.py`` drives it)
 A resumable request (``GenerateRequest.resume_grace > 0``) records every ``TokenFrame``
 its handler yields, immediately before the yield, so at any other coroutine's turn the
 record holds exactly the tokens handed to the connection. A frontend that reattaches
-from token ``M`` (it has the first ``M``) gets ``replay(M)``: the ids from ``M`` on,
-with their logprobs, and the finish reason and usage if the request has finished.
+from token ``M`` (it has the first ``M`` of the request's whole output) gets
+``replay(M)``: the ids from ``M`` on, with their logprobs, and the finish reason and
+usage if the request has finished. Positions count the whole output: a request that
+migrated here arrived with output already (``prior_ids``: the ids this worker was sent
+after the prompt), and a frontend resuming from its checkpoint may have fewer of them
+than the frontend that migrated it — those it gets from ``prior_ids`` (without
+logprobs: a request asking for them cannot be replayed from before this worker's part).
 
 States of one request: *running* (attached to a caller, or *detached*: its caller left
 and a grace timer runs) → *finished* (output kept for a while so a late reattach still
@@ -37,7 +42,8 @@ class RetainedOutput:
     request_id: str
     resume_grace: float
     frontend_id: str = ""  # the frontend reading it (last)
-    token_ids: list[int] = field(default_factory=list)
+    prior_ids: list[int] = field(default_factory=list)  # output it arrived with (a migrated request)
+    token_ids: list[int] = field(default_factory=list)  # output generated here
     logprobs: list[TokenLogprobs] | None = None  # kept when the request asked for them
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
@@ -61,16 +67,21 @@ class RetainedOutput:
             self.usage = frame.usage
 
     def can_replay_from(self, start: int) -> bool:
-        return 0 <= start <= len(self.token_ids)
+        prior = len(self.prior_ids)
+        lowest = prior if self.logprobs is not None else 0  # no logprobs for the prior ids
+        return lowest <= start <= prior + len(self.token_ids)
 
     def replay(self, start: int) -> TokenFrame:
         """Everything from token ``start`` on, as one frame (empty if the caller has it
         all and the request still runs). ``start`` must pass ``can_replay_from``."""
         if not self.can_replay_from(start):
             raise ValueError(f"request {self.request_id!r}: cannot replay from {start}, "
-                             f"{len(self.token_ids)} tokens retained")
-        return TokenFrame(token_ids=self.token_ids[start:], finish_reason=self.finish_reason, usage=self.usage,
-                          logprobs=None if self.logprobs is None else self.logprobs[start:])
+                             f"{len(self.prior_ids)} + {len(self.token_ids)} tokens retained")
+        prior = len(self.prior_ids)
+        local = start - prior
+        ids = self.token_ids[local:] if local >= 0 else self.prior_ids[start:] + self.token_ids
+        return TokenFrame(token_ids=ids, finish_reason=self.finish_reason, usage=self.usage,
+                          logprobs=None if self.logprobs is None else self.logprobs[local:])
 
 
 class RetainedOutputs:
@@ -79,10 +90,12 @@ class RetainedOutputs:
     def __init__(self) -> None:
         self._entries: dict[str, RetainedOutput] = {}
 
-    def open(self, request_id: str, resume_grace: float, frontend_id: str = "") -> RetainedOutput:
+    def open(self, request_id: str, resume_grace: float, frontend_id: str = "",
+             prior_ids: list[int] | None = None) -> RetainedOutput:
         if request_id in self._entries:
             raise ValueError(f"request {request_id!r} already has retained output")
-        entry = self._entries[request_id] = RetainedOutput(request_id, resume_grace, frontend_id)
+        entry = self._entries[request_id] = RetainedOutput(request_id, resume_grace, frontend_id,
+                                                           list(prior_ids or ()))
         return entry
 
     def get(self, request_id: str) -> RetainedOutput | None:

@@ -237,6 +237,30 @@ async def test_frontend_and_worker_killed_resume_continues_from_checkpoint(deplo
     await assert_nothing_left(d, d.http, rest.ids[-1])
 
 
+async def test_worker_killed_then_its_frontend_while_migrating(deployment: Deployment) -> None:
+    """The worker dies first; its frontend moves the stream to the other worker and dies
+    right after, before its checkpoint names the new worker. The resuming frontend finds
+    the dead worker gone, routes the request, meets the copy still running on the other
+    worker ("in flight") and takes that stream over: the answer is the same."""
+    d = deployment
+    a, b = d.frontends
+    assert d.http is not None
+    reference = await full_answer(d.http, b.url)
+    response, first = await start_and_read(d.http, a, 40)
+    worker = await serving_worker(d)
+    worker.kill()
+    for _ in range(200):
+        if "event=migrating" in a.log_text():
+            break
+        await asyncio.sleep(0.01)
+    a.kill()
+    response.close()
+    status, rest, error = await resume(d.http, b.url, first.ids[-1])
+    assert status == 200, error
+    assert_same_answer(first, rest, reference)
+    await assert_nothing_left(d, d.http, rest.ids[-1])
+
+
 async def test_client_connection_dropped_resumes_on_the_other_frontend(deployment: Deployment) -> None:
     """The frontend lives; the client's connection broke. The frontend detaches (the
     worker goes on) and keeps the checkpoint; the client resumes elsewhere."""

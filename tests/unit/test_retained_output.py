@@ -98,3 +98,20 @@ def test_frontend_requests_move_with_a_reattach_and_leave_with_their_frontend() 
     tracked.untrack("r3")  # twice is harmless
     assert tracked.pop_frontend("fe-b") == {"r1"}
     assert len(tracked) == 0
+
+
+def test_a_migrated_request_replays_in_whole_output_positions() -> None:
+    """A request that arrived with 3 output tokens (it migrated here): a frontend with 5
+    gets the rest of this worker's part; one resuming from a checkpoint with 1 gets the
+    prior ids it lacks too; with logprobs, nothing before this worker's part."""
+    out = RetainedOutput("r", 30.0, prior_ids=[10, 11, 12])
+    out.append(TokenFrame(token_ids=[13, 14]))
+    out.append(TokenFrame(token_ids=[15]))
+    assert out.replay(5) == TokenFrame(token_ids=[15])
+    assert out.replay(3) == TokenFrame(token_ids=[13, 14, 15])
+    assert out.replay(1) == TokenFrame(token_ids=[11, 12, 13, 14, 15])
+    assert out.can_replay_from(0) and out.can_replay_from(6) and not out.can_replay_from(7)
+    with_logprobs = RetainedOutput("r", 30.0, prior_ids=[10, 11, 12])
+    with_logprobs.append(TokenFrame(token_ids=[13], logprobs=[lp(13)]))
+    assert with_logprobs.replay(3) == TokenFrame(token_ids=[13], logprobs=[lp(13)])
+    assert not with_logprobs.can_replay_from(2)
