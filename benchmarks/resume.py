@@ -57,13 +57,16 @@ async def checkpoint_totals(http: aiohttp.ClientSession, urls: list[str]) -> dic
     return totals
 
 
-def resume_gap(stream: Stream, killed_at: float) -> float | None:
-    """Seconds from the stream's last content chunk before the kill to its first after."""
+def resume_gap(stream: Stream, killed_at: float) -> tuple[float, float, float] | None:
+    """Seconds from the stream's last content chunk before the kill to its first after,
+    and two parts of it: from the kill to the client's resume request, and from that
+    request to the first chunk it got (the rest is the time between the last chunk
+    and the kill)."""
     before = [t for t in stream.chunk_times if t <= killed_at]
     after = [t for t in stream.chunk_times if t > killed_at]
-    if not stream.resumes or not before or not after:
+    if not stream.resumes or not before or not after or not stream.resumed_at:
         return None
-    return after[0] - before[-1]
+    return after[0] - before[-1], stream.resumed_at[0] - killed_at, after[0] - stream.resumed_at[0]
 
 
 async def serving_most(d: Deployment, http: aiohttp.ClientSession) -> Any:
@@ -104,7 +107,10 @@ async def run_once(name: str, args: argparse.Namespace) -> dict[str, Any]:
         survivors = [f.url for f in d.frontends if f.alive()]
         after = await checkpoint_totals(d.http, survivors)
     refs = await references(streams)
-    gaps = [g * 1000 for s in streams if (g := resume_gap(s, killed_at)) is not None]
+    measured = [g for s in streams if (g := resume_gap(s, killed_at)) is not None]
+    gaps = [g[0] * 1000 for g in measured]
+    to_resume = [g[1] * 1000 for g in measured]
+    served = [g[2] * 1000 for g in measured]
     chunks = sum(len(s.chunk_times) for s in streams)
     output_tokens = sum((s.usage or {}).get("completion_tokens", 0) for s in streams)
     result: dict[str, Any] = {
@@ -120,6 +126,10 @@ async def run_once(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "resume_gap_ms_p99": percentile(gaps, 99),
         "resume_gap_ms_max": max(gaps, default=float("nan")),
         "resume_gaps_ms": sorted(round(g, 1) for g in gaps),
+        # the parts: kill -> the client's resume request; that request -> its first chunk
+        "kill_to_resume_request_ms_p50": percentile(to_resume, 50),
+        "resume_request_to_first_chunk_ms_p50": percentile(served, 50),
+        "resume_request_to_first_chunk_ms_p99": percentile(served, 99),
         "output_tokens": output_tokens,
         "content_chunks": chunks,
         "logs": str(log_dir),
@@ -155,9 +165,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
 async def main(args: argparse.Namespace) -> None:
     runs = [await run_once(name, args) for name in args.runs.split(",")]
     print_table(["run", "completed", "identical", "resumed", "gap p50 ms", "gap p99 ms", "gap max ms",
-                 "ckpt msgs/1k tok", "ckpt KiB/1k tok"],
+                 "kill→resume p50", "resume→chunk p50/p99", "ckpt msgs/1k tok", "ckpt KiB/1k tok"],
                 [[r["run"], f"{r['completed']}/{r['streams']}", r["identical"], r["resumed"],
                   round(r["resume_gap_ms_p50"], 1), round(r["resume_gap_ms_p99"], 1), round(r["resume_gap_ms_max"], 1),
+                  round(r["kill_to_resume_request_ms_p50"], 1),
+                  f"{r['resume_request_to_first_chunk_ms_p50']:.1f}/{r['resume_request_to_first_chunk_ms_p99']:.1f}",
                   round(r.get("checkpoint_messages_per_1k_tokens", float("nan")), 1),
                   round(r.get("checkpoint_kib_per_1k_tokens", float("nan")), 1)] for r in runs])
     path = write_results("resume", {"options": options_of(args), "runs": runs}, args.results_dir)

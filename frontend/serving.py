@@ -270,7 +270,7 @@ class OpenAIServing:
                     resume_grace=self.resumes.grace if options.resumable else 0.0)
                 source: TokenSource = generation
                 if options.resumable:
-                    stream_events, source = await self._resumable(generation, loaded, options, api_key)
+                    stream_events, source = await self._resumable(generation, loaded, options, api_key, arrived)
                 text = TextStream(source, tokenizer.new_detokenizer(prompt_ids, req.skip_special_tokens),
                                   req.stop_strings(), include_stop_str_in_output=req.include_stop_str_in_output,
                                   min_tokens=req.min_tokens)
@@ -280,7 +280,7 @@ class OpenAIServing:
         return await self._generate(request, req, endpoint, request_id, choices, arrived, stream_events)
 
     async def _resumable(self, generation: Generation, loaded: LoadedCheckpoint | None, options: ResumeOptions,
-                         api_key: str) -> tuple[StreamEvents, TokenSource]:
+                         api_key: str, arrived: float) -> tuple[StreamEvents, TokenSource]:
         """A resumable stream's checkpoint writer and event ids; resuming, the checkpoint
         taken over and the generation put back where the client stopped."""
         if loaded is None:
@@ -295,7 +295,7 @@ class OpenAIServing:
         generation.resume(checkpoint.output_token_ids, checkpoint.instance_id)
         log.info("resuming", request_id=generation.request_id, instance_id=checkpoint.instance_id,
                  checkpointed=len(checkpoint.output_token_ids), client_at=position.end,
-                 from_frontend=checkpoint.frontend_id)
+                 from_frontend=checkpoint.frontend_id, ms=round((time.monotonic() - arrived) * 1000, 1))
         events = StreamEvents(generation.request_id, writer, generation, position, len(checkpoint.output_token_ids))
         events.created = checkpoint.created
         return events, ResumeFeed(generation, checkpoint.output_token_ids, position)

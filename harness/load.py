@@ -78,6 +78,7 @@ class Stream:
     last_event_id: str | None = None  # resumable streams: the last event's id
     resumes: int = 0  # times the client resumed it (Last-Event-ID)
     resume_errors: list[str] = field(default_factory=list)  # why each resume was needed
+    resumed_at: list[float] = field(default_factory=list)  # monotonic, when each resume was sent
     chunk_times: list[float] = field(default_factory=list)  # monotonic, one per content chunk
 
     @property
@@ -191,6 +192,7 @@ class Load:
         headers = self.headers
         if stream.last_event_id is not None:
             headers = {**headers, "Last-Event-ID": stream.last_event_id}
+            stream.resumed_at.append(time.monotonic())
         try:
             async with session.post(f"{url}/v1/chat/completions", json=stream.body(), headers=headers) as response:
                 stream.status = response.status
