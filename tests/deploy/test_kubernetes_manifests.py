@@ -451,8 +451,12 @@ def check_selectors(objects: list[Obj]) -> list[str]:
             errors.append(f"{name(w)}: serviceName {w['spec'].get('serviceName')!r} is not a headless Service here")
     for a in by_kind(objects, "HorizontalPodAutoscaler") + by_kind(objects, "ScaledObject"):
         ref = a["spec"]["scaleTargetRef"]
-        if not any(w["kind"] == ref.get("kind", "Deployment") and w["metadata"]["name"] == ref["name"] for w in workloads):
+        targets = [w for w in workloads if w["kind"] == ref.get("kind", "Deployment") and w["metadata"]["name"] == ref["name"]]
+        if not targets:
             errors.append(f"{name(a)}: scaleTargetRef {ref} is no workload here")
+        for w in targets:
+            if "replicas" in w["spec"]:
+                errors.append(f"{name(w)}: sets replicas while {name(a)} scales it (every apply resets the count)")
     for m in by_kind(objects, "ServiceMonitor"):
         selected = [s for s in services if _matches(m["spec"]["selector"].get("matchLabels", {}), s["metadata"].get("labels", {}))]
         if not selected:
@@ -511,6 +515,16 @@ def check_references(objects: list[Obj]) -> list[str]:
     return errors
 
 
+def min_replicas(w: Obj, objects: list[Obj]) -> int:
+    """The fewest replicas a workload runs: its autoscaler's minimum if one targets it
+    (then the workload must not set replicas itself: every apply would reset the count)."""
+    for a in by_kind(objects, "HorizontalPodAutoscaler") + by_kind(objects, "ScaledObject"):
+        ref = a["spec"]["scaleTargetRef"]
+        if ref.get("kind", "Deployment") == w["kind"] and ref["name"] == w["metadata"]["name"]:
+            return a["spec"].get("minReplicas", a["spec"].get("minReplicaCount", 1))
+    return w["spec"].get("replicas", 1)
+
+
 def check_infrastructure(objects: list[Obj]) -> list[str]:
     """The endpoints in dynrt-config are the members the charts' values create, and the
     checkpoint bucket's replicas fit the NATS cluster."""
@@ -535,7 +549,7 @@ def check_infrastructure(objects: list[Obj]) -> list[str]:
                 cr = int(env_of(c, objects).get("DYNRT_CHECKPOINT_REPLICAS", 1))
                 if cr != replicas:
                     errors.append(f"{name(w)}: DYNRT_CHECKPOINT_REPLICAS={cr}, the NATS cluster has {replicas} servers")
-                if w["spec"].get("replicas", 1) < 2:
+                if min_replicas(w, objects) < 2:
                     errors.append(f"{name(w)}: fewer than 2 frontends")
     return errors
 
@@ -647,6 +661,8 @@ BREAKAGES = {
     "command overrides the entrypoint": lambda o: _worker(o).__setitem__("command", ["dynrt"]),
     "etcd endpoints drift from the chart": lambda o: _find(o, "ConfigMap/dynrt-config")["data"].__setitem__("DYNRT_ETCD_ENDPOINTS", "etcd:2379"),
     "checkpoint replicas exceed NATS": lambda o: _set_env(containers(_find(o, "Deployment/dynrt-frontend"))[0], "DYNRT_CHECKPOINT_REPLICAS", "5"),
+    "replicas fixed under an HPA": lambda o: _find(o, "StatefulSet/dynrt-worker")["spec"].__setitem__("replicas", 2),
+    "one frontend": lambda o: _find(o, "HorizontalPodAutoscaler/dynrt-frontend")["spec"].__setitem__("minReplicas", 1),
     "grace shorter than drain": lambda o: _find(o, "StatefulSet/dynrt-worker")["spec"]["template"]["spec"].__setitem__("terminationGracePeriodSeconds", 20),
 }
 
