@@ -252,7 +252,8 @@ def test_schema(o: Obj) -> None:
 def test_strict_schemas_reject_unknown_fields() -> None:
     """The validation is strict: a misspelt field fails, it is not ignored."""
     o = copy.deepcopy(by_kind(base_objects(), "Deployment")[0])
-    o["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = o["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    c = o["spec"]["template"]["spec"]["containers"][0]
+    c["readinesProbe"] = c["readinessProbe"]
     assert schema_errors(o)
     so = copy.deepcopy(_yaml_docs(K8S / "overlays" / "keda" / "scaledobject.yaml")[0])
     so["spec"]["maxReplicas"] = 3
@@ -420,6 +421,10 @@ def check_probes(objects: list[Obj]) -> list[str]:
     return errors
 
 
+def pod_labels(w: Obj) -> dict[str, str]:
+    return w["spec"]["template"]["metadata"].get("labels", {})
+
+
 def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -430,11 +435,10 @@ def check_selectors(objects: list[Obj]) -> list[str]:
     workloads = [o for o in objects if o["kind"] in WORKLOAD_KINDS]
     services = by_kind(objects, "Service")
     for w in workloads:
-        labels = w["spec"]["template"]["metadata"].get("labels", {})
-        if not _matches(w["spec"]["selector"].get("matchLabels", {}), labels):
+        if not _matches(w["spec"]["selector"].get("matchLabels", {}), pod_labels(w)):
             errors.append(f"{name(w)}: selector does not match its own pod labels")
     for s in services:
-        selected = [w for w in workloads if _matches(s["spec"].get("selector", {}), w["spec"]["template"]["metadata"].get("labels", {}))]
+        selected = [w for w in workloads if _matches(s["spec"].get("selector", {}), pod_labels(w))]
         if not selected:
             errors.append(f"{name(s)}: selector {s['spec'].get('selector')} matches no pods")
         for port in s["spec"]["ports"]:
@@ -445,10 +449,10 @@ def check_selectors(objects: list[Obj]) -> list[str]:
         if s["spec"].get("sessionAffinity", "None") != "None":
             errors.append(f"{name(s)}: session affinity: resumable streams need none (docs/resumable-streams.md)")
     for pdb in by_kind(objects, "PodDisruptionBudget"):
-        if not any(_matches(pdb["spec"]["selector"].get("matchLabels", {}), w["spec"]["template"]["metadata"].get("labels", {})) for w in workloads):
+        if not any(_matches(pdb["spec"]["selector"].get("matchLabels", {}), pod_labels(w)) for w in workloads):
             errors.append(f"{name(pdb)}: selector matches no pods")
     for w in workloads:
-        if not any(_matches(p["spec"]["selector"].get("matchLabels", {}), w["spec"]["template"]["metadata"].get("labels", {}))
+        if not any(_matches(p["spec"]["selector"].get("matchLabels", {}), pod_labels(w))
                    for p in by_kind(objects, "PodDisruptionBudget")):
             errors.append(f"{name(w)}: no PodDisruptionBudget")
     for w in by_kind(objects, "StatefulSet"):
@@ -613,6 +617,21 @@ def test_wiring(folder: Path) -> None:
     assert not errors, "\n".join(errors)
 
 
+def test_vllm_engine_vars_are_vllm_flags() -> None:
+    """The hand-kept VLLM_ENGINE_VARS are fields of vLLM's EngineArgs, read from its
+    source where vLLM is installed (importing it would take longer than this test may)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        pytest.skip("vLLM not installed")
+    source = (Path(spec.origin).parent / "engine" / "arg_utils.py").read_text()
+    body = source.split("\nclass EngineArgs", 1)[1].split("\nclass ", 1)[0]
+    fields = set(re.findall(r"^    ([a-z_]+): ", body, flags=re.MULTILINE))
+    unknown = {v for v in VLLM_ENGINE_VARS if v.removeprefix(dynrt_config.ENV_PREFIX).lower() not in fields}
+    assert not unknown, f"not vLLM engine arguments: {sorted(unknown)}"
+
+
 def test_the_pieces_the_issue_asks_for() -> None:
     objects = base_objects()
     kinds = {name(o) for o in objects}
@@ -640,6 +659,18 @@ def _worker(objects: list[Obj]) -> Obj:
     return containers(_find(objects, "StatefulSet/dynrt-worker"))[0]
 
 
+def _frontend(objects: list[Obj]) -> Obj:
+    return containers(_find(objects, "Deployment/dynrt-frontend"))[0]
+
+
+def _router(objects: list[Obj]) -> Obj:
+    return containers(_find(objects, "Deployment/dynrt-router"))[0]
+
+
+def _spec(objects: list[Obj], kind_name: str) -> Obj:
+    return _find(objects, kind_name)["spec"]
+
+
 def _set_env(c: Obj, var: str, value: str) -> None:
     c["env"] = [v for v in c["env"] if v["name"] != var] + [{"name": var, "value": value}]
 
@@ -648,32 +679,32 @@ BREAKAGES = {
     "worker system port differs from the probes'": lambda o: _set_env(_worker(o), "DYNRT_SYSTEM_PORT", "9200"),
     "worker system port unset": lambda o: _worker(o).__setitem__("env", [v for v in _worker(o)["env"] if v["name"] != "DYNRT_SYSTEM_PORT"]),
     "worker bound to loopback": lambda o: _set_env(_worker(o), "DYNRT_HOST", "127.0.0.1"),
-    "frontend http port changed": lambda o: _set_env(containers(_find(o, "Deployment/dynrt-frontend"))[0], "DYNRT_HTTP_PORT", "8080"),
+    "frontend http port changed": lambda o: _set_env(_frontend(o), "DYNRT_HTTP_PORT", "8080"),
     "liveness on /health": lambda o: _worker(o)["livenessProbe"]["httpGet"].__setitem__("path", "/health"),
-    "readiness path typo": lambda o: containers(_find(o, "Deployment/dynrt-router"))[0]["readinessProbe"]["httpGet"].__setitem__("path", "/healthz"),
+    "readiness path typo": lambda o: _router(o)["readinessProbe"]["httpGet"].__setitem__("path", "/healthz"),
     "short startup probe": lambda o: _worker(o)["startupProbe"].__setitem__("failureThreshold", 6),
     "no GPU": lambda o: _worker(o)["resources"]["limits"].pop("nvidia.com/gpu"),
-    "Service selector typo": lambda o: _find(o, "Service/dynrt-frontend")["spec"]["selector"].__setitem__("app.kubernetes.io/component", "frontends"),
-    "Service targetPort unknown": lambda o: _find(o, "Service/dynrt-router")["spec"]["ports"][0].__setitem__("targetPort", "metrics"),
-    "sticky Service": lambda o: _find(o, "Service/dynrt-frontend")["spec"].__setitem__("sessionAffinity", "ClientIP"),
-    "PDB selects nothing": lambda o: _find(o, "PodDisruptionBudget/dynrt-worker")["spec"]["selector"]["matchLabels"].__setitem__("app.kubernetes.io/component", "workers"),
-    "ServiceMonitor port name": lambda o: _find(o, "ServiceMonitor/dynrt-worker")["spec"]["endpoints"][0].__setitem__("port", "metrics"),
-    "HPA targets a missing workload": lambda o: _find(o, "HorizontalPodAutoscaler/dynrt-worker")["spec"]["scaleTargetRef"].__setitem__("kind", "Deployment"),
-    "HPA metric no adapter rule makes": lambda o: _find(o, "HorizontalPodAutoscaler/dynrt-worker")["spec"]["metrics"][0]["pods"]["metric"].__setitem__("name", "dynrt_worker_queue"),
-    "Secret key missing": lambda o: containers(_find(o, "Deployment/dynrt-frontend"))[0]["env"][-1]["valueFrom"]["secretKeyRef"].__setitem__("key", "token"),
-    "unknown Secret": lambda o: _find(o, "Deployment/dynrt-frontend")["spec"]["template"]["spec"]["volumes"][0]["secret"].__setitem__("secretName", "api-keys"),
-    "ConfigMap missing": lambda o: containers(_find(o, "Deployment/dynrt-router"))[0]["envFrom"][0]["configMapRef"].__setitem__("name", "dynrt-settings"),
-    "DYNRT_ var that is no setting": lambda o: _set_env(containers(_find(o, "Deployment/dynrt-router"))[0], "DYNRT_ROUTER_MODE", "kv"),
-    "DYNRT_ var misspelt": lambda o: _set_env(containers(_find(o, "Deployment/dynrt-frontend"))[0], "DYNRT_CHECKPOINT_REPLICA", "3"),
-    "invalid setting value": lambda o: _set_env(containers(_find(o, "Deployment/dynrt-frontend"))[0], "DYNRT_ROUTER_MODE", "sticky"),
-    "not a dynrt subcommand": lambda o: containers(_find(o, "Deployment/dynrt-router"))[0].__setitem__("args", ["route"]),
+    "Service selector typo": lambda o: _spec(o, "Service/dynrt-frontend")["selector"].__setitem__("app.kubernetes.io/component", "frontends"),
+    "Service targetPort unknown": lambda o: _spec(o, "Service/dynrt-router")["ports"][0].__setitem__("targetPort", "metrics"),
+    "sticky Service": lambda o: _spec(o, "Service/dynrt-frontend").__setitem__("sessionAffinity", "ClientIP"),
+    "PDB selects nothing": lambda o: _spec(o, "PodDisruptionBudget/dynrt-worker")["selector"]["matchLabels"].__setitem__("app.kubernetes.io/component", "workers"),
+    "ServiceMonitor port name": lambda o: _spec(o, "ServiceMonitor/dynrt-worker")["endpoints"][0].__setitem__("port", "metrics"),
+    "HPA targets a missing workload": lambda o: _spec(o, "HorizontalPodAutoscaler/dynrt-worker")["scaleTargetRef"].__setitem__("kind", "Deployment"),
+    "HPA metric no adapter rule makes": lambda o: _spec(o, "HorizontalPodAutoscaler/dynrt-worker")["metrics"][0]["pods"]["metric"].__setitem__("name", "dynrt_worker_queue"),
+    "Secret key missing": lambda o: _frontend(o)["env"][-1]["valueFrom"]["secretKeyRef"].__setitem__("key", "token"),
+    "unknown Secret": lambda o: _spec(o, "Deployment/dynrt-frontend")["template"]["spec"]["volumes"][0]["secret"].__setitem__("secretName", "api-keys"),
+    "ConfigMap missing": lambda o: _router(o)["envFrom"][0]["configMapRef"].__setitem__("name", "dynrt-settings"),
+    "DYNRT_ var that is no setting": lambda o: _set_env(_router(o), "DYNRT_ROUTER_MODE", "kv"),
+    "DYNRT_ var misspelt": lambda o: _set_env(_frontend(o), "DYNRT_CHECKPOINT_REPLICA", "3"),
+    "invalid setting value": lambda o: _set_env(_frontend(o), "DYNRT_ROUTER_MODE", "sticky"),
+    "not a dynrt subcommand": lambda o: _router(o).__setitem__("args", ["route"]),
     "unknown flag": lambda o: _worker(o).__setitem__("args", ["worker", "--engin", "vllm"]),
     "command overrides the entrypoint": lambda o: _worker(o).__setitem__("command", ["dynrt"]),
     "etcd endpoints drift from the chart": lambda o: _find(o, "ConfigMap/dynrt-config")["data"].__setitem__("DYNRT_ETCD_ENDPOINTS", "etcd:2379"),
-    "checkpoint replicas exceed NATS": lambda o: _set_env(containers(_find(o, "Deployment/dynrt-frontend"))[0], "DYNRT_CHECKPOINT_REPLICAS", "5"),
-    "replicas fixed under an HPA": lambda o: _find(o, "StatefulSet/dynrt-worker")["spec"].__setitem__("replicas", 2),
-    "one frontend": lambda o: _find(o, "HorizontalPodAutoscaler/dynrt-frontend")["spec"].__setitem__("minReplicas", 1),
-    "grace shorter than drain": lambda o: _find(o, "StatefulSet/dynrt-worker")["spec"]["template"]["spec"].__setitem__("terminationGracePeriodSeconds", 20),
+    "checkpoint replicas exceed NATS": lambda o: _set_env(_frontend(o), "DYNRT_CHECKPOINT_REPLICAS", "5"),
+    "replicas fixed under an HPA": lambda o: _spec(o, "StatefulSet/dynrt-worker").__setitem__("replicas", 2),
+    "one frontend": lambda o: _spec(o, "HorizontalPodAutoscaler/dynrt-frontend").__setitem__("minReplicas", 1),
+    "grace shorter than drain": lambda o: _spec(o, "StatefulSet/dynrt-worker")["template"]["spec"].__setitem__("terminationGracePeriodSeconds", 20),
 }
 
 
