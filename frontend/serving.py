@@ -361,6 +361,10 @@ class OpenAIServing:
                 await stream_events.writer.close()
             raise
         finally:
+            if stream_events is not None and not stream_events.writer.closed:
+                # Ended some other way (a bug): the stream cannot be resumed; its
+                # checkpoint must not stay behind with the flusher writing keep-alives.
+                await stream_events.writer.finish()
             for choice in choices:
                 await choice.generation.close()
             generated = sum(len(c.generation.generated) for c in choices)

@@ -297,6 +297,11 @@ class CheckpointWriter:
     def busy(self) -> bool:
         return self._lock.locked()
 
+    @property
+    def closed(self) -> bool:
+        """Finished, closed, superseded or failed: it writes no more."""
+        return self._closed
+
     async def start(self) -> None:
         """The first write (a snapshot), now: raises :class:`CheckpointSuperseded` when
         taking over a request someone else wrote since it was loaded, or
