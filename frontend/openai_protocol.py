@@ -102,8 +102,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    # vLLM's removed guided-decoding fields: refused, naming their structured_outputs
-    # replacement (frontend/structured_output.py)
+    # vLLM's removed guided-decoding fields: refused, naming their replacement (structured_output.py)
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None

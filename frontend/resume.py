@@ -33,7 +33,7 @@ from dynrt.frontend.event_ids import OPENING, EventPosition, parse_event_id, spl
 from dynrt.frontend.migration import Generation, TokenDelta
 from dynrt.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from dynrt.frontend.sse import ChatChunkEncoder, CompletionChunkEncoder
-from dynrt.frontend.text_stream import TextDelta
+from dynrt.frontend.text_stream import TextDelta, TokenSource
 from dynrt.runtime.auth import bearer_key
 from dynrt.runtime.checkpoint_log import api_key_hash
 from dynrt.runtime.log import get_logger
@@ -134,6 +134,29 @@ class Resumes:
             log.warning("resume_store_unavailable", request_id=request_id, error=str(exc))
             raise errors.resume_unavailable(_UNAVAILABLE_RETRY_AFTER) from None
         return writer
+
+    async def start(self, generation: Generation, loaded: LoadedCheckpoint | None, options: ResumeOptions,
+                    api_key: str, frontend_id: str, arrived: float) -> tuple[StreamEvents, TokenSource]:
+        """A resumable stream's checkpoint writer and event ids, and the token source its
+        text reads; resuming (``loaded``), the checkpoint taken over and the generation
+        put back where the client stopped. ``arrived``: when the request arrived
+        (``time.monotonic()``), for the log."""
+        if loaded is None:
+            writer = await self.new_writer(generation.request_id, api_key, generation.model,
+                                           generation.prompt_ids, generation.sampling, frontend_id)
+            return StreamEvents(generation.request_id, writer, generation), generation
+        check_same_request(loaded.checkpoint, generation.model, generation.prompt_ids, generation.sampling)
+        writer, loaded = await self.take_over(loaded, api_key, frontend_id)
+        checkpoint = loaded.checkpoint
+        assert options.resume_from is not None
+        position = options.resume_from[1]
+        generation.resume(checkpoint.output_token_ids, checkpoint.instance_id)
+        log.info("resuming", request_id=generation.request_id, instance_id=checkpoint.instance_id,
+                 checkpointed=len(checkpoint.output_token_ids), client_at=position.end,
+                 from_frontend=checkpoint.frontend_id, ms=round((time.monotonic() - arrived) * 1000, 1))
+        events = StreamEvents(generation.request_id, writer, generation, position, len(checkpoint.output_token_ids))
+        events.created = checkpoint.created
+        return events, ResumeFeed(generation, checkpoint.output_token_ids, position)
 
     async def take_over(self, loaded: LoadedCheckpoint, api_key: str, frontend_id: str) -> tuple[CheckpointWriter, LoadedCheckpoint]:
         """The resumed request's checkpoint, now written by this frontend. Once more

@@ -46,8 +46,7 @@ from dynrt.frontend.openai_protocol import (
 from dynrt.frontend.sampling import to_sampling_params
 from dynrt.frontend.sse import DONE, ChatChunkEncoder, CompletionChunkEncoder, error_event
 from dynrt.frontend.structured_output import structured_output
-from dynrt.frontend.resume import (ResumeFeed, ResumeOptions, Resumes, StreamEvents, api_key_of, check_same_request,
-                                   write_resumable)
+from dynrt.frontend.resume import ResumeOptions, Resumes, StreamEvents, api_key_of, write_resumable
 from dynrt.frontend.text_stream import TextStream, TokenSource
 from dynrt.frontend.tokenizer import Tokenizer, load_tokenizer_async
 from dynrt.router.service import RoutingService
@@ -270,7 +269,8 @@ class OpenAIServing:
                     resume_grace=self.resumes.grace if options.resumable else 0.0)
                 source: TokenSource = generation
                 if options.resumable:
-                    stream_events, source = await self._resumable(generation, loaded, options, api_key, arrived)
+                    stream_events, source = await self.resumes.start(generation, loaded, options, api_key,
+                                                                     self.frontend_id, arrived)
                 text = TextStream(source, tokenizer.new_detokenizer(prompt_ids, req.skip_special_tokens),
                                   req.stop_strings(), include_stop_str_in_output=req.include_stop_str_in_output,
                                   min_tokens=req.min_tokens)
@@ -278,27 +278,6 @@ class OpenAIServing:
                 choices.append(Choice(index, generation, text, renderer, sampling.logprobs or 0, echo, output,
                                        None if output is None else ChatDeltaAssembler(output)))
         return await self._generate(request, req, endpoint, request_id, choices, arrived, stream_events)
-
-    async def _resumable(self, generation: Generation, loaded: LoadedCheckpoint | None, options: ResumeOptions,
-                         api_key: str, arrived: float) -> tuple[StreamEvents, TokenSource]:
-        """A resumable stream's checkpoint writer and event ids; resuming, the checkpoint
-        taken over and the generation put back where the client stopped."""
-        if loaded is None:
-            writer = await self.resumes.new_writer(generation.request_id, api_key, generation.model,
-                                                   generation.prompt_ids, generation.sampling, self.frontend_id)
-            return StreamEvents(generation.request_id, writer, generation), generation
-        check_same_request(loaded.checkpoint, generation.model, generation.prompt_ids, generation.sampling)
-        writer, loaded = await self.resumes.take_over(loaded, api_key, self.frontend_id)
-        checkpoint = loaded.checkpoint
-        assert options.resume_from is not None
-        position = options.resume_from[1]
-        generation.resume(checkpoint.output_token_ids, checkpoint.instance_id)
-        log.info("resuming", request_id=generation.request_id, instance_id=checkpoint.instance_id,
-                 checkpointed=len(checkpoint.output_token_ids), client_at=position.end,
-                 from_frontend=checkpoint.frontend_id, ms=round((time.monotonic() - arrived) * 1000, 1))
-        events = StreamEvents(generation.request_id, writer, generation, position, len(checkpoint.output_token_ids))
-        events.created = checkpoint.created
-        return events, ResumeFeed(generation, checkpoint.output_token_ids, position)
 
     async def _admit(self, model: str, continuing: bool = False) -> tuple[list[InstanceRecord], Tokenizer]:
         """The model's instances and tokenizer, or the error that turns the request away
