@@ -95,9 +95,14 @@ class Resumes:
     """Loads a resumption from the checkpoint store; ``store`` None = JetStream is not
     available (every resumable request gets 503)."""
 
-    def __init__(self, store: CheckpointStore | None, grace: float) -> None:
+    def __init__(self, store: CheckpointStore | None) -> None:
         self.store = store
-        self.grace = grace
+
+    @property
+    def grace(self) -> float:
+        """The resume grace the workers are asked to keep a request for: the checkpoint
+        policy's (0 without a store: no request is resumable then)."""
+        return self.store.policy.grace if self.store is not None else 0.0
 
     def require_store(self) -> CheckpointStore:
         if self.store is None:
@@ -155,7 +160,6 @@ class Resumes:
                  checkpointed=len(checkpoint.output_token_ids), client_at=position.end,
                  from_frontend=checkpoint.frontend_id, ms=round((time.monotonic() - arrived) * 1000, 1))
         events = StreamEvents(generation.request_id, writer, generation, position, len(checkpoint.output_token_ids))
-        events.created = checkpoint.created
         return events, ResumeFeed(generation, checkpoint.output_token_ids, position)
 
     async def take_over(self, loaded: LoadedCheckpoint, api_key: str, frontend_id: str) -> tuple[CheckpointWriter, LoadedCheckpoint]:

@@ -216,7 +216,7 @@ class FrontendService:
         self.serving = OpenAIServing(frontend_id=self.frontend_id, routing=self.routing, transport=self.transport,
                                      default_max_tokens=config.default_max_tokens, migration=config.migration,
                                      chat=ChatSettings.from_config(config),
-                                     resumes=Resumes(self.checkpoints, config.resume.resume_grace))
+                                     resumes=Resumes(self.checkpoints))
         self.tokenization = TokenizationRoutes(self.routing, self.serving.known_models, self.serving.chat)
         await self.registration.start(wait=30)
         await self.routing.start(wait=30)

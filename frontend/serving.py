@@ -172,7 +172,7 @@ class OpenAIServing:
         self.default_max_tokens = default_max_tokens
         self.migration = migration
         self.chat = chat or ChatSettings()  # --chat-template, tool-call and reasoning parsers
-        self.resumes = resumes or Resumes(None, 0.0)  # resumable streams' checkpoints
+        self.resumes = resumes or Resumes(None)  # resumable streams' checkpoints
         self.draining = False  # set on shutdown: new requests are turned away
         self.in_flight = 0
         self.known_models: set[str] = set()  # every model an instance ever served here
