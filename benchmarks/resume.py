@@ -58,13 +58,18 @@ async def checkpoint_totals(http: aiohttp.ClientSession, urls: list[str]) -> dic
 
 
 def resume_gap(stream: Stream, killed_at: float) -> tuple[float, float, float] | None:
-    """Seconds from the stream's last content chunk before the kill to its first after,
-    and two parts of it: from the kill to the client's resume request, and from that
+    """Seconds from the stream's last content chunk before its connection broke to its
+    first after the resume, and two parts of it: from the kill to the client's resume request, and from that
     request to the first chunk it got (the rest is the time between the last chunk
     and the kill)."""
-    before = [t for t in stream.chunk_times if t <= killed_at]
-    after = [t for t in stream.chunk_times if t > killed_at]
-    if not stream.resumes or not before or not after or not stream.resumed_at:
+    if not stream.resumes or not stream.resumed_at:
+        return None
+    # Split at the resume request, not at the kill: chunks the dying frontend had already
+    # sent still arrive after the kill signal, before the client sees its connection break.
+    resumed = stream.resumed_at[0]
+    before = [t for t in stream.chunk_times if t <= resumed]
+    after = [t for t in stream.chunk_times if t > resumed]
+    if not before or not after:
         return None
     return after[0] - before[-1], stream.resumed_at[0] - killed_at, after[0] - stream.resumed_at[0]
 
