@@ -181,7 +181,11 @@ async def test_rolling_restart_under_load(tmp_path: Path) -> None:
         assert set(migrations) <= {"drained", "busy", "no_responders", "killed"}, migrations
         refused = migrations.get("busy", 0) + migrations.get("no_responders", 0) + migrations.get("killed", 0)
         assert refused <= len(originals) * 6
-        assert migrations.get("drained", 0) == handed_off
+        # A stream the worker handed off may already have been moved by the frontend
+        # (cause "killed") when a sibling's no-responders answer arrived first (seen in CI:
+        # handed off 3, drained 2, killed 1), so the frontend never counts it as drained.
+        drained = migrations.get("drained", 0)
+        assert drained <= handed_off <= drained + migrations.get("killed", 0), (handed_off, migrations)
         assert all(not w.alive() for w in originals)
         assert len(d.live_workers()) == 3
         await d.assert_kv_idle(timeout=3)
