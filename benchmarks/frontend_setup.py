@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dynrt.frontend.migration import ONE_TOKEN_PER_CHUNK_ENV
+from dynrt.frontend.attempt_reader import ONE_TOKEN_PER_CHUNK_ENV
 
 # The source tree's folders and the ``dynrt`` subpackages they are installed as (pyproject.toml).
 _SUBPACKAGES = ("runtime", "frontend", "worker", "router", "controller")

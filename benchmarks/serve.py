@@ -16,7 +16,7 @@ Frontend CPU per output token is the frontend process's user + system CPU time
 deployment is reported the same way. ``--chunking`` says how the frontend sends tokens:
 ``coalesced`` (its normal behaviour: frames already received when one is read go out as
 one SSE chunk) and/or ``one`` (every token its own chunk: the frontend runs with
-``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1``, see ``dynrt.frontend.migration``), the
+``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK=1``, see ``dynrt.frontend.attempt_reader``), the
 per-token cost of a frontend that cannot coalesce (its tokens are still written a batch at
 a time: the one-token events of the frames already received, in one write).
 ``--baseline-tree DIR`` measures the code of another source tree (e.g. ``git worktree add

@@ -35,43 +35,23 @@ which is out of routing exactly while its reports are missing and back when they
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import NoReturn
 
 import msgspec
 import nats.errors
 
-from dynrt.frontend.errors import InvalidRequest, MigrationExhausted, NoLiveInstance, Overloaded, StreamTakenOver
+from dynrt.frontend.attempt_reader import AttemptReader, StreamInterrupted, TokenDelta
+from dynrt.frontend.errors import MigrationExhausted, NoLiveInstance, Overloaded
 from dynrt.router.policies import Busy, Choice, NoInstance
 from dynrt.router.service import RoutingService
 from dynrt.runtime import metrics
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.log import get_logger
-from dynrt.runtime.protocol import (
-    ErrorFrame,
-    FinishReason,
-    Frame,
-    GenerateRequest,
-    InstanceRecord,
-    MigrateFrame,
-    SamplingParams,
-    TokenFrame,
-    TokenLogprobs,
-    encode,
-)
-from dynrt.runtime.transport import (
-    NatsTransport,
-    NoRespondersError,
-    PingTimeoutError,
-    ResponseStream,
-    StreamBrokenError,
-    StreamSilent,
-    TransportError,
-)
+from dynrt.runtime.protocol import GenerateRequest, InstanceRecord, SamplingParams, encode
+from dynrt.runtime.transport import NatsTransport, ResponseStream, StreamBrokenError, TransportError
 
 log = get_logger("migration")
 
@@ -81,49 +61,8 @@ MIGRATIONS_EXHAUSTED = metrics.counter("dynrt_frontend_migrations_exhausted_tota
 STREAM_GAP = metrics.histogram("dynrt_frontend_migration_gap_seconds",
                                "time from the last token before a failure to the first token after it")
 
-# Silence longer than this multiple of the stream's recent inter-token time gets the
-# worker pinged.
-_SILENCE_ITL_MULTIPLE = 2.0
-# Longest wait between pings while a live worker is busy (long prefill, big batch).
-_MAX_SILENCE_WINDOW = 0.5
 # How long to keep looking for a live instance when all known ones have failed.
 _NO_INSTANCE_PATIENCE = 1.0
-
-# For benchmarks (``benchmarks/serve.py --chunking one``): with this set to 1 in the
-# frontend's environment every token is its own delta, hence its own SSE chunk (event) —
-# the tokens of frames already received are not merged into one delta and a frame of
-# several tokens is split; they still go out in one write, as the events of a batch —
-# so the per-token cost of a frontend that cannot coalesce can be measured. Off by
-# default: coalescing costs clients nothing and saves CPU.
-ONE_TOKEN_PER_CHUNK_ENV = "DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK"
-_ONE_TOKEN_PER_CHUNK = os.environ.get(ONE_TOKEN_PER_CHUNK_ENV, "") == "1"
-
-
-@dataclass(slots=True)
-class TokenDelta:
-    """New token ids for the client; the last one has ``finish_reason``. ``logprobs``
-    (when the request asked for them) has one entry per id, across migrations too: a
-    resent request returns only the tokens after the ones already delivered."""
-
-    token_ids: list[int]
-    finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprobs] | None = None
-
-
-class StreamInterrupted(Exception):
-    def __init__(self, cause: str) -> None:
-        super().__init__(cause)
-        self.cause = cause
-
-
-def _interrupted(exc: EOFError | NoRespondersError | StreamBrokenError) -> StreamInterrupted:
-    """The migration cause of a stream that ended early or broke."""
-    if isinstance(exc, NoRespondersError):
-        return StreamInterrupted("no_responders")
-    if isinstance(exc, StreamBrokenError):
-        return StreamInterrupted("nats_restart" if exc.cause == "nats_disconnected" else exc.cause)
-    return StreamInterrupted("ended_early")
-
 
 class Generation:
     """Generate ``sampling.max_tokens`` tokens for ``prompt_ids`` on whatever live
@@ -150,7 +89,6 @@ class Generation:
         self._router_id = ""  # the standalone router that chose ``instance`` ("" = local)
         self._stream: ResponseStream | None = None
         self._exclude: set[str] = set()
-        self._stashed: Frame | None = None
         self._last_token_at = 0.0  # time.monotonic() of the latest token (or of the send)
         self._on_instance_stream = on_instance_stream
         # Told when a ping proves the instance gone (no responders), so the caller can
@@ -236,14 +174,17 @@ class Generation:
             if self._stream is None:
                 await self._send()
             assert self._stream is not None
+            reader = self._reader(self._stream)
             try:
-                async for batch in self._read(self._stream):
+                async for batch in reader.batches():
                     if failure_at is not None and any(d.token_ids for d in batch):
                         STREAM_GAP.observe(time.monotonic() - failure_at)
                         log.info("migration_resumed", request_id=self.request_id,
                                  gap_ms=round((time.monotonic() - failure_at) * 1000, 1),
                                  instance_id=self.instance.instance_id if self.instance else None)
                         failure_at = None
+                    if reader.cached_tokens > self.cached_tokens:
+                        self.cached_tokens = reader.cached_tokens
                     if batch[-1].finish_reason is not None:
                         self.finished = True  # before the yield: the consumer may stop here
                     yield batch
@@ -251,8 +192,15 @@ class Generation:
                         await self.close()
                         return
             except StreamInterrupted as broken:
-                failure_at = failure_at or self._last_token_at
+                failure_at = failure_at or reader.last_token_at
                 await self._on_broken(broken.cause)
+
+    def _reader(self, stream: ResponseStream) -> AttemptReader:
+        instance_id = self.instance.instance_id if self.instance is not None else None
+        return AttemptReader(stream, request_id=self.request_id, config=self.config, transport=self.transport,
+                             generated=self.generated, with_logprobs=self.sampling.logprobs is not None,
+                             is_suspect=lambda: instance_id is not None and self.routing.is_suspect(instance_id),
+                             last_token_at=self._last_token_at)
 
     async def _send(self) -> None:
         """Route and send one attempt (retrying at once on no-responders)."""
@@ -328,129 +276,6 @@ class Generation:
             if time.monotonic() > deadline:
                 self._exhausted("no live instance to continue on")
             await asyncio.sleep(0.05)
-
-    async def _read(self, stream: ResponseStream) -> AsyncIterator[list[TokenDelta]]:
-        """Per turn: wait for a frame, take every token frame already received after it
-        (without waiting), and yield their tokens as one batch — one delta (coalesced),
-        or one delta per token (``DYNRT_FRONTEND_ONE_TOKEN_PER_CHUNK``); the last delta
-        of the last batch has the finish reason. Per frame, i.e. per token when tokens
-        arrive one at a time: kept lean."""
-        itl = 0.0
-        floor = self.config.silence_floor
-        window = floor
-        with_logprobs = self.sampling.logprobs is not None
-        coalesce = not _ONE_TOKEN_PER_CHUNK
-        self._stashed = None
-        while True:
-            frame = self._ready_frame(stream)
-            if frame is None:
-                try:
-                    await stream.wait(window)  # awaited here: one coroutine frame less per wake-up
-                    continue
-                except StreamSilent:
-                    pass
-            if type(frame) is not TokenFrame:
-                if frame is None:  # silent for ``window``: is the worker still there?
-                    await self._check_alive(stream)
-                    window = min(window * 2, _MAX_SILENCE_WINDOW)
-                elif isinstance(frame, MigrateFrame):
-                    raise StreamInterrupted("drained")
-                elif isinstance(frame, ErrorFrame):
-                    if frame.code == "bad_request":
-                        raise InvalidRequest(frame.message)
-                    if frame.code == "in_flight":
-                        # A resumed request routed to the worker still running it (its
-                        # previous frontend had moved it there): take that stream over.
-                        raise StreamInterrupted("in_flight")
-                    if frame.code == "cancelled":
-                        # Another frontend reattached to this request (its client
-                        # resumed there): this one's client is gone; nothing to continue,
-                        # and nothing to cancel — the request is the other frontend's now.
-                        stream.release()
-                        raise StreamTakenOver(frame.message)
-                    raise StreamInterrupted(frame.code)
-                continue
-            token_ids = frame.token_ids  # decoded for this read: ours to extend
-            if token_ids:
-                now = time.monotonic()
-                gap = now - self._last_token_at
-                itl = gap if itl == 0.0 else 0.8 * itl + 0.2 * gap
-                window = max(floor, min(_MAX_SILENCE_WINDOW, _SILENCE_ITL_MULTIPLE * itl))
-                self._last_token_at = now
-            logprobs = self._logprobs_of(frame, None) if with_logprobs else None
-            finish = frame.finish_reason
-            usage = frame.usage
-            # The frames that are already here join this batch (the consumer writes a
-            # batch at once); anything else waits for the next turn, after these tokens.
-            while finish is None and stream.pending():
-                more = self._ready_frame(stream)
-                if type(more) is not TokenFrame:
-                    self._stashed = more
-                    break
-                token_ids.extend(more.token_ids)
-                if with_logprobs:
-                    logprobs = self._logprobs_of(more, logprobs)
-                finish, usage = more.finish_reason, more.usage
-            self.generated.extend(token_ids)
-            if usage is not None:
-                self.cached_tokens = max(self.cached_tokens, usage.cached_tokens)
-            aborted = finish == "abort"  # aborted on the worker without our asking
-            finish = None if aborted else "stop" if finish == "cancelled" else finish
-            if coalesce or len(token_ids) <= 1:
-                batch = [TokenDelta(token_ids, finish, logprobs)]
-            elif logprobs is None:
-                batch = [TokenDelta([t]) for t in token_ids]
-                batch[-1].finish_reason = finish
-            else:
-                batch = [TokenDelta([t], None, logprobs[i:i + 1]) for i, t in enumerate(token_ids)]
-                batch[-1].finish_reason = finish
-            if aborted:
-                if token_ids:
-                    yield batch
-                raise StreamInterrupted("aborted")
-            yield batch
-            if finish is not None:
-                return
-
-    def _logprobs_of(self, frame: TokenFrame, so_far: list[TokenLogprobs] | None) -> list[TokenLogprobs] | None:
-        """``so_far`` extended by the frame's logprobs, one per token, when requested. A
-        worker that sends none (or too few) is faulty: the request moves elsewhere."""
-        if self.sampling.logprobs is None:
-            return None
-        if not frame.token_ids:
-            return so_far if so_far is not None else []
-        if frame.logprobs is None or len(frame.logprobs) != len(frame.token_ids):
-            log.error("logprobs_missing", request_id=self.request_id, tokens=len(frame.token_ids),
-                      logprobs=len(frame.logprobs or ()))
-            raise StreamInterrupted("engine_error")
-        return frame.logprobs if so_far is None else so_far + frame.logprobs
-
-    def _ready_frame(self, stream: ResponseStream) -> Frame | None:
-        """The next frame if one has been received, else None (no waiting); end of
-        stream or a broken one becomes ``StreamInterrupted``."""
-        if self._stashed is not None:
-            frame, self._stashed = self._stashed, None
-            return frame
-        try:
-            return stream.ready()
-        except (EOFError, NoRespondersError, StreamBrokenError) as exc:
-            raise _interrupted(exc) from None
-
-    async def _check_alive(self, stream: ResponseStream) -> None:
-        """The stream is silent: is the worker still there?"""
-        silent_for = time.monotonic() - stream.last_activity
-        if silent_for >= self.config.stream_stall_timeout:
-            raise StreamInterrupted("stalled")
-        try:
-            await self.transport.ping(stream.subject, timeout=self.config.ping_timeout)
-        except NoRespondersError:
-            raise StreamInterrupted("killed") from None
-        except PingTimeoutError:
-            # Busy or hung. Hung if its load reports stopped too; else the stall timeout decides.
-            if self.instance is not None and self.routing.is_suspect(self.instance.instance_id):
-                raise StreamInterrupted("suspect") from None
-        except StreamBrokenError:
-            raise StreamInterrupted("nats_restart") from None
 
     async def _on_broken(self, cause: str) -> None:
         failed = self.instance

@@ -30,7 +30,8 @@ from aiohttp import web
 from dynrt.frontend import errors
 from dynrt.frontend.choices import Choice, event_bytes
 from dynrt.frontend.event_ids import OPENING, EventPosition, parse_event_id, split_events, tag_events
-from dynrt.frontend.migration import Generation, TokenDelta
+from dynrt.frontend.attempt_reader import TokenDelta
+from dynrt.frontend.migration import Generation
 from dynrt.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from dynrt.frontend.sse import ChatChunkEncoder, CompletionChunkEncoder
 from dynrt.frontend.text_stream import TextDelta, TokenSource

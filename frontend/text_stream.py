@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dynrt.frontend.detokenizer import IncrementalDetokenizer, find_stop
-from dynrt.frontend.migration import TokenDelta
+from dynrt.frontend.attempt_reader import TokenDelta
 from dynrt.frontend.openai_protocol import FinishReason
 from dynrt.runtime.protocol import TokenLogprobs
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from dynrt.frontend.detokenizer import ByteDetokenizer, WindowDetokenizer, find_stop
-from dynrt.frontend.migration import TokenDelta
+from dynrt.frontend.attempt_reader import TokenDelta
 from dynrt.frontend.text_stream import TextDelta, TextStream
 from dynrt.frontend.tokenizer import load_tokenizer
 from dynrt.runtime.mock_tokenizer import BYTE_BASE, mock_tokenizer

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from dynrt.frontend import migration
+from dynrt.frontend import attempt_reader
 from dynrt.frontend.errors import InvalidRequest
-from dynrt.frontend.migration import Generation, TokenDelta
+from dynrt.frontend.attempt_reader import TokenDelta
+from dynrt.frontend.migration import Generation
 from dynrt.runtime.config import MigrationConfig
 from dynrt.runtime.protocol import ErrorFrame, SamplingParams, TokenFrame, TokenLogprobs, encode
 from dynrt.runtime.transport import ResponseStream
@@ -59,7 +60,7 @@ async def test_frames_already_received_are_coalesced() -> None:
 @pytest.mark.parametrize("logprobs", [False, True])
 async def test_one_token_per_chunk_splits_and_does_not_coalesce(monkeypatch: pytest.MonkeyPatch,
                                                                 logprobs: bool) -> None:
-    monkeypatch.setattr(migration, "_ONE_TOKEN_PER_CHUNK", True)
+    monkeypatch.setattr(attempt_reader, "_ONE_TOKEN_PER_CHUNK", True)
     generation = _generation(_frames(logprobs), logprobs)
     deltas = await _deltas(generation)
     assert [(d.token_ids, d.finish_reason) for d in deltas] == [
@@ -84,7 +85,7 @@ async def test_frames_already_received_form_one_batch() -> None:
 async def test_one_token_per_chunk_batches_the_frames_already_received(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every token is its own delta (its own SSE event), and the deltas of the frames
     # already received form one batch: one write instead of six.
-    monkeypatch.setattr(migration, "_ONE_TOKEN_PER_CHUNK", True)
+    monkeypatch.setattr(attempt_reader, "_ONE_TOKEN_PER_CHUNK", True)
     batches = await _batches(_generation(_frames()))
     assert [[(d.token_ids, d.finish_reason) for d in b] for b in batches] == [
         [([10], None), ([11], None), ([12], None), ([13], None), ([14], None), ([15], "length")]]
@@ -93,12 +94,12 @@ async def test_one_token_per_chunk_batches_the_frames_already_received(monkeypat
 @pytest.mark.parametrize("one_token", [False, True])
 async def test_an_error_frame_waits_until_the_tokens_before_it_are_out(monkeypatch: pytest.MonkeyPatch,
                                                                       one_token: bool) -> None:
-    monkeypatch.setattr(migration, "_ONE_TOKEN_PER_CHUNK", one_token)
+    monkeypatch.setattr(attempt_reader, "_ONE_TOKEN_PER_CHUNK", one_token)
     generation = _generation([TokenFrame(token_ids=[10, 11]), TokenFrame(token_ids=[12])])
     assert generation._stream is not None
     generation._stream._deliver(encode(ErrorFrame(code="bad_request", message="no")))
     seen: list[int] = []
     with pytest.raises(InvalidRequest):
-        async for batch in generation._read(generation._stream):
+        async for batch in generation._reader(generation._stream).batches():
             seen += [t for d in batch for t in d.token_ids]
     assert seen == [10, 11, 12]

@@ -14,7 +14,7 @@ import pytest
 
 from dynrt.frontend.choices import Choice
 from dynrt.frontend.event_ids import EventPosition, parse_event_id, split_events, tag_events
-from dynrt.frontend.migration import TokenDelta
+from dynrt.frontend.attempt_reader import TokenDelta
 from dynrt.frontend.resume import ResumeFeed, StreamEvents, write_resumable
 from dynrt.frontend.sse import DONE, ChatChunkEncoder
 from dynrt.frontend.text_stream import TextStream

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from dynrt.frontend.detokenizer import ByteDetokenizer
-from dynrt.frontend.migration import TokenDelta
+from dynrt.frontend.attempt_reader import TokenDelta
 from dynrt.frontend.text_stream import TextDelta, TextStream
 from dynrt.runtime.mock_tokenizer import BYTE_BASE, EOS_ID, mock_tokenizer
 from dynrt.runtime.protocol import TokenLogprobs
