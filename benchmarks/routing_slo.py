@@ -63,6 +63,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,16 +159,19 @@ async def closed_loop_bodies(url: str, bodies: list[bytes], concurrency: int,
         return results, time.monotonic() - started
 
 
-async def run_bodies(url: str, bodies: list[bytes], offsets: list[float]) -> tuple[list[Result], float]:
-    """Send ``bodies`` at ``offsets`` seconds from now; wait for every answer."""
+async def run_bodies(url: str | Sequence[str], bodies: list[bytes],
+                     offsets: list[float]) -> tuple[list[Result], float]:
+    """Send ``bodies`` at ``offsets`` seconds from now (several frontends' URLs: each in
+    turn); wait for every answer. Results in the order of ``bodies``."""
+    urls = [url] if isinstance(url, str) else list(url)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=TIMEOUT) as session:
         started = time.monotonic()
         tasks = []
-        for offset, body in zip(offsets, bodies):
+        for n, (offset, body) in enumerate(zip(offsets, bodies)):
             delay = started + offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(stream_request(session, url, body)))
+            tasks.append(asyncio.create_task(stream_request(session, urls[n % len(urls)], body)))
         results = list(await asyncio.gather(*tasks))
         return results, time.monotonic() - started
 
