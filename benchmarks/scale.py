@@ -384,7 +384,8 @@ def summarize(before: Snapshot, after: Snapshot, pids: dict[str, list[int]], siz
     nats_rates = rates["nats"]
     by_kind = {k.removeprefix("out_msgs."): round(v, 1) for k, v in sorted(nats_rates.items()) if k.startswith("out_msgs.")}
     fe = pct("frontend")
-    total = sum(100 * v for v in cpu.values())
+    total = sum(100 * v for pid, v in cpu.items() if pid != 0)
+    machine = 100 * cpu[0]
     return {
         "window_s": round(rates["seconds"], 2),
         "etcd_msgs_per_s": etcd,
@@ -397,7 +398,8 @@ def summarize(before: Snapshot, after: Snapshot, pids: dict[str, list[int]], siz
         "cpu_pct": {"frontend_each": fe, "frontend_mean": round(sum(fe) / len(fe), 1) if fe else None,
                     "frontend_max": max(fe) if fe else None, "router": (pct("router") or [None])[0],
                     "workers_total": round(sum(pct("workers")), 1), "etcd": pct("etcd")[0], "nats": pct("nats")[0],
-                    "measured_total": round(total, 1)},
+                    "measured_total": round(total, 1), "machine_total": round(machine, 1),
+                    "other_processes": round(machine - total, 1)},
     }
 
 
@@ -437,7 +439,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     total = (row.get("cpu_pct") or {}).get("measured_total") or 0
                     if cell.mode == "local" and (row.get("skipped") or total >= args.saturated):
                         saturated = row.get("skipped") or (
-                            f"{cell.name} already used {total:.0f}% CPU of the machine's "
+                            f"at {cell.name} the benchmark's processes used {total:.0f}% CPU of the machine's "
                             f"{100 * (shutil.os.cpu_count() or 1)}%: a larger F cannot be measured here")
             finally:
                 await pool.stop()
@@ -455,7 +457,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(label: str, run: dict[str, Any]) -> None:
     headers = ["cell", "fe ready s", "join s", "add p50/p99 s", "kill→out p99 s", "del→rm p99 s", "etcd/s",
                "keepalive/s", "nats out/s", "load out/s", "kv out/s", "fe cpu %", "router %", "workers %",
-               "total %", "decision p99 µs"]
+               "bench %", "machine %", "decision p99 µs"]
     rows: list[list[Any]] = []
     for c in run["cells"]:
         name = f"{c['n']}x{c['f']}:{c['mode']}"
@@ -468,7 +470,7 @@ def table(label: str, run: dict[str, Any]) -> None:
                      conv["delete_propagation_p99_s"], c["etcd_total_per_s"], c["etcd_keepalives_per_s"],
                      c["nats"]["out_msgs"], kinds.get("load_reports", 0), kinds.get("kv_events", 0),
                      f"{cpu['frontend_mean']}/{cpu['frontend_max']}", cpu["router"], cpu["workers_total"],
-                     cpu["measured_total"], (run["decision"].get(str(c["n"])) or {}).get("p99_us")])
+                     cpu["measured_total"], cpu.get("machine_total"), (run["decision"].get(str(c["n"])) or {}).get("p99_us")])
     print(f"\n== {label} ==")
     print_table(headers, rows)
 

@@ -7,6 +7,7 @@ between them (``Snapshot.rates``)."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from calendar import timegm
@@ -33,6 +34,14 @@ def rss_mib(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     stat = read_stat(pid)
     return stat.cpu_seconds if stat is not None else 0.0
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process on this machine has used (``/proc/stat``: all but idle
+    and iowait), so a window's share used by processes outside the benchmark shows."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def subject_kind(subject: str, namespace: str) -> str:
@@ -84,7 +93,7 @@ class Snapshot:
     at: float
     etcd: dict[str, float]
     nats: dict[str, float]
-    cpu: dict[int, float]
+    cpu: dict[int, float]  # by pid; 0: the whole machine
 
     def rates(self, later: "Snapshot") -> dict[str, Any]:
         dt = later.at - self.at
@@ -100,7 +109,7 @@ async def snapshot(session: aiohttp.ClientSession, etcd_endpoint: str, nats_moni
                    pids: list[int]) -> Snapshot:
     return Snapshot(at=time.monotonic(), etcd=await etcd_counters(session, etcd_endpoint),
                     nats=await nats_counters(session, nats_monitor, namespace),
-                    cpu={pid: cpu_seconds(pid) for pid in pids})
+                    cpu={pid: cpu_seconds(pid) for pid in pids} | {0: machine_cpu_seconds()})
 
 
 _LINE = re.compile(r"^ts=(\S+) .*?event=(\S+)(.*)$")
