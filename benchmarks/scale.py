@@ -310,6 +310,14 @@ async def _all_have(tails: list[LogTail], event: str | tuple[str, ...], iid: str
     return None
 
 
+async def _listed(fe: FrontendProcess) -> int:
+    """How many instances a frontend's ``/health`` lists (-1: no answer)."""
+    try:
+        return len((await fe.health())[1].get("instances", []))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return -1
+
+
 async def run_cell(pool: Pool, cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
     router: SystemPortProcess | None = None
     frontend_args = ["--router-mode", "kv"]
@@ -328,8 +336,10 @@ async def run_cell(pool: Pool, cell: Cell, args: argparse.Namespace) -> dict[str
         await asyncio.gather(*(fe.start() for fe in frontends))
         try:
             await asyncio.gather(*(fe.wait_instances(cell.n, timeout=args.start_timeout) for fe in frontends))
-        except AssertionError as exc:
-            result["skipped"] = f"frontends' views did not reach {cell.n} instances in {args.start_timeout}s: {exc}"
+        except AssertionError:
+            counts = await asyncio.gather(*(_listed(fe) for fe in frontends))
+            result["skipped"] = (f"frontends' views did not reach {cell.n} instances within {args.start_timeout:.0f}s "
+                                 f"of start (they listed {min(counts)}-{max(counts)}): the machine is saturated")
             return result
         result["frontends_ready_s"] = round(time.monotonic() - t0, 2)
         tails = [LogTail(fe.log_path) for fe in frontends]
@@ -413,10 +423,23 @@ def decision_latency(n: int, args: argparse.Namespace, out_dir: Path) -> dict[st
             "distinct_blocks": data["index"]["distinct_blocks"], "requests": args.decision_requests}
 
 
+def save(args: argparse.Namespace, run_results: dict[str, Any]) -> dict[str, Any]:
+    """This run's results into ``scale.json`` under ``--label`` (the other labels kept);
+    called after every cell, so a run cut short keeps what it measured."""
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / "scale.json"
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    runs = existing.get("runs", {})
+    runs[args.label] = run_results | {"options": options_of(args), "machine": machine_facts()}
+    doc = {"machine": "2-core shared VM (AMD EPYC, Firecracker), CPython 3.11", "runs": runs}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return runs
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cells = [Cell.parse(c) for c in args.grid.split(",") if c]
     base = Path(tempfile.mkdtemp(prefix="dynrt-scale-"))
-    results: dict[str, Any] = {"cells": [], "pools": {}, "decision": {}}
+    results: dict[str, Any] = {"cells": [], "pools": {}, "decision": {}, "complete": False}
     try:
         for n in sorted({c.n for c in cells}):
             pool = Pool(args, n, base / f"n{n}")
@@ -435,6 +458,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     row = await run_cell(pool, cell, args)
                     row["cell_s"] = round(time.monotonic() - t0, 1)
                     results["cells"].append(row)
+                    save(args, results)
                     print(f"  {cell.name}: {json.dumps(row)[:400]}", flush=True)
                     total = (row.get("cpu_pct") or {}).get("measured_total") or 0
                     if cell.mode == "local" and (row.get("skipped") or total >= args.saturated):
@@ -445,6 +469,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await pool.stop()
             if not args.no_decision:
                 results["decision"][str(n)] = await asyncio.to_thread(decision_latency, n, args, base / f"rd{n}")
+                save(args, results)
                 print(f"N={n}: decision {results['decision'][str(n)]}", flush=True)
     finally:
         if not args.keep:
@@ -515,8 +540,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second, over all frontends")
     parser.add_argument("--window", type=float, default=6.0, help="seconds over which rates are measured")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before the window")
-    parser.add_argument("--reps", type=int, default=4, help="probe workers added and killed per cell")
-    parser.add_argument("--start-timeout", type=float, default=90.0)
+    parser.add_argument("--reps", type=int, default=3, help="probe workers added and killed per cell")
+    parser.add_argument("--start-timeout", type=float, default=45.0,
+                        help="seconds F frontends have to list all N instances (else the cell is skipped)")
     parser.add_argument("--saturated", type=float, default=185.0,
                         help="measured CPU %% at which larger F at the same N is skipped")
     parser.add_argument("--decision-requests", type=int, default=2000)
@@ -526,14 +552,9 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.monotonic()
     run_results = asyncio.run(run(args))
-    run_results |= {"options": options_of(args), "machine": machine_facts(), "seconds": round(time.monotonic() - t0)}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
+    run_results |= {"seconds": round(time.monotonic() - t0), "complete": True}
+    runs = save(args, run_results)
     path = args.results_dir / "scale.json"
-    existing = json.loads(path.read_text()) if path.exists() else {}
-    runs = existing.get("runs", {})
-    runs[args.label] = run_results
-    doc = {"machine": "2-core shared VM (AMD EPYC, Firecracker), CPython 3.11", "runs": runs}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
     for label, r in sorted(runs.items()):
         table(label, r)
     plot(runs, args.results_dir / "scale.png")
