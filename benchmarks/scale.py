@@ -550,6 +550,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs")
     add_results_dir_argument(parser)
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every process started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     t0 = time.monotonic()
     run_results = asyncio.run(run(args))
     run_results |= {"seconds": round(time.monotonic() - t0), "complete": True}

@@ -36,6 +36,8 @@ EngineFactory = Callable[[WorkerConfig], Engine]
 # Instances started at once: each grants a lease and puts two records; starting a
 # hundred at the same instant only queues those calls behind each other.
 START_CONCURRENCY = 20
+# Seconds the shared NATS connection has to close at exit.
+RELEASE_TIMEOUT = 10.0
 
 
 def instance_config(config: WorkerConfig, index: int) -> WorkerConfig:
@@ -69,6 +71,10 @@ async def run_instances(config: WorkerConfig, make_engine: EngineFactory) -> int
     try:
         codes = await asyncio.gather(*(run_one(s) for s in services))
     finally:
-        await transport.close()
+        # Bounded like a single worker's release step: with NATS gone a drain can wait forever.
+        try:
+            await asyncio.wait_for(transport.close(), RELEASE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("nats_close_timed_out", timeout=RELEASE_TIMEOUT)
         await etcd.close()
     return max(codes, default=0)
