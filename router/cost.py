@@ -277,6 +277,11 @@ class PendingAssignments:
         """Assignments not acknowledged yet, completed ones included."""
         return len(self._unacked)
 
+    @property
+    def oldest_unacknowledged_at(self) -> float | None:
+        """When the oldest assignment no report has acknowledged yet was made (None: all are)."""
+        return self._unacked[0][1] if self._unacked else None
+
     def ack(self, received: int) -> None:
         """A load report says the instance has received ``received`` requests from this
         router (cumulative): drop the assignments it covers."""

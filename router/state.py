@@ -4,9 +4,11 @@ suspect, and the KV index — and the ``Candidate`` instances a request may go t
 their projected load (``cost.InstanceLoad``).
 
 Suspect instances: a worker reports its load at least every heartbeat
-(``LoadReport.heartbeat``) from its event loop. One whose reports stop for
-``suspect_after`` seconds (at least ``SUSPECT_HEARTBEATS`` heartbeats) is probably hung
-(SIGSTOP, a partition): it gets no new requests until its next report arrives. Two
+(``LoadReport.heartbeat``; longer while it is idle) from its event loop, and at once
+when it receives a request. One whose reports stop for ``suspect_after`` seconds (at
+least ``SUSPECT_HEARTBEATS`` heartbeats), or that sent no report for ``suspect_after``
+after a request this router assigned it, is probably hung (SIGSTOP, a partition): it
+gets no new requests until its next report arrives. Two
 guards against false suspicion: an instance is never suspect before its first report
 (nor one whose reports carry no heartbeat); and when this router's own event loop
 stalls, or NATS is down, every instance goes quiet at once — so an instance is suspect
@@ -95,6 +97,8 @@ class RouterState:
         # latest report from any instance.
         self._heard_at: dict[str, float] = {}
         self._heartbeat: dict[str, float] = {}
+        # When each instance's silence would reach its threshold (``might_be_suspect``).
+        self._quiet_at: dict[str, float] = {}
         self._heard_any_at = float("-inf")
         self._pool_heard_again_at = float("-inf")  # the first report after a silence of the whole pool
         # ``InstanceLoad.project`` of each instance, computed when first asked for and
@@ -141,6 +145,7 @@ class RouterState:
         self._projected.pop(iid, None)
         self._heard_at.pop(iid, None)
         self._heartbeat.pop(iid, None)
+        self._quiet_at.pop(iid, None)
         self.index.remove_instance(iid)
 
     def instances(self, model: str) -> list[InstanceRecord]:
@@ -176,14 +181,38 @@ class RouterState:
         heartbeat = self._heartbeat.get(instance_id, 0.0)
         if heard is None or heartbeat <= 0:
             return False  # no report yet (still within its grace), or no heartbeat promised
-        silent = (self.clock() if now is None else now) - max(heard, self._pool_heard_again_at)
-        return (silent > max(self.suspect_after, SUSPECT_HEARTBEATS * heartbeat)
-                and self._heard_any_at - heard > OBSERVER_LAG_HEARTBEATS * heartbeat)
+        now = self.clock() if now is None else now
+        silent = now - max(heard, self._pool_heard_again_at)
+        if (silent > max(self.suspect_after, SUSPECT_HEARTBEATS * heartbeat)
+                and self._heard_any_at - heard > OBSERVER_LAG_HEARTBEATS * heartbeat):
+            return True
+        # A worker reports within its load interval of receiving a request (its count
+        # changed), idle heartbeat or not: silence since a request this router sent it,
+        # for suspect_after while others were heard since, is a hung worker.
+        pending = self._pending.get(instance_id)
+        sent_at = pending.oldest_unacknowledged_at if pending is not None else None
+        return (sent_at is not None and heard < sent_at and now - max(sent_at, self._pool_heard_again_at)
+                > self.suspect_after and self._heard_any_at > sent_at)
+
+    def might_be_suspect(self, instance_id: str, now: float) -> bool:
+        """False if the instance surely is not suspect (the cheap test ``candidates`` and
+        ``suspects`` run on every instance; ``is_suspect`` decides the rest): it was heard
+        within its silence threshold and has no request this router sent it waiting for a
+        report."""
+        quiet_at = self._quiet_at.get(instance_id)
+        if quiet_at is None:
+            return False
+        if now > quiet_at:
+            return True
+        pending = self._pending.get(instance_id)
+        return pending is not None and pending.unacknowledged > 0
 
     def suspects(self) -> list[str]:
         """Instances suspect right now."""
+        if self.suspect_after <= 0:
+            return []
         now = self.clock()
-        return [iid for iid in self._heard_at if self.is_suspect(iid, now)]
+        return [iid for iid in self._quiet_at if self.might_be_suspect(iid, now) and self.is_suspect(iid, now)]
 
     def silent_for(self, instance_id: str) -> float | None:
         """Seconds since the instance's latest report (None: none yet)."""
@@ -203,6 +232,10 @@ class RouterState:
             self._pool_heard_again_at = now
         self._heard_at[iid] = self._heard_any_at = now
         self._heartbeat[iid] = report.heartbeat
+        if report.heartbeat > 0:
+            self._quiet_at[iid] = now + max(self.suspect_after, SUSPECT_HEARTBEATS * report.heartbeat)
+        else:
+            self._quiet_at.pop(iid, None)
         self._loads[iid] = report
         self._projected.pop(iid, None)
         pending = self._pending.get(iid)
@@ -268,10 +301,12 @@ class RouterState:
         loads."""
         now = self.clock()
         down = self._down_until
+        check = self.suspect_after > 0
         return [
             Candidate(rec, self._load(iid, rec))
             for iid, rec in self._by_model.get(model, {}).items()
-            if iid not in exclude and not (down and self.is_down(iid, now)) and not self.is_suspect(iid, now)
+            if iid not in exclude and not (down and self.is_down(iid, now))
+            and not (check and self.might_be_suspect(iid, now) and self.is_suspect(iid, now))
         ]
 
     def _load(self, instance_id: str, record: InstanceRecord) -> InstanceLoad:

@@ -77,6 +77,8 @@ class WorkerConfig(CommonConfig, kw_only=True):
     # 0.1 s: 10 small messages a second per worker, and with --suspect-after 0.3 a hung
     # worker is out of routing 0.2-0.3 s after its last report.
     load_heartbeat: Annotated[float, _doc("most seconds between load reports, even idle: routers take a worker whose reports stop for --suspect-after (at least 3 of these) as hung"), msgspec.Meta(gt=0)] = 0.1
+    load_heartbeat_idle: Annotated[float, _doc("most seconds between unchanged load reports while the engine has nothing running or waiting (at least --load-heartbeat): an idle pool's reports cost every router and frontend that much less, a hung idle worker is still suspect within --suspect-after of a request sent to it (no report acknowledges it), and a killed one is refused by NATS at once"), msgspec.Meta(gt=0)] = 1.0
+    instances: Annotated[int, _doc("mock: run this many worker instances in this process, each with its own instance id, lease, record, subjects, load reports and KV events (a scale simulation); they share the process's one etcd client and one NATS connection, so only the connection count differs from as many processes"), msgspec.Meta(ge=1)] = 1
     replica_id: Annotated[str, _doc("set by the controller: the replica this process is (put in the instance record)")] = ""
     tokenizer: Annotated[str, _doc("tokenizer path for the instance record (default: model)")] = ""
     # mock engine

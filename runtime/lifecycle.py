@@ -71,12 +71,16 @@ class GracefulShutdown:
         return True
 
     async def serve(self, start: Coroutine[Any, Any, None], release: StopCallback, component: str,
-                    **log_fields: Any) -> Literal["start_failed", "stopped_while_starting", "stopped"]:
+                    signals: bool = True, **log_fields: Any
+                    ) -> Literal["start_failed", "stopped_while_starting", "stopped"]:
         """The life of a long-running component: signal handlers, its start-up (abandoned
         when a stop is requested meanwhile), serving until a stop is requested, then the
         stop steps in order. A start-up that raises is logged (``{component}_start_failed``)
-        and ``release`` frees what it had acquired; so it is after a stop during start-up."""
-        self.install_signal_handlers()
+        and ``release`` frees what it had acquired; so it is after a stop during start-up.
+        ``signals=False``: no handlers of its own (one of several components in a process,
+        whose owner calls ``request`` on each)."""
+        if signals:
+            self.install_signal_handlers()
         try:
             started = await self.start_unless_stopped(start)
         except Exception:

@@ -58,8 +58,19 @@ def engine_choice(argv: list[str]) -> str:
     return str(known.engine or os.environ.get(ENV_PREFIX + "ENGINE") or "vllm")
 
 
+def instances_choice(argv: list[str]) -> int:
+    """``--instances`` from the command line, else ``DYNRT_INSTANCES``, else 1."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--instances", type=int, default=None)
+    known, _ = pre.parse_known_args(argv)
+    return int(known.instances or os.environ.get(ENV_PREFIX + "INSTANCES") or 1)
+
+
 def parse_args(argv: list[str], prog: str, description: str) -> argparse.Namespace:
     """The worker's command line with its engine's parser (see the module docstring)."""
+    if engine_choice(argv) != "mock" and instances_choice(argv) > 1:
+        _fail("dynrt worker: --instances > 1 runs simulated workers in one process and needs --engine mock "
+              "(a vLLM worker is one engine per process)")
     if engine_choice(argv) == "mock":
         parser = argparse.ArgumentParser(prog=prog, description=description)
         add_arguments(parser)
@@ -124,6 +135,10 @@ def make_engine(config: WorkerConfig, vllm_args: tuple[Any, Any] | None = None) 
 async def _main(config: WorkerConfig, vllm_args: tuple[Any, Any] | None) -> int:
     from dynrt.worker.service import WorkerService
 
+    if config.instances > 1:
+        from dynrt.worker.instances import run_instances
+
+        return await run_instances(config, make_engine)
     engine = make_engine(config, vllm_args)
     return await WorkerService(config, engine).run()
 

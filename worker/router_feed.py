@@ -5,7 +5,14 @@ the per-sender count of generate requests received that the reports carry.
 A report proves the loop that serves streams and answers pings is running, so it is sent
 from that loop (never a thread): every ``load_interval`` while the load changes, and at
 least every ``load_heartbeat`` when it does not (routers take an instance whose reports
-stop for ``--suspect-after`` as hung).
+stop for ``--suspect-after`` as hung) — or every ``load_heartbeat_idle`` while the engine
+has nothing running or waiting. Each report says which heartbeat it keeps
+(``LoadReport.heartbeat``), so routers wait for three of those before suspecting; an idle
+worker that gets a request reports at once (its received count changed), so a hung idle
+one is suspect as soon as a router's request to it goes unacknowledged for
+``--suspect-after`` (``RouterState.is_suspect``). Idle heartbeats are what most of a large
+pool sends: with 1,000 workers, 10 a second each reach every frontend and router
+(``benchmarks/scale.py``).
 """
 
 from __future__ import annotations
@@ -59,9 +66,10 @@ class RouterFeed:
         """A report every ``load_interval`` while the load changes, and at least every
         ``load_heartbeat`` (idle too). Runs until cancelled."""
         subject = load_subject(self.config.namespace, self.model_name)
-        heartbeat = self.config.load_heartbeat
-        tick = min(self.config.load_interval, heartbeat)
-        last: tuple[int, int, int, int, int] | None = None
+        busy_heartbeat = self.config.load_heartbeat
+        idle_heartbeat = max(self.config.load_heartbeat_idle, busy_heartbeat)
+        tick = min(self.config.load_interval, busy_heartbeat)
+        last: tuple[int, int, int, int, int, float] | None = None
         last_sent = 0.0
         while True:
             await asyncio.sleep(tick)
@@ -70,12 +78,13 @@ class RouterFeed:
             report.model = self.model_name
             report.timestamp = time.time()
             report.received = dict(self.received)
+            heartbeat = idle_heartbeat if report.running == 0 and report.waiting == 0 else busy_heartbeat
             report.heartbeat = heartbeat
             KV_USAGE.set(report.kv_usage)
             RUNNING.set(report.running)
             WAITING.set(report.waiting)
             shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens,
-                     self.received_total)
+                     self.received_total, heartbeat)
             # Half a tick of slack: a sleep that overshoots must not skip a heartbeat.
             if shape != last or time.monotonic() - last_sent >= heartbeat - tick / 2:
                 try:

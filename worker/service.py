@@ -92,7 +92,12 @@ def _check_logprobs(request: GenerateRequest, batch: TokenBatch) -> None:
 
 
 class WorkerService:
-    def __init__(self, config: WorkerConfig, engine: Engine) -> None:
+    def __init__(self, config: WorkerConfig, engine: Engine, *, etcd: EtcdClient | None = None,
+                 transport: NatsTransport | None = None, handle_signals: bool = True) -> None:
+        """``etcd`` / ``transport``: a client and connection shared with other instances
+        in this process (``dynrt.worker.instances``), left open at stop; by default the
+        worker makes and closes its own. ``handle_signals=False``: the process's owner
+        turns signals into ``shutdown.request``."""
         self.config = config
         self.engine = engine
         self.model_name = config.served_model_name or engine.info.model
@@ -102,9 +107,11 @@ class WorkerService:
         self.state: State = "starting"
         self.exit_code = 0
         self.shutdown = GracefulShutdown()
-        self.transport: NatsTransport | None = None
+        self.transport: NatsTransport | None = transport
+        self._owns_connections = etcd is None
+        self.handle_signals = handle_signals
         self.endpoint: Endpoint | None = None
-        self.etcd = EtcdClient.from_config(config)
+        self.etcd = etcd or EtcdClient.from_config(config)
         self.registration = LeasedRegistration(self.etcd, ttl=config.lease_ttl)
         self.frontend_watcher: PrefixWatcher | None = None
         self.health_server = HealthServer(self._health, host=config.host, port=config.system_port)
@@ -128,9 +135,10 @@ class WorkerService:
         await self.registration.put(self.key, encode_json(self._record(system_port, loading=True)))
         log.info("worker_loading", instance_id=self.instance_id, model=self.model_name, system_port=system_port)
         await self.engine.start()
-        self.transport = await NatsTransport.connect(
-            self.config.nats_url, name=f"worker-{self.instance_id}",
-            heartbeat_interval=self.config.heartbeat_interval, creds_file=self.config.nats_creds)
+        if self.transport is None:
+            self.transport = await NatsTransport.connect(
+                self.config.nats_url, name=f"worker-{self.instance_id}",
+                heartbeat_interval=self.config.heartbeat_interval, creds_file=self.config.nats_creds)
         self.endpoint = await self.transport.serve(self.subject, self._handle_generate, self._handle_control,
                                                    reattach=self._reattach)
         info = self.engine.info
@@ -170,7 +178,8 @@ class WorkerService:
 
     async def run(self) -> int:
         """Serve until a signal or an unhealthy verdict; returns the exit code."""
-        outcome = await self.shutdown.serve(self.start(), self._release, "worker", instance_id=self.instance_id)
+        outcome = await self.shutdown.serve(self.start(), self._release, "worker", signals=self.handle_signals,
+                                            instance_id=self.instance_id)
         if outcome == "start_failed":
             return 1
         if outcome == "stopped_while_starting":
@@ -382,9 +391,14 @@ class WorkerService:
         if self.frontend_watcher is not None:
             await self.frontend_watcher.close()
         await self.registration.close(revoke=True)
-        if self.transport is not None:
+        if self.transport is not None and self.endpoint is not None and not self._owns_connections:
+            await self.endpoint.close()  # the shared connection stays open for the other instances
+            if self.endpoint in self.transport.endpoints:
+                self.transport.endpoints.remove(self.endpoint)
+        if self.transport is not None and self._owns_connections:
             await self.transport.close()
         await self.health_server.close()
         await self.engine.shutdown()
         self.resumable.close()
-        await self.etcd.close()
+        if self._owns_connections:
+            await self.etcd.close()

@@ -206,6 +206,30 @@ async def test_sigstop_mid_stream_migrates_when_its_load_reports_stop(tmp_path: 
         await c.assert_no_kv_leak(c.workers, timeout=3.0)
 
 
+async def test_request_sent_to_a_hung_idle_worker_moves_when_no_report_acknowledges_it(
+        tmp_path: Path, namespace: str, etcd_server: EtcdServer, nats_server: NatsServer) -> None:
+    """An idle worker reports only every --load-heartbeat-idle (1 s), so a SIGSTOPped idle
+    one stays in routing for up to 3 s of silence. But a live worker reports within its
+    load interval of receiving a request: one sent there and not acknowledged for
+    --suspect-after makes it suspect, and the request moves (cause suspect) — well before
+    the 2 s stall timeout."""
+    tokens = 50
+    reference = await reference_text(tokens)
+    async with cluster(tmp_path, namespace, etcd_server.endpoint, nats_server.url, workers=2,
+                       frontend_args=["--router-mode", "round-robin"]) as c:
+        await asyncio.sleep(1.5)  # both idle, on their idle heartbeat
+        c.workers[0].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        results = await asyncio.gather(*(stream_chat(c.frontend.url, max_tokens=tokens) for _ in range(2)))
+        elapsed = time.monotonic() - started
+        for result in results:
+            assert result.error is None and result.done
+            assert result.text == reference
+        assert await c.migrations() == {"suspect": 1}
+        assert elapsed < 1.6, elapsed  # suspect within ~0.3 s + the answer, not the 2 s stall timeout
+        c.workers[0].send_signal(signal.SIGCONT)
+
+
 async def test_stall_timeout_still_moves_a_stuck_stream_whose_worker_keeps_reporting(
         tmp_path: Path, namespace: str, etcd_server: EtcdServer, nats_server: NatsServer) -> None:
     """With suspicion off (--suspect-after 0) a hung worker is found by the last resort,

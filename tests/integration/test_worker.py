@@ -366,6 +366,37 @@ async def test_load_reports_count_received_requests_per_sender(
         await sub.unsubscribe()
 
 
+async def test_idle_worker_reports_at_its_idle_heartbeat_busy_at_the_load_heartbeat(
+        shared_worker: WorkerProcess, transport: NatsTransport) -> None:
+    """Idle (nothing running or waiting) the worker's unchanged reports come every
+    --load-heartbeat-idle (1 s) and say so; serving, every --load-heartbeat (0.1 s)."""
+    reports: list[protocol.LoadReport] = []
+
+    async def on_report(msg: Any) -> None:
+        report = protocol.load_report_decoder.decode(msg.data)
+        if report.instance_id == shared_worker.record.instance_id:
+            reports.append(report)
+
+    sub = await transport.nc.subscribe(protocol.load_subject(shared_worker.namespace, "mock-model"), cb=on_report)
+    try:
+        await asyncio.sleep(0.5)  # any report of an earlier test's last request
+        reports.clear()
+        await asyncio.sleep(2.2)
+        idle = list(reports)
+        assert 1 <= len(idle) <= 4, [(r.running, r.heartbeat) for r in idle]
+        assert all(r.heartbeat == 1.0 and r.running == 0 and r.waiting == 0 for r in idle)
+        stream = await call(transport, shared_worker, make_request(LONG))
+        await read_tokens(stream, 5)
+        reports.clear()
+        await asyncio.sleep(1.0)
+        busy = list(reports)
+        await stream.cancel("kill")
+        assert len(busy) >= 6, len(busy)
+        assert all(r.heartbeat == 0.1 and r.running == 1 for r in busy)
+    finally:
+        await sub.unsubscribe()
+
+
 async def test_out_of_vocabulary_prompt_is_a_bad_request(
         shared_worker: WorkerProcess, transport: NatsTransport, http: aiohttp.ClientSession) -> None:
     vocab = mock_tokenizer().vocab_size

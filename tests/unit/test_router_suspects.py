@@ -130,3 +130,43 @@ def test_after_a_pool_wide_silence_suspicion_restarts_from_the_first_report() ->
     assert state.suspects() == []
     run(state, clock, 0.4, "ab")  # c really is silent now
     assert state.suspects() == ["c"]
+
+
+IDLE_HEARTBEAT = 1.0
+
+
+def test_idle_heartbeat_stretches_silence_but_a_request_sent_there_does_not_wait_for_it() -> None:
+    """An idle worker reports every second (and says so): silent 2 s it is not suspect.
+    Sent a request, a live worker reports at once (its received count changed); no report
+    for suspect_after after the request while the others keep reporting: suspect."""
+    state, clock = make_state("abc", sender_id="fe")
+    beat(state, "a", "b", "c", heartbeat=IDLE_HEARTBEAT)
+    run(state, clock, 2.0, "ab")
+    assert state.suspects() == []
+    state.on_assigned("c", "req-1", prompt_blocks=4)
+    run(state, clock, 0.2, "ab")
+    assert not state.is_suspect("c")  # 0.2 s < suspect_after
+    run(state, clock, 0.2, "ab")
+    assert state.suspects() == ["c"]
+    state.on_load(LoadReport(instance_id="c", model=MODEL, kv_blocks_total=1000, heartbeat=HEARTBEAT,
+                             received={"fe": 1}))
+    assert not state.is_suspect("c")
+
+
+def test_an_acknowledged_request_leaves_an_idle_worker_unsuspected() -> None:
+    state, clock = make_state("ab", sender_id="fe")
+    beat(state, "a", "b", heartbeat=IDLE_HEARTBEAT)
+    state.on_assigned("b", "req-1", prompt_blocks=4)
+    clock.now += 0.05
+    state.on_load(LoadReport(instance_id="b", model=MODEL, kv_blocks_total=1000, heartbeat=IDLE_HEARTBEAT,
+                             received={"fe": 1}))  # served already, idle again
+    run(state, clock, 2.0, "a")
+    assert not state.is_suspect("b")
+
+
+def test_a_request_sent_while_everyone_is_silent_is_the_observer_again() -> None:
+    state, clock = make_state("ab", sender_id="fe")
+    beat(state, "a", "b", heartbeat=IDLE_HEARTBEAT)
+    state.on_assigned("b", "req-1", prompt_blocks=4)
+    clock.now += 1.0  # nobody heard since the request: this router's loop or NATS stalled
+    assert state.suspects() == []

@@ -1,5 +1,6 @@
 """The worker's load reports: a heartbeat even when idle (routers take a worker whose
-reports stop as hung), more often while the load changes. A fake transport counts them."""
+reports stop as hung; ``--load-heartbeat-idle`` while nothing runs or waits), more often
+while the load changes. A fake transport counts them."""
 
 from __future__ import annotations
 
@@ -36,11 +37,19 @@ async def reports_in(seconds: float, **config: float) -> list[LoadReport]:
 
 
 @pytest.mark.parametrize(("heartbeat", "expected"), [(0.1, 10), (0.2, 5)])
-async def test_idle_worker_reports_every_heartbeat(heartbeat: float, expected: int) -> None:
-    reports = await reports_in(1.05, load_interval=0.1, load_heartbeat=heartbeat)
+async def test_idle_worker_reports_every_idle_heartbeat(heartbeat: float, expected: int) -> None:
+    reports = await reports_in(1.05, load_interval=0.1, load_heartbeat=0.1, load_heartbeat_idle=heartbeat)
     # (a busy machine delays the sleeps: fewer, never more)
     assert expected // 2 <= len(reports) <= expected + 1, len(reports)
     assert all(r.heartbeat == heartbeat for r in reports)
+
+
+async def test_idle_heartbeat_defaults_to_a_second_and_is_never_below_the_heartbeat() -> None:
+    reports = await reports_in(1.05, load_interval=0.1, load_heartbeat=0.1)
+    assert 1 <= len(reports) <= 2, len(reports)  # the first one, then every second
+    assert all(r.heartbeat == 1.0 for r in reports)
+    reports = await reports_in(0.5, load_interval=0.1, load_heartbeat=0.2, load_heartbeat_idle=0.05)
+    assert all(r.heartbeat == 0.2 for r in reports) and len(reports) <= 4
 
 
 async def test_idle_worker_reports_no_more_often_than_its_heartbeat() -> None:
