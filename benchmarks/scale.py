@@ -186,6 +186,7 @@ class LoadGenerator:
         self.ok = 0
         self.failed = 0
         self.dropped = 0
+        self.failures: dict[str, int] = {}  # by HTTP status or exception type
         self.latencies: list[float] = []
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -201,11 +202,15 @@ class LoadGenerator:
                     self.ok += 1
                     self.latencies.append(time.monotonic() - t0)
                 else:
-                    self.failed += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            self.failed += 1
+                    self._fail(str(response.status))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self._fail(type(exc).__name__)
         finally:
             self.gate.release()
+
+    def _fail(self, kind: str) -> None:
+        self.failed += 1
+        self.failures[kind] = self.failures.get(kind, 0) + 1
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -233,6 +238,7 @@ class LoadGenerator:
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=10)
         return {"rate": self.rate, "ok": self.ok, "failed": self.failed, "dropped": self.dropped,
+                "failures": self.failures,
                 "latency_p50_s": p(self.latencies, 50), "latency_p99_s": p(self.latencies, 99)}
 
 
