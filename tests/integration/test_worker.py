@@ -16,6 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -337,19 +338,28 @@ async def test_usage_reports_prefix_cache_hits(shared_worker: WorkerProcess, tra
     assert (first.final.usage.cached_tokens, second.final.usage.cached_tokens) == (0, hits)
 
 
-async def test_load_reports_count_received_requests_per_sender(
-        shared_worker: WorkerProcess, transport: NatsTransport) -> None:
-    """Every generate request counts under its frontend id and, if set, its router id;
-    load reports carry the cumulative counts (routers acknowledge assignments by them)."""
+@asynccontextmanager
+async def load_reports_of(worker: WorkerProcess, transport: NatsTransport) -> AsyncIterator[list[protocol.LoadReport]]:
+    """The worker's load reports, collected (in arrival order) while the block runs."""
     reports: list[protocol.LoadReport] = []
 
     async def on_report(msg: Any) -> None:
         report = protocol.load_report_decoder.decode(msg.data)
-        if report.instance_id == shared_worker.record.instance_id:
+        if report.instance_id == worker.record.instance_id:
             reports.append(report)
 
-    sub = await transport.nc.subscribe(protocol.load_subject(shared_worker.namespace, "mock-model"), cb=on_report)
+    sub = await transport.nc.subscribe(protocol.load_subject(worker.namespace, "mock-model"), cb=on_report)
     try:
+        yield reports
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_load_reports_count_received_requests_per_sender(
+        shared_worker: WorkerProcess, transport: NatsTransport) -> None:
+    """Every generate request counts under its frontend id and, if set, its router id;
+    load reports carry the cumulative counts (routers acknowledge assignments by them)."""
+    async with load_reports_of(shared_worker, transport) as reports:
         frontend, router = f"fe-{uuid.uuid4().hex[:8]}", f"router-{uuid.uuid4().hex[:8]}"
         sampling = SamplingParams(max_tokens=2, ignore_eos=True)
         for k in range(3):
@@ -362,23 +372,13 @@ async def test_load_reports_count_received_requests_per_sender(
             assert time.monotonic() < deadline, f"no report counting 3 requests: {reports[-1:]}"
             await asyncio.sleep(0.05)
         assert reports[-1].received is not None and reports[-1].received[router] == 2
-    finally:
-        await sub.unsubscribe()
 
 
 async def test_idle_worker_reports_at_its_idle_heartbeat_busy_at_the_load_heartbeat(
         shared_worker: WorkerProcess, transport: NatsTransport) -> None:
     """Idle (nothing running or waiting) the worker's unchanged reports come every
     --load-heartbeat-idle (1 s) and say so; serving, every --load-heartbeat (0.1 s)."""
-    reports: list[protocol.LoadReport] = []
-
-    async def on_report(msg: Any) -> None:
-        report = protocol.load_report_decoder.decode(msg.data)
-        if report.instance_id == shared_worker.record.instance_id:
-            reports.append(report)
-
-    sub = await transport.nc.subscribe(protocol.load_subject(shared_worker.namespace, "mock-model"), cb=on_report)
-    try:
+    async with load_reports_of(shared_worker, transport) as reports:
         await asyncio.sleep(0.5)  # any report of an earlier test's last request
         reports.clear()
         await asyncio.sleep(2.2)
@@ -393,8 +393,6 @@ async def test_idle_worker_reports_at_its_idle_heartbeat_busy_at_the_load_heartb
         await stream.cancel("kill")
         assert len(busy) >= 6, len(busy)
         assert all(r.heartbeat == 0.1 and r.running == 1 for r in busy)
-    finally:
-        await sub.unsubscribe()
 
 
 async def test_out_of_vocabulary_prompt_is_a_bad_request(
