@@ -142,7 +142,10 @@ class Endpoint:
                 pass
 
     async def close(self) -> None:
-        """Stop everything: cancel in-flight handlers, unsubscribe."""
+        """Stop everything: cancel in-flight handlers, unsubscribe; the transport forgets
+        this endpoint (its connection may serve others: ``dynrt.worker.instances``)."""
+        if self in self.transport.endpoints:
+            self.transport.endpoints.remove(self)
         await self.stop_accepting()
         for ctx in list(self.in_flight.values()):
             if ctx.task is not None:

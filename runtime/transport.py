@@ -487,7 +487,7 @@ class NatsTransport:
 
     async def close(self) -> None:
         self.closing = True
-        for endpoint in self.endpoints:
+        for endpoint in list(self.endpoints):  # each removes itself
             await endpoint.close()
         for stream in list(self._streams.values()):
             stream.broken_cause = "closed"

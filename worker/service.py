@@ -391,12 +391,10 @@ class WorkerService:
         if self.frontend_watcher is not None:
             await self.frontend_watcher.close()
         await self.registration.close(revoke=True)
-        if self.transport is not None and self.endpoint is not None and not self._owns_connections:
-            await self.endpoint.close()  # the shared connection stays open for the other instances
-            if self.endpoint in self.transport.endpoints:
-                self.transport.endpoints.remove(self.endpoint)
         if self.transport is not None and self._owns_connections:
             await self.transport.close()
+        elif self.transport is not None and self.endpoint is not None:
+            await self.endpoint.close()  # the shared connection stays open
         await self.health_server.close()
         await self.engine.shutdown()
         self.resumable.close()
