@@ -69,7 +69,7 @@ class RouterFeed:
         busy_heartbeat = self.config.load_heartbeat
         idle_heartbeat = max(self.config.load_heartbeat_idle, busy_heartbeat)
         tick = min(self.config.load_interval, busy_heartbeat)
-        last: tuple[int, int, int, int, int, float] | None = None
+        last: tuple[int, int, int, int, int] | None = None
         last_sent = 0.0
         while True:
             await asyncio.sleep(tick)
@@ -83,8 +83,9 @@ class RouterFeed:
             KV_USAGE.set(report.kv_usage)
             RUNNING.set(report.running)
             WAITING.set(report.waiting)
+            # (The heartbeat follows running and waiting: a change of it changes the shape.)
             shape = (report.kv_blocks_used, report.running, report.waiting, report.active_prefill_tokens,
-                     self.received_total, heartbeat)
+                     self.received_total)
             # Half a tick of slack: a sleep that overshoots must not skip a heartbeat.
             if shape != last or time.monotonic() - last_sent >= heartbeat - tick / 2:
                 try:
