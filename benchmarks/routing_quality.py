@@ -43,56 +43,53 @@ one standalone ``dynrt router``; the client spreads requests over the frontends 
 turn. Requests the frontends routed locally because the router did not answer in time
 (``dynrt_frontend_router_bypass_total``) are counted.
 
-Results (2-core shared VM, AMD EPYC, Firecracker, CPython 3.11; 2026-11-29 21:07–21:18Z;
-defaults: 8 workers, 32 tenants × 6,144-token prefix + 128-token question, 32 output
-tokens, 3,072 blocks per worker = 8 of the 32 prefixes, rates 8–44/s, 15 s each;
-``results/routing_quality.json``, ``.png``):
+Results (2-core shared VM, AMD EPYC, Firecracker, CPython 3.11; 2026-11-29 22:28–22:43Z,
+re-run on the submitted code; defaults: 8 workers, 32 tenants × 6,144-token prefix +
+128-token question, 32 output tokens, 3,072 blocks per worker = 8 of the 32 prefixes,
+``--rates 8,16,20,24,28,32,38,44 --phase-seconds 15``; ``results/routing_quality.json``,
+``.png``):
 
 =============  =====  =====  =====  =====  =====  =====  =====  =====
 TTFT p90 (ms)     8     16     20     24     28     32     38     44
 =============  =====  =====  =====  =====  =====  =====  =====  =====
-kv                52     75     76     95     71     81     93     98
-least-loaded     140    171    170    190    220    519  1,961  4,600
-round-robin      137    171    173    186    209    541  2,308  4,387
-random           172    297    257    494    766  1,501  3,151  6,615
+kv                52     70     65     70     84     82     93    100
+least-loaded     138    174    171    187    195    361  2,690  4,168
+round-robin      138    173    171    185    205    534  2,282  4,315
+random           176    318    310    556  1,066  2,087  3,565  5,998
 =============  =====  =====  =====  =====  =====  =====  =====  =====
 
-* kv serves 93–97 % of prompt tokens from cache; the other three 21–31 % (a worker
+* kv serves 93–96 % of prompt tokens from cache; the other three 20–30 % (a worker
   holds a quarter of the prefixes). A miss is a ~123 ms prefill step (the mock's fit for
-  6k tokens), which is round-robin's TTFT floor (p50 135 ms at 8/s); kv's p50 is 27–72 ms.
-* round-robin sustains up to 32/s (p50 growth 1.33; 38/s: 9.96, completed 30.5/s);
-  least-loaded the same (32/s), random 24/s; kv all 8 rates (44/s, TTFT p90 98 ms: its
-  limit is above the sweep).
-* Target: at 32/s, kv's TTFT p90 81 ms vs round-robin's 541 ms, **6.7×** (met, ≥ 3×);
-  throughput there 970 vs 952 tokens/s (1.02×: both complete what is offered). At 44/s
-  round-robin completes 958 tokens/s (30/s, its ceiling) and kv 1,344 (**1.40×**, met
-  at saturation, ≥ 1.3×), p90 45× better; highest sustained rate ≥ 1.38×. The TTFT
-  ratio depends on where round-robin's knee falls in the grid: one rate lower (28/s)
-  it is 209 / 71 ms = 2.9×, and 2.0–2.6× at 8–24/s (a miss against a hit).
-* CPU: the deployment (8 workers, frontend, etcd, NATS) used 0.32–0.85 cores and the
-  client 0.05–0.18 (1.03 cores together at most, kv at 44/s); the whole machine
-  0.4–1.5 busy cores — the client's clock was not starved. An earlier run, while a CI
-  suite with vLLM shared the cores (load average 15–20, machine 2.0 cores busy), gave
-  the same kv curve but a noisy round-robin (p90 growth from CPU bursts), hence the
-  median in the *sustained* rule and ``--suspect-after 2``.
-* Herding (21:28–21:33Z; ``kv``, 4 frontends, warmed at half the rate; one run each):
+  6k tokens), which is round-robin's TTFT floor (p50 135 ms at 8/s).
+* round-robin sustains up to 32/s (38/s: p50 growth 9.96); least-loaded the same (32/s),
+  random 24/s; kv all 8 rates (its limit is above the sweep).
+* Target: at 32/s, kv's TTFT p90 82 ms vs round-robin's 534 ms, **6.5×** (met, ≥ 3×);
+  throughput there 1.03× (both complete what is offered). At 44/s round-robin completes
+  965 tokens/s (its ceiling) and kv 1,342 (**1.39×**, met at saturation, ≥ 1.3×);
+  highest sustained rate ≥ 1.38×. The TTFT ratio depends on where round-robin's knee
+  falls in the grid: one rate lower (28/s) it is 2.4×, and 2.5–2.7× at 8–24/s (a miss
+  against a hit). The first run (21:07–21:33Z, on the code before the idle-heartbeat
+  change) gave 6.7× and 1.40×.
+* CPU (first run): the deployment used 0.32–0.85 cores and the client 0.05–0.18; the
+  whole machine 0.4–1.5 busy cores — the client's clock was not starved. An earlier run,
+  while a CI suite with vLLM shared the cores (load average 15–20), gave the same kv
+  curve but a noisy round-robin (p90 growth from CPU bursts), hence the median in the
+  *sustained* rule and ``--suspect-after 2``.
+* Herding (``kv``, 4 frontends, warmed at half the rate; one run each):
 
-  ======  ===========  ===========  ===========  =========  ====  ==============
-  rate    routing      TTFT p50 ms  TTFT p90 ms  tokens/s   hit   deployment CPU
-  ======  ===========  ===========  ===========  =========  ====  ==============
-  32/s    local views       61           85         981     0.930     0.89
-  32/s    one router        72          141         969     0.930     0.93
-  44/s    local views       73          145       1,334     0.910     0.96
-  44/s    one router        77          112       1,340     0.930     1.17
-  ======  ===========  ===========  ===========  =========  ====  ==============
+  ======  ===========  ===========  ===========  =========  =====
+  rate    routing      TTFT p50 ms  TTFT p90 ms  tokens/s   hit
+  ======  ===========  ===========  ===========  =========  =====
+  32/s    local views       59           85         979     0.937
+  32/s    one router        65          124         970     0.902
+  44/s    local views       71          151       1,335     0.900
+  44/s    one router        75          113       1,330     0.932
+  ======  ===========  ===========  ===========  =========  =====
 
-  No request bypassed the router. Independent views cost 2 points of hit rate at 44/s
-  (none at 32/s); the TTFT p90 difference changes sign between the two rates, so one run
-  each does not separate it from noise (the router's own round trip and ~0.2 cores also
-  weigh against it). Herding stays small because every frontend hears the same KV events
-  and load reports (every 0.1 s) and counts its own pending assignments until a report
-  acknowledges them: four frontends at 8–11 requests/s each rarely decide on the same
-  stale view.
+  The TTFT p90 and hit-rate differences change sign between the two rates, so one run
+  each does not separate them from noise. Herding stays small because every frontend
+  hears the same KV events and load reports and counts its own pending assignments
+  until a report acknowledges them.
 
 Writes ``benchmarks/results/<--output>.json`` and ``.png``; ``--merge`` keeps the policies,
 rates and herding runs of an existing JSON that this run does not repeat (so the sweep
